@@ -1,0 +1,183 @@
+//! The HTTP API (poem + poem-openapi): Swagger UI at `/swagger`, the spec at
+//! `/openapi.json`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::Utc;
+use entity::users as user_entity;
+use migration::{Migrator, MigratorTrait};
+use poem::listener::TcpListener;
+use poem::middleware::Tracing;
+use poem::{Endpoint, EndpointExt, Route, Server};
+use poem_openapi::{OpenApiService, Tags};
+use saga::clock::{Clock, SystemClock};
+use sea_orm::sea_query::{OnConflict, Query};
+use sea_orm::{ConnectionTrait, DatabaseConnection};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::infra;
+use crate::settings::Settings;
+
+pub mod auth;
+mod health;
+mod orders;
+pub mod problem;
+mod products;
+mod users;
+
+#[derive(Tags)]
+pub enum ApiTags {
+    /// Registration, login and the caller's account.
+    Users,
+    /// The product catalogue.
+    Products,
+    /// Orders and their audit notifications.
+    Orders,
+    /// Liveness of the service.
+    Health,
+}
+
+/// Everything a request handler needs.
+pub struct AppState {
+    pub db: DatabaseConnection,
+    pub jwt: auth::JwtKeys,
+    pub clock: Arc<dyn Clock>,
+    /// Wakes the outbox relay when an order commits.
+    pub outbox_signal: Arc<Notify>,
+}
+
+pub fn openapi(
+    public_url: &str,
+) -> OpenApiService<
+    (
+        users::UsersApi,
+        products::ProductsApi,
+        orders::OrdersApi,
+        health::HealthApi,
+    ),
+    (),
+> {
+    OpenApiService::new(
+        (
+            users::UsersApi,
+            products::ProductsApi,
+            orders::OrdersApi,
+            health::HealthApi,
+        ),
+        "order-saga API",
+        env!("CARGO_PKG_VERSION"),
+    )
+    .description(
+        "Create orders and watch them go pending -> processing -> completed | expired. \
+         Register (`POST /api/users`), log in (`POST /api/auth/login`), press **Authorize** \
+         and paste the token.",
+    )
+    .server(public_url.to_owned())
+}
+
+/// The whole HTTP application (used by the host and by in-process tests).
+pub fn app(state: Arc<AppState>, public_url: &str) -> impl Endpoint + 'static {
+    let api = openapi(public_url);
+    let spec = api.spec_endpoint();
+    let ui = api.swagger_ui();
+    Route::new()
+        .nest("/", api)
+        .at("/openapi.json", spec)
+        .nest("/swagger", ui)
+        .data(state)
+        .catch_all_error(problem::render_error)
+        .with(Tracing)
+}
+
+/// Inserts the configured admin if no user has that e-mail (idempotent).
+pub async fn seed_admin<C: ConnectionTrait>(db: &C, settings: &Settings) -> anyhow::Result<()> {
+    let hash = auth::hash_password(settings.seed.admin_password.expose().to_owned()).await?;
+    use user_entity::Column as U;
+    let mut insert = Query::insert();
+    insert
+        .into_table(user_entity::Entity)
+        .columns([U::Name, U::Email, U::PasswordHash, U::Role, U::CreatedAt])
+        .values([
+            settings.seed.admin_name.clone().into(),
+            settings.seed.admin_email.to_lowercase().into(),
+            hash.into(),
+            "admin".into(),
+            Utc::now().into(),
+        ])
+        .context("admin seed row")?
+        .on_conflict(OnConflict::column(U::Email).do_nothing().to_owned());
+    let inserted = db.execute(&insert).await?.rows_affected();
+    if inserted == 1 {
+        tracing::info!(email = %settings.seed.admin_email, "seeded the admin user");
+    }
+    Ok(())
+}
+
+/// Runs the API host until `shutdown` fires.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let db = infra::connect_database(&settings).await?;
+    Migrator::up(&db, None)
+        .await
+        .context("Failed to apply database migrations")?;
+    tracing::info!("database schema is up to date");
+    seed_admin(&db, &settings).await?;
+
+    let signal = Arc::new(Notify::new());
+    let state = Arc::new(AppState {
+        db: db.clone(),
+        jwt: auth::JwtKeys::new(&settings.auth),
+        clock: Arc::new(SystemClock),
+        outbox_signal: signal.clone(),
+    });
+
+    // The relay publishes what orders wrote to the outbox. It connects in the
+    // background: the API serves (and the outbox keeps events) while the
+    // broker is away.
+    let relay_settings = settings.clone();
+    let relay_shutdown = shutdown.clone();
+    let relay_task = tokio::spawn(async move {
+        loop {
+            match infra::connect_broker(&relay_settings, "order-saga api relay").await {
+                Ok(transport) => {
+                    let relay =
+                        infra::relay(&relay_settings, db.clone(), transport.clone(), signal);
+                    relay.run_until_stopped(relay_shutdown.clone()).await;
+                    transport.close().await;
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "outbox relay cannot reach RabbitMQ; retrying");
+                    tokio::select! {
+                        _ = relay_shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    }
+                }
+            }
+        }
+    });
+
+    let listener = TcpListener::bind(settings.api.listen.clone());
+    tracing::info!(
+        listen = %settings.api.listen,
+        "API listening; Swagger UI at {}/swagger, spec at {}/openapi.json",
+        settings.api.public_url,
+        settings.api.public_url
+    );
+    let app = app(state, &settings.api.public_url);
+    let stop = shutdown.clone();
+    Server::new(listener)
+        .run_with_graceful_shutdown(
+            app,
+            async move { stop.cancelled().await },
+            Some(Duration::from_secs(10)),
+        )
+        .await
+        .context("HTTP server failed")?;
+    shutdown.cancel();
+    let _ = relay_task.await;
+    tracing::info!("API stopped");
+    Ok(())
+}

@@ -1,0 +1,329 @@
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use entity::{notifications, order_items, orders, products, users};
+use poem::web::Data;
+use poem_openapi::param::{Path, Query};
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, Object, OpenApi};
+use rust_decimal::Decimal;
+use saga::OrderSagaEngine;
+use saga::machine::OrderState;
+use saga::message::{OrderLine, OrderSnapshot};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    TransactionTrait,
+};
+
+use super::auth::{BearerAuth, Caller};
+use super::problem::ApiError;
+use super::{ApiTags, AppState};
+
+/// One line of a new order.
+#[derive(Object, Clone)]
+#[oai(deny_unknown_fields)]
+pub struct OrderItemRequest {
+    /// A product id from `GET /api/products`.
+    #[oai(validator(minimum(value = "1")))]
+    pub product_id: i64,
+    #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
+    pub quantity: i32,
+}
+
+/// Body of `POST /api/orders`. Price, total, status and owner are decided by
+/// the server.
+#[derive(Object)]
+#[oai(deny_unknown_fields, example)]
+pub struct CreateOrderRequest {
+    #[oai(validator(min_items = 1, max_items = 100))]
+    pub items: Vec<OrderItemRequest>,
+}
+
+impl poem_openapi::types::Example for CreateOrderRequest {
+    fn example() -> Self {
+        CreateOrderRequest {
+            items: vec![OrderItemRequest {
+                product_id: 1,
+                quantity: 2,
+            }],
+        }
+    }
+}
+
+#[derive(Object)]
+pub struct OrderItemView {
+    pub product_id: i64,
+    pub quantity: i32,
+    /// Price of one unit when the order was placed.
+    pub unit_price: Decimal,
+}
+
+#[derive(Object)]
+pub struct OrderView {
+    pub id: i64,
+    pub user_id: i64,
+    /// `pending`, `processing`, `completed` or `expired`.
+    pub status: String,
+    pub total: Decimal,
+    pub items: Vec<OrderItemView>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Object)]
+pub struct NotificationView {
+    pub id: i64,
+    pub order_id: i64,
+    /// `OrderCreated`, `OrderCompleted` or `OrderExpired`.
+    pub event_type: String,
+    pub message: String,
+    pub is_email_sent: bool,
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<notifications::Model> for NotificationView {
+    fn from(n: notifications::Model) -> Self {
+        Self {
+            id: n.id,
+            order_id: n.order_id,
+            event_type: n.event_type,
+            message: n.message,
+            is_email_sent: n.is_email_sent,
+            created_at: n.created_at,
+        }
+    }
+}
+
+#[derive(ApiResponse)]
+pub enum CreateOrderResponse {
+    /// The order was placed (`pending`); processing starts asynchronously.
+    #[oai(status = 201)]
+    Created(Json<OrderView>),
+}
+
+#[derive(ApiResponse)]
+pub enum OrderResponse {
+    #[oai(status = 200)]
+    Ok(Json<OrderView>),
+}
+
+#[derive(ApiResponse)]
+pub enum OrderListResponse {
+    /// The caller's orders, newest first.
+    #[oai(status = 200)]
+    Ok(Json<Vec<OrderView>>),
+}
+
+#[derive(ApiResponse)]
+pub enum NotificationListResponse {
+    /// The order's audit notifications, oldest first.
+    #[oai(status = 200)]
+    Ok(Json<Vec<NotificationView>>),
+}
+
+pub struct OrdersApi;
+
+async fn view(state: &AppState, order: orders::Model) -> Result<OrderView, ApiError> {
+    let items = order_items::Entity::find()
+        .filter(order_items::Column::OrderId.eq(order.id))
+        .order_by_asc(order_items::Column::Id)
+        .all(&state.db)
+        .await?;
+    Ok(OrderView {
+        id: order.id,
+        user_id: order.user_id,
+        status: order.status,
+        total: order.total,
+        items: items
+            .into_iter()
+            .map(|i| OrderItemView {
+                product_id: i.product_id,
+                quantity: i.quantity,
+                unit_price: i.unit_price,
+            })
+            .collect(),
+        created_at: order.created_at,
+        updated_at: order.updated_at,
+    })
+}
+
+/// The order if the caller may see it; another user's order is a 404.
+async fn visible_order(
+    state: &AppState,
+    caller: &Caller,
+    id: i64,
+) -> Result<orders::Model, ApiError> {
+    let order = orders::Entity::find_by_id(id).one(&state.db).await?;
+    match order {
+        Some(o) if o.user_id == caller.user_id || caller.is_admin() => Ok(o),
+        _ => Err(ApiError::not_found(format!("order {id} not found"))),
+    }
+}
+
+#[OpenApi]
+impl OrdersApi {
+    /// Place an order
+    ///
+    /// Stores the order as `pending` and queues `OrderCreated` in the same
+    /// transaction. Prices come from the catalogue; the owner is the caller.
+    #[oai(path = "/api/orders", method = "post", tag = "ApiTags::Orders")]
+    async fn create(
+        &self,
+        state: Data<&Arc<AppState>>,
+        auth: BearerAuth,
+        body: Json<CreateOrderRequest>,
+    ) -> Result<CreateOrderResponse, ApiError> {
+        let caller = auth.0;
+        let items = body.0.items;
+        let mut seen = HashSet::new();
+        for (i, item) in items.iter().enumerate() {
+            if !seen.insert(item.product_id) {
+                return Err(ApiError::unprocessable(
+                    format!(
+                        "product {} appears more than once; put the whole quantity on one line",
+                        item.product_id
+                    ),
+                    &format!("items[{i}].product_id"),
+                ));
+            }
+        }
+        let now = state.clock.now();
+        let txn = state.db.begin().await?;
+        let user = users::Entity::find_by_id(caller.user_id)
+            .one(&txn)
+            .await?
+            .ok_or_else(|| ApiError::unauthorized("the account no longer exists"))?;
+        let ids: Vec<i64> = items.iter().map(|i| i.product_id).collect();
+        let catalogue: HashMap<i64, products::Model> = products::Entity::find()
+            .filter(products::Column::Id.is_in(ids))
+            .lock_shared()
+            .all(&txn)
+            .await?
+            .into_iter()
+            .map(|p| (p.id, p))
+            .collect();
+        let mut lines = Vec::with_capacity(items.len());
+        let mut total = Decimal::ZERO;
+        for (i, item) in items.iter().enumerate() {
+            let Some(product) = catalogue.get(&item.product_id) else {
+                return Err(ApiError::unprocessable(
+                    format!("product {} does not exist", item.product_id),
+                    &format!("items[{i}].product_id"),
+                ));
+            };
+            total += product.price * Decimal::from(item.quantity);
+            lines.push(OrderLine {
+                product_id: product.id,
+                product_name: product.name.clone(),
+                quantity: item.quantity,
+                unit_price: product.price,
+            });
+        }
+        let order = orders::Entity::insert(orders::ActiveModel {
+            user_id: Set(user.id),
+            status: Set(OrderState::Pending.as_str().to_owned()),
+            total: Set(total),
+            created_at: Set(now),
+            updated_at: Set(now),
+            ..Default::default()
+        })
+        .exec_with_returning(&txn)
+        .await?;
+        order_items::Entity::insert_many(lines.iter().map(|l| order_items::ActiveModel {
+            order_id: Set(order.id),
+            product_id: Set(l.product_id),
+            quantity: Set(l.quantity),
+            unit_price: Set(l.unit_price),
+            ..Default::default()
+        }))
+        .exec(&txn)
+        .await?;
+        let snapshot = OrderSnapshot {
+            order_id: order.id,
+            user_id: user.id,
+            user_email: user.email.clone(),
+            user_name: user.name.clone(),
+            total,
+            items: lines,
+        };
+        let message_id = OrderSagaEngine::start_order(&txn, now, &snapshot).await?;
+        txn.commit().await?;
+        state.outbox_signal.notify_one();
+        tracing::info!(
+            order_id = order.id,
+            message_id = %message_id,
+            user_id = user.id,
+            total = %total,
+            "order placed"
+        );
+        Ok(CreateOrderResponse::Created(Json(
+            view(&state, order).await?,
+        )))
+    }
+
+    /// List the caller's orders
+    ///
+    /// Newest first, at most `limit` (default 50, at most 100).
+    #[oai(path = "/api/orders", method = "get", tag = "ApiTags::Orders")]
+    async fn list(
+        &self,
+        state: Data<&Arc<AppState>>,
+        auth: BearerAuth,
+        #[oai(validator(minimum(value = "1"), maximum(value = "100")))] limit: Query<Option<u64>>,
+    ) -> Result<OrderListResponse, ApiError> {
+        let mut query = orders::Entity::find();
+        if !auth.0.is_admin() {
+            query = query.filter(orders::Column::UserId.eq(auth.0.user_id));
+        }
+        let found = query
+            .order_by_desc(orders::Column::Id)
+            .limit(limit.0.unwrap_or(50))
+            .all(&state.db)
+            .await?;
+        let mut views = Vec::with_capacity(found.len());
+        for order in found {
+            views.push(view(&state, order).await?);
+        }
+        Ok(OrderListResponse::Ok(Json(views)))
+    }
+
+    /// Get an order
+    ///
+    /// The caller's own order (admins: any order). Anything else is 404.
+    #[oai(path = "/api/orders/:id", method = "get", tag = "ApiTags::Orders")]
+    async fn get(
+        &self,
+        state: Data<&Arc<AppState>>,
+        auth: BearerAuth,
+        id: Path<i64>,
+    ) -> Result<OrderResponse, ApiError> {
+        let order = visible_order(&state, &auth.0, id.0).await?;
+        Ok(OrderResponse::Ok(Json(view(&state, order).await?)))
+    }
+
+    /// An order's notifications
+    ///
+    /// The audit trail written by the notification consumers, oldest first.
+    #[oai(
+        path = "/api/orders/:id/notifications",
+        method = "get",
+        tag = "ApiTags::Orders"
+    )]
+    async fn notifications(
+        &self,
+        state: Data<&Arc<AppState>>,
+        auth: BearerAuth,
+        id: Path<i64>,
+    ) -> Result<NotificationListResponse, ApiError> {
+        let order = visible_order(&state, &auth.0, id.0).await?;
+        let rows = notifications::Entity::find()
+            .filter(notifications::Column::OrderId.eq(order.id))
+            .order_by_asc(notifications::Column::Id)
+            .all(&state.db)
+            .await?;
+        Ok(NotificationListResponse::Ok(Json(
+            rows.into_iter().map(NotificationView::from).collect(),
+        )))
+    }
+}

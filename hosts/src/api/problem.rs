@@ -1,0 +1,192 @@
+//! Every error is RFC 9457 problem details JSON: a machine-readable `type`, a
+//! `title`, the `status`, a human `detail` naming the field or rule, and the
+//! `field` itself when one is to blame.
+
+use poem::http::StatusCode;
+use poem::{IntoResponse, Response};
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, Object};
+
+#[derive(Object, Debug, Clone, PartialEq, serde::Serialize)]
+#[oai(example)]
+pub struct Problem {
+    /// A stable identifier of the kind of problem.
+    #[oai(rename = "type")]
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Short summary of the kind of problem.
+    pub title: String,
+    /// The HTTP status code.
+    pub status: u16,
+    /// What went wrong with this request, naming the field or rule.
+    pub detail: String,
+    /// The request field at fault, when there is one (e.g. `items[0].quantity`).
+    #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+impl poem_openapi::types::Example for Problem {
+    fn example() -> Self {
+        Problem {
+            kind: "urn:order-saga:problem:validation".into(),
+            title: "Unprocessable request".into(),
+            status: 422,
+            detail: "product 99 does not exist".into(),
+            field: Some("items[0].product_id".into()),
+        }
+    }
+}
+
+fn kind_for(status: StatusCode) -> (&'static str, &'static str) {
+    match status.as_u16() {
+        400 => ("urn:order-saga:problem:bad-request", "Bad request"),
+        401 => ("urn:order-saga:problem:unauthorized", "Unauthorized"),
+        403 => ("urn:order-saga:problem:forbidden", "Forbidden"),
+        404 => ("urn:order-saga:problem:not-found", "Not found"),
+        405 => (
+            "urn:order-saga:problem:method-not-allowed",
+            "Method not allowed",
+        ),
+        409 => ("urn:order-saga:problem:conflict", "Conflict"),
+        413 => (
+            "urn:order-saga:problem:payload-too-large",
+            "Payload too large",
+        ),
+        415 => (
+            "urn:order-saga:problem:unsupported-media-type",
+            "Unsupported media type",
+        ),
+        422 => ("urn:order-saga:problem:validation", "Unprocessable request"),
+        429 => ("urn:order-saga:problem:rate-limited", "Too many requests"),
+        503 => ("urn:order-saga:problem:unavailable", "Service unavailable"),
+        s if s >= 500 => ("urn:order-saga:problem:internal", "Internal server error"),
+        _ => ("urn:order-saga:problem:client-error", "Request error"),
+    }
+}
+
+impl Problem {
+    pub fn new(status: StatusCode, detail: impl Into<String>, field: Option<&str>) -> Self {
+        let (kind, title) = kind_for(status);
+        Self {
+            kind: kind.into(),
+            title: title.into(),
+            status: status.as_u16(),
+            detail: detail.into(),
+            field: field.map(str::to_owned),
+        }
+    }
+
+    pub fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = serde_json::to_vec(&self).unwrap_or_default();
+        Response::builder()
+            .status(status)
+            .content_type("application/problem+json")
+            .body(body)
+    }
+}
+
+/// The error half of every operation's result.
+#[derive(ApiResponse, Debug)]
+pub enum ApiError {
+    /// The request could not be read: malformed JSON, a missing or unknown
+    /// field, or a value outside its documented range.
+    #[oai(status = 400, content_type = "application/problem+json")]
+    BadRequest(Json<Problem>),
+    /// Missing, invalid or expired bearer token, or wrong credentials.
+    #[oai(status = 401, content_type = "application/problem+json")]
+    Unauthorized(Json<Problem>),
+    /// No such resource visible to the caller.
+    #[oai(status = 404, content_type = "application/problem+json")]
+    NotFound(Json<Problem>),
+    /// The request conflicts with existing data (e.g. the e-mail is taken).
+    #[oai(status = 409, content_type = "application/problem+json")]
+    Conflict(Json<Problem>),
+    /// Well-formed but breaks a rule (e.g. an unknown product).
+    #[oai(status = 422, content_type = "application/problem+json")]
+    Unprocessable(Json<Problem>),
+    /// Something failed on our side; the detail is deliberately vague.
+    #[oai(status = 500, content_type = "application/problem+json")]
+    Internal(Json<Problem>),
+}
+
+impl ApiError {
+    pub fn bad_request(detail: impl Into<String>, field: &str) -> Self {
+        Self::BadRequest(Json(Problem::new(
+            StatusCode::BAD_REQUEST,
+            detail,
+            Some(field),
+        )))
+    }
+    pub fn unauthorized(detail: impl Into<String>) -> Self {
+        Self::Unauthorized(Json(Problem::new(StatusCode::UNAUTHORIZED, detail, None)))
+    }
+    pub fn not_found(detail: impl Into<String>) -> Self {
+        Self::NotFound(Json(Problem::new(StatusCode::NOT_FOUND, detail, None)))
+    }
+    pub fn conflict(detail: impl Into<String>, field: Option<&str>) -> Self {
+        Self::Conflict(Json(Problem::new(StatusCode::CONFLICT, detail, field)))
+    }
+    pub fn unprocessable(detail: impl Into<String>, field: &str) -> Self {
+        Self::Unprocessable(Json(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            detail,
+            Some(field),
+        )))
+    }
+    /// Logs the cause with its chain; answers an opaque 500.
+    pub fn internal(context: &str, error: &dyn std::error::Error) -> Self {
+        tracing::error!(error = %error, source = ?error.source(), "{context}");
+        Self::Internal(Json(Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "an internal error occurred; it has been logged",
+            None,
+        )))
+    }
+}
+
+impl From<sea_orm::DbErr> for ApiError {
+    fn from(e: sea_orm::DbErr) -> Self {
+        ApiError::internal("database error", &e)
+    }
+}
+
+impl From<saga::SagaError> for ApiError {
+    fn from(e: saga::SagaError) -> Self {
+        ApiError::internal("saga error", &e)
+    }
+}
+
+/// Renders any error that did not come from an operation's own `ApiError`
+/// (unknown route, wrong method, unreadable body, bad token) as problem JSON.
+pub async fn render_error(err: poem::Error) -> Response {
+    if err.is_from_response() {
+        return err.into_response();
+    }
+    let status = err.status();
+    let detail = if status.is_server_error() {
+        tracing::error!(error = %err, "unhandled server error");
+        "an internal error occurred; it has been logged".to_owned()
+    } else {
+        err.to_string()
+    };
+    let mut response = Problem::new(status, detail, None).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            "www-authenticate",
+            poem::http::HeaderValue::from_static("Bearer"),
+        );
+    }
+    response
+}
+
+/// An error a security checker returns (rendered by `render_error`).
+pub fn auth_error(detail: &str) -> poem::Error {
+    poem::Error::from_response(
+        Problem::new(StatusCode::UNAUTHORIZED, detail, None)
+            .into_response()
+            .with_header("www-authenticate", "Bearer")
+            .into_response(),
+    )
+}

@@ -1,0 +1,210 @@
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use entity::users;
+use poem::web::Data;
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, Object, OpenApi};
+use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, SqlErr};
+
+use super::auth::{self, BearerAuth};
+use super::problem::ApiError;
+use super::{ApiTags, AppState};
+
+/// Body of `POST /api/users`.
+#[derive(Object)]
+#[oai(deny_unknown_fields, example)]
+pub struct RegisterRequest {
+    /// Display name.
+    #[oai(validator(min_length = 1, max_length = 200))]
+    pub name: String,
+    /// E-mail address; used to log in. Case-insensitive.
+    #[oai(validator(min_length = 3, max_length = 320, pattern = r"^[^@\s]+@[^@\s]+$"))]
+    pub email: String,
+    /// At least 8 characters.
+    #[oai(validator(min_length = 8, max_length = 128))]
+    pub password: String,
+}
+
+impl poem_openapi::types::Example for RegisterRequest {
+    fn example() -> Self {
+        RegisterRequest {
+            name: "Ada Lovelace".into(),
+            email: "ada@example.com".into(),
+            password: "correct horse battery".into(),
+        }
+    }
+}
+
+/// Body of `POST /api/auth/login`.
+#[derive(Object)]
+#[oai(deny_unknown_fields, example)]
+pub struct LoginRequest {
+    #[oai(validator(min_length = 1, max_length = 320))]
+    pub email: String,
+    #[oai(validator(min_length = 1, max_length = 128))]
+    pub password: String,
+}
+
+impl poem_openapi::types::Example for LoginRequest {
+    fn example() -> Self {
+        LoginRequest {
+            email: "ada@example.com".into(),
+            password: "correct horse battery".into(),
+        }
+    }
+}
+
+/// A user account (never includes the password hash).
+#[derive(Object)]
+pub struct UserView {
+    pub id: i64,
+    pub name: String,
+    pub email: String,
+    /// `user` or `admin`.
+    pub role: String,
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<users::Model> for UserView {
+    fn from(u: users::Model) -> Self {
+        Self {
+            id: u.id,
+            name: u.name,
+            email: u.email,
+            role: u.role,
+            created_at: u.created_at,
+        }
+    }
+}
+
+/// A bearer token for the `Authorization` header.
+#[derive(Object)]
+pub struct TokenView {
+    /// The JWT; send it as `Authorization: Bearer <token>`.
+    pub token: String,
+    /// Always `Bearer`.
+    pub token_type: String,
+    /// Seconds until the token expires.
+    pub expires_in: i64,
+    pub user: UserView,
+}
+
+#[derive(ApiResponse)]
+pub enum RegisterResponse {
+    /// The account was created.
+    #[oai(status = 201)]
+    Created(Json<UserView>),
+}
+
+#[derive(ApiResponse)]
+pub enum LoginResponse {
+    /// Logged in.
+    #[oai(status = 200)]
+    Ok(Json<TokenView>),
+}
+
+#[derive(ApiResponse)]
+pub enum MeResponse {
+    /// The caller's account.
+    #[oai(status = 200)]
+    Ok(Json<UserView>),
+}
+
+pub struct UsersApi;
+
+#[OpenApi]
+impl UsersApi {
+    /// Register a new user
+    ///
+    /// Creates an account with role `user`. The e-mail must not be taken (409).
+    #[oai(path = "/api/users", method = "post", tag = "ApiTags::Users")]
+    async fn register(
+        &self,
+        state: Data<&Arc<AppState>>,
+        body: Json<RegisterRequest>,
+    ) -> Result<RegisterResponse, ApiError> {
+        let body = body.0;
+        let name = body.name.trim().to_owned();
+        if name.is_empty() {
+            return Err(ApiError::bad_request("name must not be blank", "name"));
+        }
+        let email = body.email.trim().to_lowercase();
+        let hash = auth::hash_password(body.password)
+            .await
+            .map_err(|e| ApiError::internal("password hashing failed", e.as_ref()))?;
+        let result = users::Entity::insert(users::ActiveModel {
+            name: Set(name),
+            email: Set(email.clone()),
+            password_hash: Set(hash),
+            role: Set("user".into()),
+            created_at: Set(state.clock.now()),
+            ..Default::default()
+        })
+        .exec_with_returning(&state.db)
+        .await;
+        match result {
+            Ok(user) => {
+                tracing::info!(user_id = user.id, "user registered");
+                Ok(RegisterResponse::Created(Json(user.into())))
+            }
+            Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
+                Err(ApiError::conflict(
+                    format!("a user with e-mail {email} already exists"),
+                    Some("email"),
+                ))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Log in
+    ///
+    /// Exchanges e-mail and password for a bearer token (JWT, HS256).
+    #[oai(path = "/api/auth/login", method = "post", tag = "ApiTags::Users")]
+    async fn login(
+        &self,
+        state: Data<&Arc<AppState>>,
+        body: Json<LoginRequest>,
+    ) -> Result<LoginResponse, ApiError> {
+        let email = body.0.email.trim().to_lowercase();
+        let user = users::Entity::find()
+            .filter(users::Column::Email.eq(email))
+            .one(&state.db)
+            .await?;
+        let wrong = || ApiError::unauthorized("e-mail or password is wrong");
+        let Some(user) = user else {
+            return Err(wrong());
+        };
+        let ok = auth::verify_password(body.0.password, user.password_hash.clone())
+            .await
+            .map_err(|e| ApiError::internal("password check failed", e.as_ref()))?;
+        if !ok {
+            return Err(wrong());
+        }
+        let token = state
+            .jwt
+            .issue(user.id, &user.role, state.clock.now())
+            .map_err(|e| ApiError::internal("token signing failed", &e))?;
+        Ok(LoginResponse::Ok(Json(TokenView {
+            token,
+            token_type: "Bearer".into(),
+            expires_in: state.jwt.ttl_seconds(),
+            user: user.into(),
+        })))
+    }
+
+    /// The caller's account
+    #[oai(path = "/api/users/me", method = "get", tag = "ApiTags::Users")]
+    async fn me(
+        &self,
+        state: Data<&Arc<AppState>>,
+        auth: BearerAuth,
+    ) -> Result<MeResponse, ApiError> {
+        let user = users::Entity::find_by_id(auth.0.user_id)
+            .one(&state.db)
+            .await?
+            .ok_or_else(|| ApiError::unauthorized("the account no longer exists"))?;
+        Ok(MeResponse::Ok(Json(user.into())))
+    }
+}

@@ -1,0 +1,175 @@
+//! Connecting to PostgreSQL and RabbitMQ at start, with retries, and the
+//! pieces every host builds from settings.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use migration::{Migrator, MigratorTrait};
+use saga::clock::SystemClock;
+use saga::engine::{EngineSettings, OrderSagaEngine};
+use saga::outbox::{OutboxRelay, RelaySettings};
+use saga::payment::RandomPayment;
+use saga::transport::rabbitmq::{QueueType, RabbitTransport, Topology};
+use sea_orm::{ConnectOptions, Database, DatabaseConnection};
+use tokio::sync::Notify;
+
+use crate::settings::{QueueTypeSetting, Settings};
+
+/// Connects to the database, retrying for `database.connect_retry_seconds`.
+pub async fn connect_database(settings: &Settings) -> anyhow::Result<DatabaseConnection> {
+    let mut options = ConnectOptions::new(settings.database.connection_url());
+    options
+        .max_connections(settings.database.max_connections)
+        .min_connections(1)
+        .acquire_timeout(Duration::from_secs(
+            settings.database.acquire_timeout_seconds,
+        ))
+        .connect_timeout(Duration::from_secs(
+            settings.database.acquire_timeout_seconds,
+        ))
+        .sqlx_logging(false);
+    let deadline = Instant::now() + Duration::from_secs(settings.database.connect_retry_seconds);
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match Database::connect(options.clone()).await {
+            Ok(db) => return Ok(db),
+            Err(e) if Instant::now() < deadline => {
+                tracing::warn!(error = %e, "database not reachable yet; retrying in {delay:?}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                return Err(e).context(format!(
+                    "Failed to connect to the database at database.url (after {} s)",
+                    settings.database.connect_retry_seconds
+                ));
+            }
+        }
+    }
+}
+
+/// Waits until the API host has applied every migration (the runner and the
+/// scheduler never migrate; they wait for the schema instead).
+pub async fn wait_for_schema(db: &DatabaseConnection, within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        let pending = Migrator::get_pending_migrations(db).await;
+        match pending {
+            Ok(p) if p.is_empty() => return Ok(()),
+            Ok(p) if Instant::now() < deadline => {
+                tracing::info!(
+                    pending = p.len(),
+                    "waiting for the api host to apply migrations"
+                );
+            }
+            Err(e) if Instant::now() < deadline => {
+                tracing::info!(error = %e, "waiting for the schema");
+            }
+            Ok(p) => anyhow::bail!(
+                "{} migrations still pending; start the api host first",
+                p.len()
+            ),
+            Err(e) => return Err(e).context("Failed to read the migration status"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+pub fn topology(settings: &Settings) -> Topology {
+    let queue_type = match settings.rabbitmq.queue_type {
+        QueueTypeSetting::Classic => QueueType::Classic,
+        QueueTypeSetting::Quorum => QueueType::Quorum,
+    };
+    saga::topology::topology(
+        &settings.rabbitmq.exchange,
+        &settings.rabbitmq.queue_prefix,
+        queue_type,
+    )
+}
+
+/// Connects to RabbitMQ (retrying for `rabbitmq.connect_retry_seconds`) and
+/// declares the topology.
+pub async fn connect_broker(
+    settings: &Settings,
+    name: &str,
+) -> anyhow::Result<Arc<RabbitTransport>> {
+    let deadline = Instant::now() + Duration::from_secs(settings.rabbitmq.connect_retry_seconds);
+    let mut delay = Duration::from_millis(200);
+    let transport = loop {
+        match RabbitTransport::connect(
+            &settings.rabbitmq.url,
+            &settings.rabbitmq.exchange,
+            Duration::from_millis(settings.rabbitmq.confirm_timeout_ms),
+            name,
+        )
+        .await
+        {
+            Ok(t) => break t,
+            Err(e) if Instant::now() < deadline => {
+                tracing::warn!(error = %e, "RabbitMQ not reachable yet; retrying in {delay:?}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                return Err(e).context(format!(
+                    "Failed to connect to RabbitMQ at rabbitmq.url (after {} s)",
+                    settings.rabbitmq.connect_retry_seconds
+                ));
+            }
+        }
+    };
+    transport
+        .declare(&topology(settings))
+        .await
+        .context("Failed to declare the RabbitMQ topology")?;
+    Ok(Arc::new(transport))
+}
+
+pub fn engine_settings(settings: &Settings) -> EngineSettings {
+    EngineSettings {
+        payment_delay: chrono::Duration::milliseconds(
+            i64::try_from(settings.payment.delay_ms).unwrap_or(i64::MAX),
+        ),
+        processing_timeout: chrono::Duration::seconds(
+            i64::try_from(settings.expiration.processing_timeout_seconds).unwrap_or(i64::MAX),
+        ),
+        sweep_batch_size: settings.expiration.batch_size,
+        max_conflict_retries: 10,
+    }
+}
+
+pub fn engine(settings: &Settings, db: DatabaseConnection, signal: Arc<Notify>) -> OrderSagaEngine {
+    OrderSagaEngine::new(
+        db,
+        Arc::new(SystemClock),
+        Arc::new(RandomPayment::new(
+            settings.payment.success_rate,
+            settings.payment.seed,
+        )),
+        engine_settings(settings),
+    )
+    .with_outbox_signal(signal)
+}
+
+pub fn relay(
+    settings: &Settings,
+    db: DatabaseConnection,
+    transport: Arc<RabbitTransport>,
+    signal: Arc<Notify>,
+) -> OutboxRelay {
+    OutboxRelay::new(
+        db,
+        transport,
+        Arc::new(SystemClock),
+        RelaySettings {
+            batch_size: settings.outbox.batch_size,
+            lease: chrono::Duration::seconds(
+                i64::try_from(settings.outbox.lease_seconds).unwrap_or(i64::MAX),
+            ),
+            retry_after: chrono::Duration::seconds(1),
+            poll_interval: Duration::from_millis(settings.outbox.poll_interval_ms),
+        },
+        signal,
+    )
+}

@@ -1,0 +1,487 @@
+//! Settings: `configuration/instance.json`, then `configuration/secrets.json`
+//! (git-ignored; `secrets.example.json` is used with a warning when it is
+//! missing), then `APP__SECTION__KEY` environment variables. The folder is
+//! `APP_CONFIG_DIR` when set. Anything missing or invalid stops the host at
+//! start with a message naming the key.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A secret string: never printed by `Debug` or `Display`.
+#[derive(Clone, Deserialize, Default)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub database: DatabaseSettings,
+    pub rabbitmq: RabbitSettings,
+    pub api: ApiSettings,
+    pub auth: AuthSettings,
+    pub payment: PaymentSettings,
+    pub expiration: ExpirationSettings,
+    pub retry: RetrySettings,
+    pub outbox: OutboxSettings,
+    pub timers: TimerSettings,
+    pub seed: SeedSettings,
+    pub logging: LoggingSettings,
+    #[serde(default, rename = "_comment")]
+    pub comment: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    pub url: String,
+    #[serde(default)]
+    pub password: Secret,
+    pub max_connections: u32,
+    pub acquire_timeout_seconds: u64,
+    /// How long a host keeps trying to reach the database at start.
+    pub connect_retry_seconds: u64,
+}
+
+impl DatabaseSettings {
+    /// The URL with `database.password` filled in when the URL has none.
+    pub fn connection_url(&self) -> String {
+        let password = self.password.expose();
+        if password.is_empty() {
+            return self.url.clone();
+        }
+        let Some((scheme, rest)) = self.url.split_once("://") else {
+            return self.url.clone();
+        };
+        let Some((userinfo, host)) = rest.split_once('@') else {
+            return self.url.clone();
+        };
+        if userinfo.contains(':') {
+            return self.url.clone();
+        }
+        format!("{scheme}://{userinfo}:{}@{host}", encode_userinfo(password))
+    }
+}
+
+fn encode_userinfo(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueTypeSetting {
+    Classic,
+    Quorum,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RabbitSettings {
+    pub url: String,
+    pub exchange: String,
+    pub queue_prefix: String,
+    pub queue_type: QueueTypeSetting,
+    pub prefetch: u16,
+    pub confirm_timeout_ms: u64,
+    pub connect_retry_seconds: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSettings {
+    pub listen: String,
+    pub public_url: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    pub issuer: String,
+    pub audience: String,
+    pub token_ttl_seconds: u64,
+    #[serde(default)]
+    pub jwt_secret: Secret,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PaymentSettings {
+    pub delay_ms: u64,
+    pub success_rate: f64,
+    #[serde(default)]
+    pub seed: Option<u64>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpirationSettings {
+    pub sweep_interval_seconds: u64,
+    pub processing_timeout_seconds: u64,
+    pub batch_size: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySettings {
+    pub max_attempts: u32,
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxSettings {
+    pub poll_interval_ms: u64,
+    pub batch_size: u64,
+    pub lease_seconds: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimerSettings {
+    pub poll_interval_ms: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeedSettings {
+    pub admin_email: String,
+    pub admin_name: String,
+    #[serde(default)]
+    pub admin_password: Secret,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggingSettings {
+    pub filter: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error(
+        "configuration folder {0} has no instance.json (set APP_CONFIG_DIR to the folder that has it)"
+    )]
+    MissingInstanceFile(PathBuf),
+    #[error("configuration could not be read: {0}")]
+    Read(String),
+    #[error("configuration key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+/// Where the configuration folder is: `APP_CONFIG_DIR`, else `./configuration`,
+/// else the nearest `configuration/` above the working directory, else the
+/// repository's own (for `cargo run` and tests).
+pub fn config_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("APP_CONFIG_DIR") {
+        return PathBuf::from(dir);
+    }
+    if let Ok(cwd) = std::env::current_dir() {
+        for dir in cwd.ancestors() {
+            let candidate = dir.join("configuration");
+            if candidate.join("instance.json").is_file() {
+                return candidate;
+            }
+        }
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../configuration")
+}
+
+/// What `load` read, for a start-up log line.
+#[derive(Clone, Debug)]
+pub struct Loaded {
+    pub settings: Settings,
+    pub dir: PathBuf,
+    pub secrets_file: Option<PathBuf>,
+    pub using_example_secrets: bool,
+}
+
+/// Loads settings from `config_dir()` and the process environment.
+pub fn load() -> Result<Loaded, SettingsError> {
+    load_from(&config_dir(), std::env::vars())
+}
+
+/// Loads settings from `dir` and the given environment (tests pass their own).
+pub fn load_from(
+    dir: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Loaded, SettingsError> {
+    let instance = dir.join("instance.json");
+    if !instance.is_file() {
+        return Err(SettingsError::MissingInstanceFile(dir.to_path_buf()));
+    }
+    let secrets = dir.join("secrets.json");
+    let example = dir.join("secrets.example.json");
+    let (secrets_file, using_example_secrets) = if secrets.is_file() {
+        (Some(secrets), false)
+    } else if example.is_file() {
+        (Some(example), true)
+    } else {
+        (None, false)
+    };
+    let env: config::Map<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("APP__"))
+        .collect();
+    let mut builder = config::Config::builder()
+        .add_source(config::File::from(instance.as_path()).format(config::FileFormat::Json));
+    if let Some(file) = &secrets_file {
+        builder =
+            builder.add_source(config::File::from(file.as_path()).format(config::FileFormat::Json));
+    }
+    builder = builder.add_source(
+        config::Environment::with_prefix("APP")
+            .prefix_separator("__")
+            .separator("__")
+            .source(Some(env)),
+    );
+    let config = builder
+        .build()
+        .map_err(|e| SettingsError::Read(e.to_string()))?;
+    let value: config::Value = config
+        .try_deserialize()
+        .map_err(|e| SettingsError::Read(e.to_string()))?;
+    let settings: Settings = serde_path_to_error::deserialize(value).map_err(|e| {
+        let key = e.path().to_string();
+        SettingsError::Invalid {
+            key,
+            message: e.into_inner().to_string(),
+        }
+    })?;
+    validate(&settings)?;
+    Ok(Loaded {
+        settings,
+        dir: dir.to_path_buf(),
+        secrets_file,
+        using_example_secrets,
+    })
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> SettingsError {
+    SettingsError::Invalid {
+        key: key.to_owned(),
+        message: message.into(),
+    }
+}
+
+fn validate(s: &Settings) -> Result<(), SettingsError> {
+    if !(s.database.url.starts_with("postgres://") || s.database.url.starts_with("postgresql://")) {
+        return Err(invalid("database.url", "must be a postgres:// URL"));
+    }
+    if !(s.rabbitmq.url.starts_with("amqp://") || s.rabbitmq.url.starts_with("amqps://")) {
+        return Err(invalid("rabbitmq.url", "must be an amqp:// URL"));
+    }
+    if s.api.listen.parse::<std::net::SocketAddr>().is_err() {
+        return Err(invalid(
+            "api.listen",
+            format!("`{}` is not an address like 127.0.0.1:8080", s.api.listen),
+        ));
+    }
+    if !(0.0..=1.0).contains(&s.payment.success_rate) {
+        return Err(invalid(
+            "payment.success_rate",
+            format!("must be between 0 and 1, got {}", s.payment.success_rate),
+        ));
+    }
+    for (key, value) in [
+        (
+            "expiration.sweep_interval_seconds",
+            s.expiration.sweep_interval_seconds,
+        ),
+        (
+            "expiration.processing_timeout_seconds",
+            s.expiration.processing_timeout_seconds,
+        ),
+        ("expiration.batch_size", s.expiration.batch_size),
+        ("retry.max_attempts", u64::from(s.retry.max_attempts)),
+        ("outbox.poll_interval_ms", s.outbox.poll_interval_ms),
+        ("outbox.batch_size", s.outbox.batch_size),
+        ("outbox.lease_seconds", s.outbox.lease_seconds),
+        ("timers.poll_interval_ms", s.timers.poll_interval_ms),
+        ("rabbitmq.prefetch", u64::from(s.rabbitmq.prefetch)),
+        ("rabbitmq.confirm_timeout_ms", s.rabbitmq.confirm_timeout_ms),
+        (
+            "database.max_connections",
+            u64::from(s.database.max_connections),
+        ),
+        ("auth.token_ttl_seconds", s.auth.token_ttl_seconds),
+    ] {
+        if value == 0 {
+            return Err(invalid(key, "must be greater than 0"));
+        }
+    }
+    if s.auth.jwt_secret.expose().len() < 32 {
+        return Err(invalid(
+            "auth.jwt_secret",
+            "must be at least 32 bytes (256 bits); set it in configuration/secrets.json",
+        ));
+    }
+    if s.seed.admin_password.expose().len() < 8 {
+        return Err(invalid(
+            "seed.admin_password",
+            "must be at least 8 characters; set it in configuration/secrets.json",
+        ));
+    }
+    if !s.seed.admin_email.contains('@') {
+        return Err(invalid("seed.admin_email", "must be an e-mail address"));
+    }
+    Ok(())
+}
+
+impl Settings {
+    pub fn payment_delay(&self) -> Duration {
+        Duration::from_millis(self.payment.delay_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repo_config() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../configuration")
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn the_committed_files_load_with_the_documented_defaults() {
+        let loaded = load_from(&repo_config(), env(&[])).expect("committed configuration loads");
+        let s = loaded.settings;
+        assert_eq!(s.payment.delay_ms, 5000);
+        assert_eq!(s.payment.success_rate, 0.5);
+        assert_eq!(s.expiration.sweep_interval_seconds, 60);
+        assert_eq!(s.expiration.processing_timeout_seconds, 600);
+        assert_eq!(s.retry.max_attempts, 3);
+        assert!(s.database.url.starts_with("postgres://"));
+        assert!(s.rabbitmq.url.starts_with("amqp://"));
+    }
+
+    #[test]
+    fn environment_variables_override_nested_keys() {
+        let loaded = load_from(
+            &repo_config(),
+            env(&[
+                ("APP__PAYMENT__DELAY_MS", "200"),
+                ("APP__PAYMENT__SUCCESS_RATE", "1"),
+                ("APP__DATABASE__URL", "postgres://u@db:5432/x"),
+                (
+                    "APP__AUTH__JWT_SECRET",
+                    "0123456789012345678901234567890123456789",
+                ),
+                ("APP__RABBITMQ__QUEUE_PREFIX", "test-prefix"),
+            ]),
+        )
+        .expect("overrides load");
+        let s = loaded.settings;
+        assert_eq!(s.payment.delay_ms, 200);
+        assert_eq!(s.payment.success_rate, 1.0);
+        assert_eq!(s.database.url, "postgres://u@db:5432/x");
+        assert_eq!(s.rabbitmq.queue_prefix, "test-prefix");
+        assert_eq!(
+            s.auth.jwt_secret.expose(),
+            "0123456789012345678901234567890123456789"
+        );
+    }
+
+    #[test]
+    fn an_invalid_value_names_its_key() {
+        let err = load_from(&repo_config(), env(&[("APP__PAYMENT__DELAY_MS", "soon")]))
+            .expect_err("a word is not a number");
+        assert!(err.to_string().contains("payment.delay_ms"), "{err}");
+
+        let err = load_from(
+            &repo_config(),
+            env(&[("APP__PAYMENT__SUCCESS_RATE", "1.5")]),
+        )
+        .expect_err("out of range");
+        assert!(err.to_string().contains("payment.success_rate"), "{err}");
+
+        let err = load_from(&repo_config(), env(&[("APP__AUTH__JWT_SECRET", "short")]))
+            .expect_err("short key");
+        assert!(err.to_string().contains("auth.jwt_secret"), "{err}");
+
+        let err = load_from(&repo_config(), env(&[("APP__PAYMENT__DELAY", "5")]))
+            .expect_err("unknown key");
+        assert!(err.to_string().contains("payment"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_key_is_named() {
+        let dir = std::env::temp_dir().join(format!("order-saga-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let full = std::fs::read_to_string(repo_config().join("instance.json")).expect("read");
+        let mut json: serde_json::Value = serde_json::from_str(&full).expect("json");
+        json["payment"]
+            .as_object_mut()
+            .expect("payment section")
+            .remove("delay_ms");
+        std::fs::write(dir.join("instance.json"), json.to_string()).expect("write");
+        std::fs::copy(
+            repo_config().join("secrets.example.json"),
+            dir.join("secrets.example.json"),
+        )
+        .expect("copy");
+        let err = load_from(&dir, env(&[])).expect_err("missing key");
+        let _ = std::fs::remove_dir_all(&dir);
+        let text = err.to_string();
+        assert!(
+            text.contains("payment") && text.contains("delay_ms"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let loaded = load_from(&repo_config(), env(&[])).expect("loads");
+        let debug = format!("{:?}", loaded.settings);
+        assert!(!debug.contains(loaded.settings.auth.jwt_secret.expose()));
+        assert!(!debug.contains(loaded.settings.seed.admin_password.expose()));
+    }
+
+    #[test]
+    fn database_password_is_merged_into_a_url_without_one() {
+        let mut db = DatabaseSettings {
+            url: "postgres://app@db:5432/orders".into(),
+            password: Secret::new("p@ss word"),
+            max_connections: 1,
+            acquire_timeout_seconds: 1,
+            connect_retry_seconds: 1,
+        };
+        assert_eq!(
+            db.connection_url(),
+            "postgres://app:p%40ss%20word@db:5432/orders"
+        );
+        db.url = "postgres://app:other@db:5432/orders".into();
+        assert_eq!(db.connection_url(), "postgres://app:other@db:5432/orders");
+    }
+}

@@ -1,0 +1,36 @@
+//! Schema of order-saga and its idempotent seed data.
+//!
+//! Applied by the API host at start (`Migrator::up`), and runnable on its own
+//! with `cargo run -p migration --bin migrate` (reads `DATABASE_URL`).
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261124_000001_create_domain_tables;
+mod m20261124_000002_create_saga_tables;
+mod m20261124_000003_seed_products;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![
+            Box::new(m20261124_000001_create_domain_tables::Migration),
+            Box::new(m20261124_000002_create_saga_tables::Migration),
+            Box::new(m20261124_000003_seed_products::Migration),
+        ]
+    }
+}
+
+/// Names of constraints that callers map to HTTP errors; keep them stable.
+pub mod constraints {
+    pub const USERS_EMAIL_KEY: &str = "uq_users_email";
+    pub const USERS_ROLE_CHECK: &str = "ck_users_role";
+    pub const PRODUCTS_NAME_KEY: &str = "uq_products_name";
+    pub const PRODUCTS_STOCK_CHECK: &str = "ck_products_stock_non_negative";
+    pub const PRODUCTS_PRICE_CHECK: &str = "ck_products_price_non_negative";
+    pub const ORDERS_STATUS_CHECK: &str = "ck_orders_status";
+    pub const ORDER_ITEMS_QUANTITY_CHECK: &str = "ck_order_items_quantity_positive";
+    pub const NOTIFICATIONS_EVENT_TYPE_CHECK: &str = "ck_notifications_event_type";
+    pub const NOTIFICATIONS_ORDER_EVENT_KEY: &str = "uq_notifications_order_event";
+}

@@ -1,0 +1,403 @@
+//! Tables owned by the `saga` library: instances, journal, outbox, inbox, timers.
+
+use sea_orm_migration::prelude::*;
+
+#[derive(DeriveMigrationName)]
+pub struct Migration;
+
+fn id(col: impl IntoIden) -> ColumnDef {
+    ColumnDef::new(col)
+        .big_integer()
+        .not_null()
+        .auto_increment()
+        .primary_key()
+        .to_owned()
+}
+
+fn timestamp(col: impl IntoIden) -> ColumnDef {
+    ColumnDef::new(col)
+        .timestamp_with_time_zone()
+        .not_null()
+        .to_owned()
+}
+
+fn timestamp_null(col: impl IntoIden) -> ColumnDef {
+    ColumnDef::new(col)
+        .timestamp_with_time_zone()
+        .null()
+        .to_owned()
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for Migration {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(SagaInstances::Table)
+                    .col(id(SagaInstances::Id))
+                    .col(
+                        ColumnDef::new(SagaInstances::SagaType)
+                            .string_len(64)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(SagaInstances::CorrelationId)
+                            .string_len(128)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(SagaInstances::State)
+                            .string_len(32)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(SagaInstances::Version)
+                            .integer()
+                            .not_null()
+                            .default(0),
+                    )
+                    .col(
+                        ColumnDef::new(SagaInstances::Attempts)
+                            .integer()
+                            .not_null()
+                            .default(0),
+                    )
+                    .col(
+                        ColumnDef::new(SagaInstances::Faulted)
+                            .boolean()
+                            .not_null()
+                            .default(false),
+                    )
+                    .col(ColumnDef::new(SagaInstances::LastError).text().null())
+                    .col(ColumnDef::new(SagaInstances::Data).json_binary().not_null())
+                    .col(timestamp(SagaInstances::StateEnteredAt))
+                    .col(timestamp(SagaInstances::CreatedAt))
+                    .col(timestamp(SagaInstances::UpdatedAt))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("uq_saga_instances_type_correlation")
+                    .table(SagaInstances::Table)
+                    .col(SagaInstances::SagaType)
+                    .col(SagaInstances::CorrelationId)
+                    .unique()
+                    .to_owned(),
+            )
+            .await?;
+        // The expiration sweep: "instances of this type in this state since before T".
+        manager
+            .create_index(
+                Index::create()
+                    .name("ix_saga_instances_type_state_entered")
+                    .table(SagaInstances::Table)
+                    .col(SagaInstances::SagaType)
+                    .col(SagaInstances::State)
+                    .col(SagaInstances::StateEnteredAt)
+                    .to_owned(),
+            )
+            .await?;
+
+        manager
+            .create_table(
+                Table::create()
+                    .table(SagaTransitions::Table)
+                    .col(id(SagaTransitions::Id))
+                    .col(
+                        ColumnDef::new(SagaTransitions::SagaInstanceId)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(SagaTransitions::CorrelationId)
+                            .string_len(128)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(SagaTransitions::FromState)
+                            .string_len(32)
+                            .null(),
+                    )
+                    .col(
+                        ColumnDef::new(SagaTransitions::ToState)
+                            .string_len(32)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(SagaTransitions::Trigger)
+                            .string_len(64)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(SagaTransitions::Outcome)
+                            .string_len(16)
+                            .not_null(),
+                    )
+                    .col(ColumnDef::new(SagaTransitions::MessageId).uuid().null())
+                    .col(
+                        ColumnDef::new(SagaTransitions::Attempt)
+                            .integer()
+                            .not_null()
+                            .default(1),
+                    )
+                    .col(ColumnDef::new(SagaTransitions::PaymentDraw).double().null())
+                    .col(
+                        ColumnDef::new(SagaTransitions::PaymentApproved)
+                            .boolean()
+                            .null(),
+                    )
+                    .col(ColumnDef::new(SagaTransitions::Detail).text().null())
+                    .col(ColumnDef::new(SagaTransitions::Error).text().null())
+                    .col(timestamp(SagaTransitions::OccurredAt))
+                    .foreign_key(
+                        ForeignKey::create()
+                            .name("fk_saga_transitions_instance")
+                            .from(SagaTransitions::Table, SagaTransitions::SagaInstanceId)
+                            .to(SagaInstances::Table, SagaInstances::Id)
+                            .on_delete(ForeignKeyAction::Cascade),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("ix_saga_transitions_instance")
+                    .table(SagaTransitions::Table)
+                    .col(SagaTransitions::SagaInstanceId)
+                    .col(SagaTransitions::Id)
+                    .to_owned(),
+            )
+            .await?;
+
+        manager
+            .create_table(
+                Table::create()
+                    .table(SagaOutbox::Table)
+                    .col(id(SagaOutbox::Id))
+                    .col(ColumnDef::new(SagaOutbox::MessageId).uuid().not_null())
+                    .col(
+                        ColumnDef::new(SagaOutbox::MessageType)
+                            .string_len(64)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(SagaOutbox::RoutingKey)
+                            .string_len(128)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(SagaOutbox::CorrelationId)
+                            .string_len(128)
+                            .not_null(),
+                    )
+                    .col(ColumnDef::new(SagaOutbox::Body).json_binary().not_null())
+                    .col(timestamp(SagaOutbox::CreatedAt))
+                    .col(timestamp_null(SagaOutbox::LockedUntil))
+                    .col(timestamp_null(SagaOutbox::SentAt))
+                    .col(
+                        ColumnDef::new(SagaOutbox::PublishAttempts)
+                            .integer()
+                            .not_null()
+                            .default(0),
+                    )
+                    .col(ColumnDef::new(SagaOutbox::LastError).text().null())
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("uq_saga_outbox_message_id")
+                    .table(SagaOutbox::Table)
+                    .col(SagaOutbox::MessageId)
+                    .unique()
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("ix_saga_outbox_unsent")
+                    .table(SagaOutbox::Table)
+                    .col(SagaOutbox::SentAt)
+                    .col(SagaOutbox::Id)
+                    .to_owned(),
+            )
+            .await?;
+
+        manager
+            .create_table(
+                Table::create()
+                    .table(SagaInbox::Table)
+                    .col(
+                        ColumnDef::new(SagaInbox::Consumer)
+                            .string_len(128)
+                            .not_null(),
+                    )
+                    .col(ColumnDef::new(SagaInbox::MessageId).uuid().not_null())
+                    .col(
+                        ColumnDef::new(SagaInbox::MessageType)
+                            .string_len(64)
+                            .not_null(),
+                    )
+                    .col(timestamp(SagaInbox::ProcessedAt))
+                    .primary_key(
+                        Index::create()
+                            .name("pk_saga_inbox")
+                            .col(SagaInbox::Consumer)
+                            .col(SagaInbox::MessageId),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+
+        manager
+            .create_table(
+                Table::create()
+                    .table(SagaTimers::Table)
+                    .col(id(SagaTimers::Id))
+                    .col(
+                        ColumnDef::new(SagaTimers::SagaInstanceId)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(SagaTimers::CorrelationId)
+                            .string_len(128)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(SagaTimers::TimerKind)
+                            .string_len(64)
+                            .not_null(),
+                    )
+                    .col(timestamp(SagaTimers::DueAt))
+                    .col(timestamp(SagaTimers::CreatedAt))
+                    .col(timestamp_null(SagaTimers::FiredAt))
+                    .foreign_key(
+                        ForeignKey::create()
+                            .name("fk_saga_timers_instance")
+                            .from(SagaTimers::Table, SagaTimers::SagaInstanceId)
+                            .to(SagaInstances::Table, SagaInstances::Id)
+                            .on_delete(ForeignKeyAction::Cascade),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        // One timer of a kind per instance: scheduling twice is a no-op.
+        manager
+            .create_index(
+                Index::create()
+                    .name("uq_saga_timers_instance_kind")
+                    .table(SagaTimers::Table)
+                    .col(SagaTimers::SagaInstanceId)
+                    .col(SagaTimers::TimerKind)
+                    .unique()
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("ix_saga_timers_due")
+                    .table(SagaTimers::Table)
+                    .col(SagaTimers::FiredAt)
+                    .col(SagaTimers::DueAt)
+                    .to_owned(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        for table in [
+            SagaTimers::Table.into_iden(),
+            SagaInbox::Table.into_iden(),
+            SagaOutbox::Table.into_iden(),
+            SagaTransitions::Table.into_iden(),
+            SagaInstances::Table.into_iden(),
+        ] {
+            manager
+                .drop_table(Table::drop().table(table).if_exists().to_owned())
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(DeriveIden)]
+enum SagaInstances {
+    Table,
+    Id,
+    SagaType,
+    CorrelationId,
+    State,
+    Version,
+    Attempts,
+    Faulted,
+    LastError,
+    Data,
+    StateEnteredAt,
+    CreatedAt,
+    UpdatedAt,
+}
+
+#[derive(DeriveIden)]
+enum SagaTransitions {
+    Table,
+    Id,
+    SagaInstanceId,
+    CorrelationId,
+    FromState,
+    ToState,
+    Trigger,
+    Outcome,
+    MessageId,
+    Attempt,
+    PaymentDraw,
+    PaymentApproved,
+    Detail,
+    Error,
+    OccurredAt,
+}
+
+#[derive(DeriveIden)]
+enum SagaOutbox {
+    Table,
+    Id,
+    MessageId,
+    MessageType,
+    RoutingKey,
+    CorrelationId,
+    Body,
+    CreatedAt,
+    LockedUntil,
+    SentAt,
+    PublishAttempts,
+    LastError,
+}
+
+#[derive(DeriveIden)]
+enum SagaInbox {
+    Table,
+    Consumer,
+    MessageId,
+    MessageType,
+    ProcessedAt,
+}
+
+#[derive(DeriveIden)]
+enum SagaTimers {
+    Table,
+    Id,
+    SagaInstanceId,
+    CorrelationId,
+    TimerKind,
+    DueAt,
+    CreatedAt,
+    FiredAt,
+}

@@ -1,0 +1,697 @@
+//! The engine: loads an order saga, asks the pure machine what to do, and
+//! commits the result in ONE transaction (instance with a version check, the
+//! order's status, the journal row, outbox rows, timer rows, the inbox row).
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, Utc};
+use entity::{orders, saga_instances, saga_timers, saga_transitions};
+use sea_orm::sea_query::{Expr, LockBehavior, LockType, OnConflict, Query};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect, TransactionTrait,
+};
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::clock::Clock;
+use crate::error::SagaError;
+use crate::machine::{
+    Decision, Effect, ORDER_SAGA, OrderEvent, OrderInput, OrderState, TimerKind, decide,
+};
+use crate::message::{Envelope, OrderEventPayload, OrderSnapshot};
+use crate::payment::PaymentSimulator;
+use crate::{inbox, outbox};
+
+/// Timings and limits of the order saga, from configuration.
+#[derive(Clone, Debug)]
+pub struct EngineSettings {
+    /// How long the simulated payment takes (`payment.delay_ms`).
+    pub payment_delay: Duration,
+    /// How long an order may stay `processing` (`expiration.processing_timeout_seconds`).
+    pub processing_timeout: Duration,
+    /// How many stale orders one sweep transaction expires.
+    pub sweep_batch_size: u64,
+    /// How often a transaction is retried after losing an optimistic-concurrency race.
+    pub max_conflict_retries: u32,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self {
+            payment_delay: Duration::milliseconds(5000),
+            processing_timeout: Duration::seconds(600),
+            sweep_batch_size: 500,
+            max_conflict_retries: 10,
+        }
+    }
+}
+
+/// What handling one input did.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Handled {
+    /// The message id was already in the inbox: nothing was done.
+    Duplicate,
+    /// The machine moved the instance (possibly to the same state).
+    Applied {
+        from: OrderState,
+        to: OrderState,
+        published: Vec<OrderEvent>,
+    },
+    /// The machine decided the input changes nothing (late or repeated).
+    Ignored {
+        state: OrderState,
+        reason: &'static str,
+    },
+}
+
+/// What one fired timer did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TimerFired {
+    pub timer_id: i64,
+    pub correlation_id: String,
+    pub approved: bool,
+    pub draw: f64,
+    pub handled: Handled,
+}
+
+/// What one sweep batch did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SweepOutcome {
+    pub examined: usize,
+    pub expired: usize,
+}
+
+/// Who or what gave the instance its input (for the journal and causation).
+#[derive(Clone, Debug, Default)]
+struct Trigger {
+    message_id: Option<Uuid>,
+    attempt: i32,
+    detail: Option<String>,
+}
+
+enum ApplyError {
+    Conflict,
+    Saga(SagaError),
+}
+
+impl From<SagaError> for ApplyError {
+    fn from(e: SagaError) -> Self {
+        ApplyError::Saga(e)
+    }
+}
+
+impl From<sea_orm::DbErr> for ApplyError {
+    fn from(e: sea_orm::DbErr) -> Self {
+        ApplyError::Saga(SagaError::Db(e))
+    }
+}
+
+/// The order saga engine. Cheap to clone.
+#[derive(Clone)]
+pub struct OrderSagaEngine {
+    db: DatabaseConnection,
+    clock: Arc<dyn Clock>,
+    payment: Arc<dyn PaymentSimulator>,
+    settings: EngineSettings,
+    outbox_signal: Arc<Notify>,
+}
+
+impl OrderSagaEngine {
+    pub fn new(
+        db: DatabaseConnection,
+        clock: Arc<dyn Clock>,
+        payment: Arc<dyn PaymentSimulator>,
+        settings: EngineSettings,
+    ) -> Self {
+        Self {
+            db,
+            clock,
+            payment,
+            settings,
+            outbox_signal: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Share a wake-up signal with an outbox relay, so events leave as soon as
+    /// their transaction commits instead of at the next poll.
+    pub fn with_outbox_signal(mut self, signal: Arc<Notify>) -> Self {
+        self.outbox_signal = signal;
+        self
+    }
+
+    pub fn db(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    pub fn settings(&self) -> &EngineSettings {
+        &self.settings
+    }
+
+    /// Starts the saga of a new order inside the caller's transaction: the
+    /// instance (`pending`), its first journal row and the `OrderCreated`
+    /// outbox row. Returns the id of the `OrderCreated` message.
+    pub async fn start_order<C: ConnectionTrait>(
+        conn: &C,
+        now: DateTime<Utc>,
+        order: &OrderSnapshot,
+    ) -> Result<Uuid, SagaError> {
+        let correlation_id = order.order_id.to_string();
+        let data = serde_json::to_value(order)
+            .map_err(|e| SagaError::Corrupt(format!("order snapshot: {e}")))?;
+        let instance = saga_instances::Entity::insert(saga_instances::ActiveModel {
+            saga_type: Set(ORDER_SAGA.to_owned()),
+            correlation_id: Set(correlation_id.clone()),
+            state: Set(OrderState::Pending.as_str().to_owned()),
+            version: Set(0),
+            attempts: Set(0),
+            faulted: Set(false),
+            last_error: Set(None),
+            data: Set(data),
+            state_entered_at: Set(now),
+            created_at: Set(now),
+            updated_at: Set(now),
+            ..Default::default()
+        })
+        .exec(conn)
+        .await?;
+        let envelope = order_event(
+            OrderEvent::OrderCreated,
+            order,
+            None,
+            OrderState::Pending,
+            None,
+            now,
+        )?;
+        outbox::enqueue(conn, &envelope, OrderEvent::OrderCreated.routing_key()).await?;
+        journal(
+            conn,
+            JournalRow {
+                instance_id: instance.last_insert_id,
+                correlation_id: &correlation_id,
+                from: None,
+                to: OrderState::Pending,
+                trigger: "OrderPlaced",
+                outcome: "applied",
+                message_id: Some(envelope.message_id),
+                attempt: 1,
+                payment: None,
+                detail: Some("order placed; OrderCreated queued".to_owned()),
+            },
+            now,
+        )
+        .await?;
+        Ok(envelope.message_id)
+    }
+
+    /// Handles a consumed `OrderCreated` for `consumer` exactly once.
+    pub async fn handle_order_created(
+        &self,
+        consumer: &str,
+        envelope: &Envelope,
+    ) -> Result<Handled, SagaError> {
+        if envelope.message_type != OrderEvent::OrderCreated.message_type() {
+            return Err(SagaError::Malformed(format!(
+                "expected OrderCreated, got {}",
+                envelope.message_type
+            )));
+        }
+        let mut conflicts = 0;
+        loop {
+            let txn = self.db.begin().await?;
+            if !inbox::record(&txn, consumer, envelope, self.clock.now()).await? {
+                txn.rollback().await?;
+                return Ok(Handled::Duplicate);
+            }
+            let instance = load(&txn, &envelope.correlation_id).await?;
+            let trigger = Trigger {
+                message_id: Some(envelope.message_id),
+                attempt: 1,
+                detail: None,
+            };
+            match self
+                .apply(&txn, instance, OrderInput::OrderCreated, trigger)
+                .await
+            {
+                Ok(handled) => {
+                    txn.commit().await?;
+                    self.signal_if_published(&handled);
+                    return Ok(handled);
+                }
+                Err(ApplyError::Conflict) => {
+                    txn.rollback().await?;
+                    conflicts += 1;
+                    if conflicts > self.settings.max_conflict_retries {
+                        return Err(SagaError::Contention(envelope.correlation_id.clone()));
+                    }
+                }
+                Err(ApplyError::Saga(e)) => {
+                    txn.rollback().await?;
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Fires at most one due timer: draws the payment, applies the decision,
+    /// marks the timer fired, all in one transaction. `None` when nothing is due.
+    pub async fn try_fire_due_timer_once(&self) -> Result<Option<TimerFired>, SagaError> {
+        let mut conflicts = 0;
+        loop {
+            let now = self.clock.now();
+            let txn = self.db.begin().await?;
+            let timer = saga_timers::Entity::find()
+                .filter(saga_timers::Column::FiredAt.is_null())
+                .filter(saga_timers::Column::DueAt.lte(now))
+                .order_by_asc(saga_timers::Column::DueAt)
+                .limit(1)
+                .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
+                .one(&txn)
+                .await?;
+            let Some(timer) = timer else {
+                txn.commit().await?;
+                return Ok(None);
+            };
+            let kind = TimerKind::parse(&timer.timer_kind).ok_or_else(|| {
+                SagaError::Corrupt(format!("timer {} has kind {}", timer.id, timer.timer_kind))
+            })?;
+            let instance = saga_instances::Entity::find_by_id(timer.saga_instance_id)
+                .one(&txn)
+                .await?
+                .ok_or_else(|| SagaError::UnknownInstance {
+                    saga_type: ORDER_SAGA,
+                    correlation_id: timer.correlation_id.clone(),
+                })?;
+            let (input, draw) = match kind {
+                TimerKind::PaymentDue => {
+                    let draw = self.payment.draw();
+                    (
+                        OrderInput::PaymentDecided {
+                            approved: draw.approved,
+                            draw: draw.value,
+                        },
+                        draw,
+                    )
+                }
+            };
+            let trigger = Trigger {
+                message_id: None,
+                attempt: 1,
+                detail: Some(format!(
+                    "timer {} ({}) due {} fired {}",
+                    timer.id,
+                    kind.as_str(),
+                    timer.due_at.to_rfc3339(),
+                    now.to_rfc3339()
+                )),
+            };
+            match self.apply(&txn, instance, input, trigger).await {
+                Ok(handled) => {
+                    saga_timers::Entity::update_many()
+                        .col_expr(saga_timers::Column::FiredAt, Expr::value(now))
+                        .filter(saga_timers::Column::Id.eq(timer.id))
+                        .exec(&txn)
+                        .await?;
+                    txn.commit().await?;
+                    self.signal_if_published(&handled);
+                    return Ok(Some(TimerFired {
+                        timer_id: timer.id,
+                        correlation_id: timer.correlation_id,
+                        approved: draw.approved,
+                        draw: draw.value,
+                        handled,
+                    }));
+                }
+                Err(ApplyError::Conflict) => {
+                    txn.rollback().await?;
+                    conflicts += 1;
+                    if conflicts > self.settings.max_conflict_retries {
+                        return Err(SagaError::Contention(timer.correlation_id));
+                    }
+                }
+                Err(ApplyError::Saga(e)) => {
+                    txn.rollback().await?;
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// When the next unfired timer is due, if any.
+    pub async fn next_timer_due(&self) -> Result<Option<DateTime<Utc>>, SagaError> {
+        let next = saga_timers::Entity::find()
+            .filter(saga_timers::Column::FiredAt.is_null())
+            .order_by_asc(saga_timers::Column::DueAt)
+            .one(&self.db)
+            .await?;
+        Ok(next.map(|t| t.due_at))
+    }
+
+    /// Expires one batch of orders that have been `processing` for longer than
+    /// the timeout. Rows are locked with `SKIP LOCKED`, so several schedulers can
+    /// sweep at once without expiring an order twice.
+    pub async fn try_expire_once(&self) -> Result<SweepOutcome, SagaError> {
+        let now = self.clock.now();
+        let cutoff = now - self.settings.processing_timeout;
+        let txn = self.db.begin().await?;
+        let stale = saga_instances::Entity::find()
+            .filter(saga_instances::Column::SagaType.eq(ORDER_SAGA))
+            .filter(saga_instances::Column::State.eq(OrderState::Processing.as_str()))
+            .filter(saga_instances::Column::StateEnteredAt.lte(cutoff))
+            .order_by_asc(saga_instances::Column::StateEnteredAt)
+            .limit(self.settings.sweep_batch_size)
+            .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
+            .all(&txn)
+            .await?;
+        let mut outcome = SweepOutcome {
+            examined: stale.len(),
+            expired: 0,
+        };
+        for instance in stale {
+            let entered = instance.state_entered_at;
+            let trigger = Trigger {
+                message_id: None,
+                attempt: 1,
+                detail: Some(format!(
+                    "processing since {}, timeout {} s, swept at {}",
+                    entered.to_rfc3339(),
+                    self.settings.processing_timeout.num_seconds(),
+                    now.to_rfc3339()
+                )),
+            };
+            match self
+                .apply(&txn, instance, OrderInput::ExpirationDue, trigger)
+                .await
+            {
+                Ok(Handled::Applied {
+                    to: OrderState::Expired,
+                    ..
+                }) => outcome.expired += 1,
+                Ok(_) => {}
+                // The row is locked by us, so a conflict means a writer that did
+                // not lock; skip it, the next sweep looks again.
+                Err(ApplyError::Conflict) => {}
+                Err(ApplyError::Saga(e)) => {
+                    txn.rollback().await?;
+                    return Err(e);
+                }
+            }
+        }
+        txn.commit().await?;
+        if outcome.expired > 0 {
+            self.outbox_signal.notify_one();
+        }
+        Ok(outcome)
+    }
+
+    /// Sweeps batch after batch until no stale order is left.
+    pub async fn expire_all_stale(&self) -> Result<SweepOutcome, SagaError> {
+        let mut total = SweepOutcome::default();
+        loop {
+            let batch = self.try_expire_once().await?;
+            total.examined += batch.examined;
+            total.expired += batch.expired;
+            if (batch.examined as u64) < self.settings.sweep_batch_size || batch.expired == 0 {
+                return Ok(total);
+            }
+        }
+    }
+
+    fn signal_if_published(&self, handled: &Handled) {
+        if let Handled::Applied { published, .. } = handled
+            && !published.is_empty()
+        {
+            self.outbox_signal.notify_one();
+        }
+    }
+
+    /// Applies one input to a loaded instance inside `txn`.
+    async fn apply<C: ConnectionTrait>(
+        &self,
+        txn: &C,
+        instance: saga_instances::Model,
+        input: OrderInput,
+        trigger: Trigger,
+    ) -> Result<Handled, ApplyError> {
+        let now = self.clock.now();
+        let state: OrderState = instance
+            .state
+            .parse()
+            .map_err(|e| SagaError::Corrupt(format!("instance {}: {e}", instance.id)))?;
+        let payment = match input {
+            OrderInput::PaymentDecided { approved, draw } => Some((draw, approved)),
+            _ => None,
+        };
+        match decide(state, input) {
+            Decision::Apply {
+                next,
+                effects,
+                note,
+            } => {
+                let order: OrderSnapshot =
+                    serde_json::from_value(instance.data.clone()).map_err(|e| {
+                        SagaError::Corrupt(format!("instance {} data: {e}", instance.id))
+                    })?;
+                let entered = if next == state {
+                    instance.state_entered_at
+                } else {
+                    now
+                };
+                let updated = saga_instances::Entity::update_many()
+                    .col_expr(saga_instances::Column::State, Expr::value(next.as_str()))
+                    .col_expr(
+                        saga_instances::Column::Version,
+                        Expr::value(instance.version + 1),
+                    )
+                    .col_expr(saga_instances::Column::StateEnteredAt, Expr::value(entered))
+                    .col_expr(saga_instances::Column::UpdatedAt, Expr::value(now))
+                    .filter(saga_instances::Column::Id.eq(instance.id))
+                    .filter(saga_instances::Column::Version.eq(instance.version))
+                    .exec(txn)
+                    .await?;
+                if updated.rows_affected != 1 {
+                    return Err(ApplyError::Conflict);
+                }
+                if next != state {
+                    orders::Entity::update_many()
+                        .col_expr(orders::Column::Status, Expr::value(next.as_str()))
+                        .col_expr(orders::Column::UpdatedAt, Expr::value(now))
+                        .filter(orders::Column::Id.eq(order.order_id))
+                        .exec(txn)
+                        .await?;
+                }
+                let mut published = Vec::new();
+                for effect in effects {
+                    match effect {
+                        Effect::Publish(event) => {
+                            let envelope = order_event(
+                                event,
+                                &order,
+                                Some(state),
+                                next,
+                                trigger.message_id,
+                                now,
+                            )?;
+                            outbox::enqueue(txn, &envelope, event.routing_key()).await?;
+                            published.push(event);
+                        }
+                        Effect::ScheduleTimer(kind) => {
+                            let delay = match kind {
+                                TimerKind::PaymentDue => self.settings.payment_delay,
+                            };
+                            schedule_timer(txn, &instance, kind, now + delay, now).await?;
+                        }
+                    }
+                }
+                let detail = match &trigger.detail {
+                    Some(d) => format!("{note}; {d}"),
+                    None => note.to_owned(),
+                };
+                journal(
+                    txn,
+                    JournalRow {
+                        instance_id: instance.id,
+                        correlation_id: &instance.correlation_id,
+                        from: Some(state),
+                        to: next,
+                        trigger: input.name(),
+                        outcome: "applied",
+                        message_id: trigger.message_id,
+                        attempt: trigger.attempt,
+                        payment,
+                        detail: Some(detail),
+                    },
+                    now,
+                )
+                .await?;
+                tracing::info!(
+                    order_id = %instance.correlation_id,
+                    message_id = ?trigger.message_id,
+                    from = %state,
+                    to = %next,
+                    trigger = input.name(),
+                    "order saga transition: {note}"
+                );
+                Ok(Handled::Applied {
+                    from: state,
+                    to: next,
+                    published,
+                })
+            }
+            Decision::Ignore { reason } => {
+                let detail = match &trigger.detail {
+                    Some(d) => format!("{reason}; {d}"),
+                    None => reason.to_owned(),
+                };
+                journal(
+                    txn,
+                    JournalRow {
+                        instance_id: instance.id,
+                        correlation_id: &instance.correlation_id,
+                        from: Some(state),
+                        to: state,
+                        trigger: input.name(),
+                        outcome: "ignored",
+                        message_id: trigger.message_id,
+                        attempt: trigger.attempt,
+                        payment,
+                        detail: Some(detail),
+                    },
+                    now,
+                )
+                .await?;
+                tracing::info!(
+                    order_id = %instance.correlation_id,
+                    message_id = ?trigger.message_id,
+                    state = %state,
+                    trigger = input.name(),
+                    "order saga input ignored: {reason}"
+                );
+                Ok(Handled::Ignored { state, reason })
+            }
+            Decision::Reject { reason } => Err(ApplyError::Saga(SagaError::Rejected {
+                state: state.as_str().to_owned(),
+                input: input.name(),
+                reason,
+            })),
+        }
+    }
+}
+
+async fn load<C: ConnectionTrait>(
+    conn: &C,
+    correlation_id: &str,
+) -> Result<saga_instances::Model, SagaError> {
+    saga_instances::Entity::find()
+        .filter(saga_instances::Column::SagaType.eq(ORDER_SAGA))
+        .filter(saga_instances::Column::CorrelationId.eq(correlation_id))
+        .one(conn)
+        .await?
+        .ok_or_else(|| SagaError::UnknownInstance {
+            saga_type: ORDER_SAGA,
+            correlation_id: correlation_id.to_owned(),
+        })
+}
+
+fn order_event(
+    event: OrderEvent,
+    order: &OrderSnapshot,
+    previous: Option<OrderState>,
+    status: OrderState,
+    causation_id: Option<Uuid>,
+    now: DateTime<Utc>,
+) -> Result<Envelope, SagaError> {
+    let payload = OrderEventPayload {
+        order: order.clone(),
+        previous_status: previous.map(|s| s.as_str().to_owned()),
+        status: status.as_str().to_owned(),
+    };
+    Ok(Envelope {
+        message_id: Uuid::new_v4(),
+        message_type: event.message_type().to_owned(),
+        correlation_id: order.order_id.to_string(),
+        causation_id,
+        occurred_at: now,
+        initiated_by: Some(order.user_id),
+        payload: serde_json::to_value(payload)
+            .map_err(|e| SagaError::Corrupt(format!("event payload: {e}")))?,
+    })
+}
+
+async fn schedule_timer<C: ConnectionTrait>(
+    conn: &C,
+    instance: &saga_instances::Model,
+    kind: TimerKind,
+    due_at: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<(), SagaError> {
+    use saga_timers::Column as T;
+    let mut insert = Query::insert();
+    insert
+        .into_table(saga_timers::Entity)
+        .columns([
+            T::SagaInstanceId,
+            T::CorrelationId,
+            T::TimerKind,
+            T::DueAt,
+            T::CreatedAt,
+        ])
+        .values([
+            instance.id.into(),
+            instance.correlation_id.clone().into(),
+            kind.as_str().into(),
+            due_at.into(),
+            now.into(),
+        ])
+        .map_err(|e| SagaError::Corrupt(e.to_string()))?
+        .on_conflict(
+            OnConflict::columns([T::SagaInstanceId, T::TimerKind])
+                .do_nothing()
+                .to_owned(),
+        );
+    conn.execute(&insert).await?;
+    Ok(())
+}
+
+struct JournalRow<'a> {
+    instance_id: i64,
+    correlation_id: &'a str,
+    from: Option<OrderState>,
+    to: OrderState,
+    trigger: &'static str,
+    outcome: &'static str,
+    message_id: Option<Uuid>,
+    attempt: i32,
+    payment: Option<(f64, bool)>,
+    detail: Option<String>,
+}
+
+async fn journal<C: ConnectionTrait>(
+    conn: &C,
+    row: JournalRow<'_>,
+    now: DateTime<Utc>,
+) -> Result<(), SagaError> {
+    saga_transitions::Entity::insert(saga_transitions::ActiveModel {
+        saga_instance_id: Set(row.instance_id),
+        correlation_id: Set(row.correlation_id.to_owned()),
+        from_state: Set(row.from.map(|s| s.as_str().to_owned())),
+        to_state: Set(row.to.as_str().to_owned()),
+        trigger: Set(row.trigger.to_owned()),
+        outcome: Set(row.outcome.to_owned()),
+        message_id: Set(row.message_id),
+        attempt: Set(row.attempt),
+        payment_draw: Set(row.payment.map(|(draw, _)| draw)),
+        payment_approved: Set(row.payment.map(|(_, approved)| approved)),
+        detail: Set(row.detail),
+        error: Set(None),
+        occurred_at: Set(now),
+        ..Default::default()
+    })
+    .exec(conn)
+    .await?;
+    Ok(())
+}

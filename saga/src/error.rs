@@ -1,0 +1,54 @@
+//! Errors of the saga engine, classified as retryable or terminal.
+
+use sea_orm::DbErr;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SagaError {
+    #[error("database error: {0}")]
+    Db(#[from] DbErr),
+    #[error("no {saga_type} saga instance with correlation id `{correlation_id}`")]
+    UnknownInstance {
+        saga_type: &'static str,
+        correlation_id: String,
+    },
+    #[error("{input} rejected in state {state}: {reason}")]
+    Rejected {
+        state: String,
+        input: &'static str,
+        reason: &'static str,
+    },
+    #[error("instance `{0}` kept changing under us (optimistic concurrency conflicts)")]
+    Contention(String),
+    #[error("corrupt saga data: {0}")]
+    Corrupt(String),
+    #[error("malformed message: {0}")]
+    Malformed(String),
+}
+
+impl SagaError {
+    /// Whether trying the same message again may succeed. Database trouble and
+    /// contention pass; a rejected input or a malformed message never will.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, SagaError::Db(_) | SagaError::Contention(_))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    #[error("broker error: {0}")]
+    Broker(String),
+    #[error("broker did not confirm message {0}")]
+    NotConfirmed(uuid::Uuid),
+    #[error("timed out waiting for the broker to confirm")]
+    ConfirmTimeout,
+    #[error("the consumer stream ended")]
+    StreamEnded,
+}
+
+impl From<lapin::Error> for TransportError {
+    fn from(value: lapin::Error) -> Self {
+        TransportError::Broker(value.to_string())
+    }
+}

@@ -1,0 +1,403 @@
+//! The order lifecycle as a pure state machine.
+//!
+//! `decide(state, input)` never reads the clock, a random number generator or
+//! the database: the caller passes everything in (including the payment draw)
+//! and carries out the returned effects. The `match` below is the whole
+//! transition table; every (state, input) pair is decided explicitly, so the
+//! compiler rejects a new state or input until someone decides what it means.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// The saga type name stored in `saga_instances.saga_type`.
+pub const ORDER_SAGA: &str = "order";
+
+/// Where an order is in its lifecycle. Mirrors `orders.status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OrderState {
+    Pending,
+    Processing,
+    Completed,
+    Expired,
+}
+
+impl OrderState {
+    pub const ALL: [OrderState; 4] = [
+        OrderState::Pending,
+        OrderState::Processing,
+        OrderState::Completed,
+        OrderState::Expired,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderState::Pending => "pending",
+            OrderState::Processing => "processing",
+            OrderState::Completed => "completed",
+            OrderState::Expired => "expired",
+        }
+    }
+
+    /// A terminal state accepts no further change.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, OrderState::Completed | OrderState::Expired)
+    }
+}
+
+impl fmt::Display for OrderState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("unknown order state `{0}`")]
+pub struct UnknownState(pub String);
+
+impl FromStr for OrderState {
+    type Err = UnknownState;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        OrderState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| UnknownState(s.to_owned()))
+    }
+}
+
+/// What can happen to an order saga.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum OrderInput {
+    /// The `OrderCreated` event was consumed: start processing.
+    OrderCreated,
+    /// The payment timer fired and the simulator drew `draw`.
+    PaymentDecided { approved: bool, draw: f64 },
+    /// The expiration sweep found the order in `processing` for too long.
+    ExpirationDue,
+}
+
+impl OrderInput {
+    /// A short stable name, used as `trigger` in the journal.
+    pub fn name(&self) -> &'static str {
+        match self {
+            OrderInput::OrderCreated => "OrderCreated",
+            OrderInput::PaymentDecided { .. } => "PaymentDecided",
+            OrderInput::ExpirationDue => "ExpirationDue",
+        }
+    }
+}
+
+/// Events the saga publishes (through the outbox).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum OrderEvent {
+    OrderCreated,
+    OrderCompleted,
+    OrderExpired,
+}
+
+impl OrderEvent {
+    pub fn message_type(self) -> &'static str {
+        match self {
+            OrderEvent::OrderCreated => "OrderCreated",
+            OrderEvent::OrderCompleted => "OrderCompleted",
+            OrderEvent::OrderExpired => "OrderExpired",
+        }
+    }
+
+    pub fn routing_key(self) -> &'static str {
+        match self {
+            OrderEvent::OrderCreated => "order.created",
+            OrderEvent::OrderCompleted => "order.completed",
+            OrderEvent::OrderExpired => "order.expired",
+        }
+    }
+
+    pub fn from_message_type(s: &str) -> Option<Self> {
+        [
+            OrderEvent::OrderCreated,
+            OrderEvent::OrderCompleted,
+            OrderEvent::OrderExpired,
+        ]
+        .into_iter()
+        .find(|e| e.message_type() == s)
+    }
+}
+
+/// Durable timers the saga can ask for. Their delays come from configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TimerKind {
+    /// Fires when the simulated payment is done (`payment.delay_ms`).
+    PaymentDue,
+}
+
+impl TimerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TimerKind::PaymentDue => "payment_due",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "payment_due" => Some(TimerKind::PaymentDue),
+            _ => None,
+        }
+    }
+}
+
+/// Something the engine must do, in the same transaction as the state change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Effect {
+    Publish(OrderEvent),
+    ScheduleTimer(TimerKind),
+}
+
+/// The machine's answer to one input.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decision {
+    /// Move to `next` (possibly the same state) and carry out `effects`.
+    Apply {
+        next: OrderState,
+        effects: Vec<Effect>,
+        note: &'static str,
+    },
+    /// A duplicate or late input: change nothing, record why.
+    Ignore { reason: &'static str },
+    /// An input that must not happen in this state: a fault.
+    Reject { reason: &'static str },
+}
+
+/// The transition table of the order saga.
+pub fn decide(state: OrderState, input: OrderInput) -> Decision {
+    use Decision::{Apply, Ignore, Reject};
+    use OrderInput as I;
+    use OrderState as S;
+
+    match (state, input) {
+        // Initially
+        (S::Pending, I::OrderCreated) => Apply {
+            next: S::Processing,
+            effects: vec![Effect::ScheduleTimer(TimerKind::PaymentDue)],
+            note: "processing started; payment timer scheduled",
+        },
+        (S::Pending, I::PaymentDecided { .. }) => Reject {
+            reason: "payment decided for an order that never started processing",
+        },
+        (S::Pending, I::ExpirationDue) => Ignore {
+            reason: "only processing orders expire",
+        },
+
+        // During Processing
+        (S::Processing, I::OrderCreated) => Ignore {
+            reason: "duplicate OrderCreated: already processing",
+        },
+        (S::Processing, I::PaymentDecided { approved: true, .. }) => Apply {
+            next: S::Completed,
+            effects: vec![Effect::Publish(OrderEvent::OrderCompleted)],
+            note: "payment approved",
+        },
+        (
+            S::Processing,
+            I::PaymentDecided {
+                approved: false, ..
+            },
+        ) => Apply {
+            next: S::Processing,
+            effects: vec![],
+            note: "payment declined; the order stays processing until it expires",
+        },
+        (S::Processing, I::ExpirationDue) => Apply {
+            next: S::Expired,
+            effects: vec![Effect::Publish(OrderEvent::OrderExpired)],
+            note: "processing timed out",
+        },
+
+        // Terminal states: everything is late or duplicated.
+        (S::Completed, I::OrderCreated) | (S::Expired, I::OrderCreated) => Ignore {
+            reason: "duplicate OrderCreated: order already finished",
+        },
+        (S::Completed, I::PaymentDecided { .. }) => Ignore {
+            reason: "payment already decided",
+        },
+        (S::Expired, I::PaymentDecided { .. }) => Ignore {
+            reason: "payment decided after the order expired",
+        },
+        (S::Completed, I::ExpirationDue) => Ignore {
+            reason: "order completed before it could expire",
+        },
+        (S::Expired, I::ExpirationDue) => Ignore {
+            reason: "order already expired",
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const APPROVED: OrderInput = OrderInput::PaymentDecided {
+        approved: true,
+        draw: 0.1,
+    };
+    const DECLINED: OrderInput = OrderInput::PaymentDecided {
+        approved: false,
+        draw: 0.9,
+    };
+
+    fn inputs() -> [OrderInput; 4] {
+        [
+            OrderInput::OrderCreated,
+            APPROVED,
+            DECLINED,
+            OrderInput::ExpirationDue,
+        ]
+    }
+
+    fn next_of(decision: &Decision) -> Option<OrderState> {
+        match decision {
+            Decision::Apply { next, .. } => Some(*next),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn transition_table_every_state_with_every_input() {
+        use OrderState::*;
+        // (state, input, expected next state or None when ignored/rejected, effects)
+        let table: Vec<(OrderState, OrderInput, Option<OrderState>, Vec<Effect>)> = vec![
+            (
+                Pending,
+                OrderInput::OrderCreated,
+                Some(Processing),
+                vec![Effect::ScheduleTimer(TimerKind::PaymentDue)],
+            ),
+            (Pending, APPROVED, None, vec![]),
+            (Pending, DECLINED, None, vec![]),
+            (Pending, OrderInput::ExpirationDue, None, vec![]),
+            (Processing, OrderInput::OrderCreated, None, vec![]),
+            (
+                Processing,
+                APPROVED,
+                Some(Completed),
+                vec![Effect::Publish(OrderEvent::OrderCompleted)],
+            ),
+            (Processing, DECLINED, Some(Processing), vec![]),
+            (
+                Processing,
+                OrderInput::ExpirationDue,
+                Some(Expired),
+                vec![Effect::Publish(OrderEvent::OrderExpired)],
+            ),
+            (Completed, OrderInput::OrderCreated, None, vec![]),
+            (Completed, APPROVED, None, vec![]),
+            (Completed, DECLINED, None, vec![]),
+            (Completed, OrderInput::ExpirationDue, None, vec![]),
+            (Expired, OrderInput::OrderCreated, None, vec![]),
+            (Expired, APPROVED, None, vec![]),
+            (Expired, DECLINED, None, vec![]),
+            (Expired, OrderInput::ExpirationDue, None, vec![]),
+        ];
+        assert_eq!(table.len(), OrderState::ALL.len() * inputs().len());
+        for (state, input, expected_next, expected_effects) in table {
+            let decision = decide(state, input);
+            assert_eq!(
+                next_of(&decision),
+                expected_next,
+                "{state} + {input:?} gave {decision:?}"
+            );
+            let effects = match &decision {
+                Decision::Apply { effects, .. } => effects.clone(),
+                _ => vec![],
+            };
+            assert_eq!(effects, expected_effects, "{state} + {input:?}");
+        }
+    }
+
+    #[test]
+    fn only_a_payment_before_processing_is_a_fault() {
+        for state in OrderState::ALL {
+            for input in inputs() {
+                let rejected = matches!(decide(state, input), Decision::Reject { .. });
+                let expected = state == OrderState::Pending
+                    && matches!(input, OrderInput::PaymentDecided { .. });
+                assert_eq!(rejected, expected, "{state} + {input:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn terminal_states_never_change_and_never_emit() {
+        for state in OrderState::ALL.into_iter().filter(|s| s.is_terminal()) {
+            for input in inputs() {
+                assert!(
+                    matches!(decide(state, input), Decision::Ignore { .. }),
+                    "{state} + {input:?} must be ignored"
+                );
+            }
+        }
+    }
+
+    /// Any sequence of inputs, duplicates and reorderings included, keeps the
+    /// invariants: terminal states are absorbing, at most one terminal event is
+    /// published (and exactly one once terminal), at most one payment timer,
+    /// and an order only completes on an approved payment.
+    #[test]
+    fn every_input_sequence_up_to_length_six_keeps_the_invariants() {
+        let all = inputs();
+        let mut frontier: Vec<Vec<OrderInput>> = vec![vec![]];
+        let mut checked = 0usize;
+        for _ in 0..6 {
+            frontier = frontier
+                .iter()
+                .flat_map(|seq| {
+                    all.iter().map(move |input| {
+                        let mut next = seq.clone();
+                        next.push(*input);
+                        next
+                    })
+                })
+                .collect();
+            for seq in &frontier {
+                let mut state = OrderState::Pending;
+                let mut terminal_events = 0;
+                let mut timers = 0;
+                for input in seq {
+                    if let Decision::Apply { next, effects, .. } = decide(state, *input) {
+                        assert!(!state.is_terminal(), "{state} changed on {input:?}");
+                        if next == OrderState::Completed {
+                            assert_eq!(*input, APPROVED, "{seq:?}");
+                        }
+                        state = next;
+                        for effect in effects {
+                            match effect {
+                                Effect::Publish(OrderEvent::OrderCompleted)
+                                | Effect::Publish(OrderEvent::OrderExpired) => terminal_events += 1,
+                                Effect::Publish(OrderEvent::OrderCreated) => {
+                                    panic!("the saga never re-publishes OrderCreated")
+                                }
+                                Effect::ScheduleTimer(_) => timers += 1,
+                            }
+                        }
+                    }
+                }
+                assert!(terminal_events <= 1, "{seq:?} emitted {terminal_events}");
+                assert_eq!(terminal_events == 1, state.is_terminal(), "{seq:?}");
+                assert!(timers <= 1, "{seq:?} scheduled {timers} timers");
+                checked += 1;
+            }
+        }
+        // 4 + 16 + ... + 4^6 sequences
+        assert_eq!(checked, (1..=6).map(|n| 4usize.pow(n)).sum::<usize>());
+    }
+
+    #[test]
+    fn states_round_trip_through_their_names() {
+        for state in OrderState::ALL {
+            assert_eq!(state.as_str().parse::<OrderState>().ok(), Some(state));
+        }
+        assert!("cancelled".parse::<OrderState>().is_err());
+    }
+}

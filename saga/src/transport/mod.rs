@@ -1,0 +1,81 @@
+//! How messages leave and arrive. RabbitMQ in production; the trait leaves room
+//! for an in-process transport in the embedded single-process mode.
+
+use async_trait::async_trait;
+use futures_util::stream::BoxStream;
+use uuid::Uuid;
+
+use crate::error::TransportError;
+
+pub mod rabbitmq;
+
+/// A message to publish on the events exchange.
+#[derive(Clone, Debug)]
+pub struct OutgoingMessage {
+    pub message_id: Uuid,
+    pub message_type: String,
+    pub correlation_id: String,
+    pub routing_key: String,
+    pub body: Vec<u8>,
+}
+
+/// Settles a delivery with the broker.
+#[async_trait]
+pub trait Acknowledger: Send + Sync {
+    /// The message is done with (handled, skipped as duplicate, or dead-lettered).
+    async fn ack(&self) -> Result<(), TransportError>;
+    /// Give the message back to the queue for another try.
+    async fn requeue(&self) -> Result<(), TransportError>;
+}
+
+/// A consumed message.
+pub struct Delivery {
+    pub body: Vec<u8>,
+    pub routing_key: String,
+    pub message_id: Option<String>,
+    pub message_type: Option<String>,
+    pub redelivered: bool,
+    pub acker: Box<dyn Acknowledger>,
+}
+
+/// A consumer queue and the routing keys bound to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueSpec {
+    pub name: String,
+    pub routing_keys: Vec<String>,
+}
+
+impl QueueSpec {
+    /// Where messages this queue's consumer gave up on go.
+    pub fn error_queue(&self) -> String {
+        format!("{}.error", self.name)
+    }
+}
+
+#[async_trait]
+pub trait Transport: Send + Sync + 'static {
+    /// Publishes every message (all in flight at once) and reports, per
+    /// message and in order, whether the broker confirmed it.
+    async fn publish(
+        &self,
+        messages: &[OutgoingMessage],
+    ) -> Result<Vec<Result<(), TransportError>>, TransportError>;
+
+    /// Starts consuming `queue` with at most `prefetch` unacknowledged messages.
+    async fn subscribe(
+        &self,
+        queue: &QueueSpec,
+        consumer_tag: &str,
+        prefetch: u16,
+    ) -> Result<BoxStream<'static, Result<Delivery, TransportError>>, TransportError>;
+
+    /// Moves a delivery to the queue's error queue with the reason attached.
+    /// The caller acknowledges the original afterwards.
+    async fn dead_letter(
+        &self,
+        queue: &QueueSpec,
+        delivery: &Delivery,
+        reason: &str,
+        attempts: u32,
+    ) -> Result<(), TransportError>;
+}

@@ -19,6 +19,8 @@ pub mod message;
 pub mod notifications;
 pub mod outbox;
 pub mod payment;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod topology;
 pub mod transport;
 

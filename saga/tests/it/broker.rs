@@ -1,0 +1,296 @@
+//! The outbox relay and the consumers against the real RabbitMQ.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use entity::saga_outbox;
+use lapin::BasicProperties;
+use lapin::types::ShortString;
+use saga::clock::SystemClock;
+use saga::consumer::{ConsumeOutcome, Consumer, RetryPolicy};
+use saga::engine::{EngineSettings, OrderSagaEngine};
+use saga::notifications::{NotificationHandler, OrderCreatedHandler};
+use saga::outbox::{OutboxRelay, RelaySettings};
+use saga::payment::FixedPayment;
+use saga::testing::{TestBroker, TestDatabase, eventually};
+use saga::topology::{self, NOTIFICATIONS_CONSUMER, ORDER_SAGA_CONSUMER};
+use saga::transport::Transport;
+use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::*;
+
+fn relay(tdb: &TestDatabase, broker: &Arc<TestBrokerTransport>) -> OutboxRelay {
+    OutboxRelay::new(
+        tdb.db.clone(),
+        broker.clone(),
+        Arc::new(SystemClock),
+        RelaySettings {
+            poll_interval: Duration::from_millis(50),
+            ..RelaySettings::default()
+        },
+        Arc::new(Notify::new()),
+    )
+}
+
+type TestBrokerTransport = saga::transport::rabbitmq::RabbitTransport;
+
+async fn depth(broker: &TestBroker, queue: &str) -> u32 {
+    broker.transport.queue_depth(queue).await.expect("queue depth")
+}
+
+async fn fresh_transport(broker: &TestBroker) -> Arc<TestBrokerTransport> {
+    Arc::new(
+        TestBrokerTransport::connect(&broker.url, &broker.exchange, Duration::from_secs(5), "test")
+            .await
+            .expect("connect"),
+    )
+}
+
+#[tokio::test]
+async fn the_relay_publishes_outbox_rows_with_confirms_and_marks_them_sent() {
+    let tdb = TestDatabase::create().await;
+    let broker = TestBroker::create().await;
+    let transport = fresh_transport(&broker).await;
+    for _ in 0..3 {
+        place_order(&tdb.db, t0()).await;
+    }
+    let outcome = relay(&tdb, &transport).try_relay_once().await.expect("relay");
+    assert_eq!((outcome.claimed, outcome.published, outcome.failed), (3, 3, 0));
+    let unsent = saga_outbox::Entity::find()
+        .filter(saga_outbox::Column::SentAt.is_null())
+        .count(&tdb.db)
+        .await
+        .expect("count");
+    assert_eq!(unsent, 0);
+    // OrderCreated goes to the saga queue and the notifications queue.
+    let saga_q = topology::saga_queue(&broker.prefix).name;
+    let notif_q = topology::notifications_queue(&broker.prefix).name;
+    eventually(Duration::from_secs(5), "3 messages in each queue", || async {
+        (depth(&broker, &saga_q).await == 3 && depth(&broker, &notif_q).await == 3).then_some(())
+    })
+    .await;
+    // Nothing left: a second round publishes nothing.
+    let again = relay(&tdb, &transport).try_relay_once().await.expect("relay");
+    assert_eq!(again.claimed, 0);
+    transport.close().await;
+    broker.delete().await;
+    tdb.drop().await;
+}
+
+#[tokio::test]
+async fn orders_flow_through_rabbitmq_to_completed_with_one_notification_per_event() {
+    let tdb = TestDatabase::create().await;
+    let broker = TestBroker::create().await;
+    let transport = fresh_transport(&broker).await;
+    let signal = Arc::new(Notify::new());
+    let engine = OrderSagaEngine::new(
+        tdb.db.clone(),
+        Arc::new(SystemClock),
+        Arc::new(FixedPayment { approved: true }),
+        EngineSettings {
+            payment_delay: chrono::Duration::milliseconds(50),
+            ..EngineSettings::default()
+        },
+    )
+    .with_outbox_signal(signal.clone());
+    let relay = OutboxRelay::new(
+        tdb.db.clone(),
+        transport.clone(),
+        Arc::new(SystemClock),
+        RelaySettings {
+            poll_interval: Duration::from_millis(50),
+            ..RelaySettings::default()
+        },
+        signal,
+    );
+    let dyn_transport: Arc<dyn Transport> = transport.clone();
+    let saga_consumer = Consumer::new(
+        dyn_transport.clone(),
+        topology::saga_queue(&broker.prefix),
+        ORDER_SAGA_CONSUMER,
+        Arc::new(OrderCreatedHandler::new(engine.clone(), ORDER_SAGA_CONSUMER)),
+        RetryPolicy::default(),
+        16,
+    );
+    let notifications = Consumer::new(
+        dyn_transport,
+        topology::notifications_queue(&broker.prefix),
+        NOTIFICATIONS_CONSUMER,
+        Arc::new(NotificationHandler::new(
+            tdb.db.clone(),
+            Arc::new(SystemClock),
+            NOTIFICATIONS_CONSUMER,
+        )),
+        RetryPolicy::default(),
+        16,
+    );
+    let stop = CancellationToken::new();
+    let timers = {
+        let engine = engine.clone();
+        let stop = stop.clone();
+        async move {
+            while !stop.is_cancelled() {
+                while let Ok(Some(_)) = engine.try_fire_due_timer_once().await {}
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            }
+        }
+    };
+    let mut order_ids = Vec::new();
+    for _ in 0..5 {
+        order_ids.push(place_order(&tdb.db, chrono::Utc::now()).await.0.order_id);
+    }
+    let check = async {
+        for id in &order_ids {
+            eventually(Duration::from_secs(20), "order completed with 2 notifications", || async {
+                let done = order_status(&tdb.db, *id).await == "completed";
+                let notes = notifications_of(&tdb.db, *id).await;
+                (done && notes.len() == 2).then_some(notes)
+            })
+            .await;
+        }
+        stop.cancel();
+    };
+    let (r1, r2, (), (), ()) = tokio::join!(
+        saga_consumer.run_until_stopped(stop.clone()),
+        notifications.run_until_stopped(stop.clone()),
+        relay.run_until_stopped(stop.clone()),
+        timers,
+        check,
+    );
+    r1.expect("saga consumer");
+    r2.expect("notification consumer");
+    for id in &order_ids {
+        let notes = notifications_of(&tdb.db, *id).await;
+        let kinds: Vec<_> = notes.iter().map(|n| n.event_type.as_str()).collect();
+        assert_eq!(kinds, ["OrderCreated", "OrderCompleted"]);
+        assert!(!notes[0].is_email_sent);
+        assert!(notes[1].is_email_sent);
+        assert!(notes[1].message.contains(&format!("Order #{id} completed")));
+        assert_eq!(notes[1].metadata["new_status"], "completed");
+    }
+    transport.close().await;
+    broker.delete().await;
+    tdb.drop().await;
+}
+
+#[tokio::test]
+async fn a_duplicated_delivery_writes_one_notification_and_is_acknowledged() {
+    let tdb = TestDatabase::create().await;
+    let broker = TestBroker::create().await;
+    let transport = fresh_transport(&broker).await;
+    let (order, created) = place_order(&tdb.db, t0()).await;
+    let queue = topology::notifications_queue(&broker.prefix);
+    let body = serde_json::to_vec(&created).expect("body");
+    for _ in 0..2 {
+        broker
+            .transport
+            .publish_to_queue(
+                &queue.name,
+                &body,
+                BasicProperties::default()
+                    .with_message_id(ShortString::from(created.message_id.to_string())),
+            )
+            .await
+            .expect("inject");
+    }
+    let consumer = Consumer::new(
+        transport.clone(),
+        queue.clone(),
+        NOTIFICATIONS_CONSUMER,
+        Arc::new(NotificationHandler::new(
+            tdb.db.clone(),
+            Arc::new(SystemClock),
+            NOTIFICATIONS_CONSUMER,
+        )),
+        RetryPolicy::default(),
+        1,
+    );
+    let mut stream = transport
+        .subscribe(&queue, "probe", 1)
+        .await
+        .expect("subscribe");
+    use futures_util::StreamExt;
+    let mut outcomes = Vec::new();
+    for _ in 0..2 {
+        let delivery = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("a delivery in time")
+            .expect("stream open")
+            .expect("delivery");
+        outcomes.push(consumer.process(delivery).await.expect("settled"));
+    }
+    assert_eq!(
+        outcomes,
+        vec![
+            ConsumeOutcome::Handled { attempts: 1 },
+            ConsumeOutcome::Duplicate
+        ]
+    );
+    assert_eq!(notifications_of(&tdb.db, order.order_id).await.len(), 1);
+    drop(stream);
+    transport.close().await;
+    eventually(Duration::from_secs(5), "queue drained", || async {
+        (depth(&broker, &queue.name).await == 0).then_some(())
+    })
+    .await;
+    broker.delete().await;
+    tdb.drop().await;
+}
+
+#[tokio::test]
+async fn an_undecodable_message_goes_to_the_error_queue_and_the_consumer_carries_on() {
+    let tdb = TestDatabase::create().await;
+    let broker = TestBroker::create().await;
+    let transport = fresh_transport(&broker).await;
+    let (order, created) = place_order(&tdb.db, t0()).await;
+    let queue = topology::notifications_queue(&broker.prefix);
+    broker
+        .transport
+        .publish_to_queue(&queue.name, b"{not json", BasicProperties::default())
+        .await
+        .expect("inject garbage");
+    broker
+        .transport
+        .publish_to_queue(
+            &queue.name,
+            &serde_json::to_vec(&created).expect("body"),
+            BasicProperties::default(),
+        )
+        .await
+        .expect("inject valid");
+    let consumer = Consumer::new(
+        transport.clone(),
+        queue.clone(),
+        NOTIFICATIONS_CONSUMER,
+        Arc::new(NotificationHandler::new(
+            tdb.db.clone(),
+            Arc::new(SystemClock),
+            NOTIFICATIONS_CONSUMER,
+        )),
+        RetryPolicy::default(),
+        4,
+    );
+    let stop = CancellationToken::new();
+    let run = consumer.run_until_stopped(stop.clone());
+    let check = async {
+        eventually(Duration::from_secs(10), "valid message handled after garbage", || async {
+            (notifications_of(&tdb.db, order.order_id).await.len() == 1).then_some(())
+        })
+        .await;
+        eventually(Duration::from_secs(10), "garbage in the error queue", || async {
+            (depth(&broker, &queue.error_queue()).await == 1).then_some(())
+        })
+        .await;
+        stop.cancel();
+    };
+    let (result, ()) = tokio::join!(run, check);
+    result.expect("consumer stopped cleanly");
+    transport.close().await;
+    broker.delete().await;
+    tdb.drop().await;
+}

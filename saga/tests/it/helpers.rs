@@ -1,0 +1,140 @@
+use std::sync::Arc;
+
+use chrono::{DateTime, TimeZone, Utc};
+use entity::{notifications, order_items, orders, products, saga_outbox, saga_transitions, users};
+use rust_decimal::Decimal;
+use saga::clock::ManualClock;
+use saga::engine::{EngineSettings, OrderSagaEngine};
+use saga::message::{Envelope, OrderLine, OrderSnapshot};
+use saga::payment::FixedPayment;
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter,
+    QueryOrder, TransactionTrait,
+};
+
+pub fn t0() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0)
+        .single()
+        .expect("valid time")
+}
+
+pub fn engine(db: &DatabaseConnection, clock: &ManualClock, approved: bool) -> OrderSagaEngine {
+    OrderSagaEngine::new(
+        db.clone(),
+        Arc::new(clock.clone()),
+        Arc::new(FixedPayment { approved }),
+        EngineSettings {
+            payment_delay: chrono::Duration::seconds(5),
+            processing_timeout: chrono::Duration::seconds(600),
+            sweep_batch_size: 50,
+            max_conflict_retries: 10,
+        },
+    )
+}
+
+/// Places an order the way the API does: user, order, items, saga start, in
+/// one transaction. Returns the snapshot and the queued `OrderCreated`.
+pub async fn place_order(db: &DatabaseConnection, now: DateTime<Utc>) -> (OrderSnapshot, Envelope) {
+    let txn = db.begin().await.expect("begin");
+    let user = users::Entity::insert(users::ActiveModel {
+        name: Set("Test User".into()),
+        email: Set(format!("{}@example.com", uuid::Uuid::new_v4().simple())),
+        password_hash: Set("not-a-real-hash".into()),
+        role: Set("user".into()),
+        created_at: Set(now),
+        ..Default::default()
+    })
+    .exec_with_returning(&txn)
+    .await
+    .expect("user");
+    let product = products::Entity::find()
+        .order_by_asc(products::Column::Id)
+        .one(&txn)
+        .await
+        .expect("product query")
+        .expect("seeded product");
+    let total = product.price * Decimal::from(2);
+    let order = orders::Entity::insert(orders::ActiveModel {
+        user_id: Set(user.id),
+        status: Set("pending".into()),
+        total: Set(total),
+        created_at: Set(now),
+        updated_at: Set(now),
+        ..Default::default()
+    })
+    .exec_with_returning(&txn)
+    .await
+    .expect("order");
+    order_items::Entity::insert(order_items::ActiveModel {
+        order_id: Set(order.id),
+        product_id: Set(product.id),
+        quantity: Set(2),
+        unit_price: Set(product.price),
+        ..Default::default()
+    })
+    .exec(&txn)
+    .await
+    .expect("item");
+    let snapshot = OrderSnapshot {
+        order_id: order.id,
+        user_id: user.id,
+        user_email: user.email.clone(),
+        user_name: user.name.clone(),
+        total,
+        items: vec![OrderLine {
+            product_id: product.id,
+            product_name: product.name.clone(),
+            quantity: 2,
+            unit_price: product.price,
+        }],
+    };
+    let message_id = OrderSagaEngine::start_order(&txn, now, &snapshot)
+        .await
+        .expect("start saga");
+    txn.commit().await.expect("commit");
+    let row = saga_outbox::Entity::find()
+        .filter(saga_outbox::Column::MessageId.eq(message_id))
+        .one(db)
+        .await
+        .expect("outbox query")
+        .expect("outbox row");
+    let envelope: Envelope = serde_json::from_value(row.body).expect("envelope");
+    (snapshot, envelope)
+}
+
+pub async fn order_status(db: &DatabaseConnection, order_id: i64) -> String {
+    orders::Entity::find_by_id(order_id)
+        .one(db)
+        .await
+        .expect("order query")
+        .expect("order exists")
+        .status
+}
+
+/// Outbox rows of `message_type` for an order.
+pub async fn outbox_count(db: &DatabaseConnection, order_id: i64, message_type: &str) -> u64 {
+    saga_outbox::Entity::find()
+        .filter(saga_outbox::Column::CorrelationId.eq(order_id.to_string()))
+        .filter(saga_outbox::Column::MessageType.eq(message_type))
+        .count(db)
+        .await
+        .expect("outbox count")
+}
+
+pub async fn notifications_of(db: &DatabaseConnection, order_id: i64) -> Vec<notifications::Model> {
+    notifications::Entity::find()
+        .filter(notifications::Column::OrderId.eq(order_id))
+        .order_by_asc(notifications::Column::Id)
+        .all(db)
+        .await
+        .expect("notifications")
+}
+
+pub async fn journal_of(db: &DatabaseConnection, order_id: i64) -> Vec<saga_transitions::Model> {
+    saga_transitions::Entity::find()
+        .filter(saga_transitions::Column::CorrelationId.eq(order_id.to_string()))
+        .order_by_asc(saga_transitions::Column::Id)
+        .all(db)
+        .await
+        .expect("journal")
+}

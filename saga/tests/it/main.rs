@@ -1,0 +1,6 @@
+//! Integration tests of the saga library against the real PostgreSQL and
+//! RabbitMQ (each test: its own database, exchange and queues).
+
+mod broker;
+mod engine;
+mod helpers;

@@ -17,8 +17,7 @@ pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postg
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 const START_POSTGRES: &str = "start it with: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start (see README, 'Services')";
-const START_RABBITMQ: &str =
-    "start it with: rabbitmq-server -detached && rabbitmqctl await_startup (see README, 'Services')";
+const START_RABBITMQ: &str = "start it with: rabbitmq-server -detached && rabbitmqctl await_startup (see README, 'Services')";
 
 pub fn database_url() -> String {
     std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned())
@@ -52,7 +51,9 @@ impl TestDatabase {
         let server = database_url();
         let admin = connect(&with_database(&server, "postgres"), 2)
             .await
-            .unwrap_or_else(|e| panic!("PostgreSQL at {server} is not reachable ({e}); {START_POSTGRES}"));
+            .unwrap_or_else(|e| {
+                panic!("PostgreSQL at {server} is not reachable ({e}); {START_POSTGRES}")
+            });
         let name = format!("os_test_{}", Uuid::new_v4().simple());
         admin
             .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
@@ -117,7 +118,9 @@ impl TestBroker {
         let transport =
             RabbitTransport::connect(&url, &exchange, Duration::from_secs(5), "order-saga test")
                 .await
-                .unwrap_or_else(|e| panic!("RabbitMQ at {url} is not reachable ({e}); {START_RABBITMQ}"));
+                .unwrap_or_else(|e| {
+                    panic!("RabbitMQ at {url} is not reachable ({e}); {START_RABBITMQ}")
+                });
         let topology = crate::topology::topology(&exchange, &prefix, QueueType::Classic);
         transport
             .declare(&topology)
@@ -171,6 +174,9 @@ mod tests {
             with_database("postgres://u@h:5432/db?sslmode=disable", "x"),
             "postgres://u@h:5432/x"
         );
-        assert_eq!(with_database("postgres://u@h:5432", "x"), "postgres://u@h:5432/x");
+        assert_eq!(
+            with_database("postgres://u@h:5432", "x"),
+            "postgres://u@h:5432/x"
+        );
     }
 }

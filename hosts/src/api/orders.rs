@@ -20,14 +20,21 @@ use super::auth::{BearerAuth, Caller};
 use super::problem::ApiError;
 use super::{ApiTags, AppState};
 
+crate::required_field!(parse_product_id, "product_id", i64);
+crate::required_field!(parse_quantity, "quantity", i32);
+crate::required_field!(parse_items, "items", Vec<OrderItemRequest>);
+
 /// One line of a new order.
 #[derive(Object, Clone)]
 #[oai(deny_unknown_fields)]
 pub struct OrderItemRequest {
     /// A product id from `GET /api/products`.
-    #[oai(validator(minimum(value = "1")))]
+    #[oai(deserialize_with = "parse_product_id", validator(minimum(value = "1")))]
     pub product_id: i64,
-    #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
+    #[oai(
+        deserialize_with = "parse_quantity",
+        validator(minimum(value = "1"), maximum(value = "1000"))
+    )]
     pub quantity: i32,
 }
 
@@ -36,7 +43,10 @@ pub struct OrderItemRequest {
 #[derive(Object)]
 #[oai(deny_unknown_fields, example)]
 pub struct CreateOrderRequest {
-    #[oai(validator(min_items = 1, max_items = 100))]
+    #[oai(
+        deserialize_with = "parse_items",
+        validator(min_items = 1, max_items = 100)
+    )]
     pub items: Vec<OrderItemRequest>,
 }
 

@@ -168,6 +168,10 @@ pub async fn render_error(err: poem::Error) -> Response {
     let detail = if status.is_server_error() {
         tracing::error!(error = %err, "unhandled server error");
         "an internal error occurred; it has been logged".to_owned()
+    } else if status == StatusCode::UNAUTHORIZED {
+        "missing or malformed bearer token: log in with POST /api/auth/login and send \
+         `Authorization: Bearer <token>`"
+            .to_owned()
     } else {
         err.to_string()
     };
@@ -189,4 +193,34 @@ pub fn auth_error(detail: &str) -> poem::Error {
             .with_header("www-authenticate", "Bearer")
             .into_response(),
     )
+}
+
+/// Defines a parser for a required request field whose error names the field
+/// (poem-openapi's own message only names the enclosing object). Use with
+/// `#[oai(deserialize_with = "...")]`.
+#[macro_export]
+macro_rules! required_field {
+    ($parser:ident, $field:literal, $ty:ty) => {
+        fn $parser(
+            value: Option<serde_json::Value>,
+        ) -> Result<$ty, poem_openapi::types::ParseError<$ty>> {
+            match value {
+                None | Some(serde_json::Value::Null) => {
+                    Err(poem_openapi::types::ParseError::custom(concat!(
+                        "field `",
+                        $field,
+                        "` is required"
+                    )))
+                }
+                value => <$ty as poem_openapi::types::ParseFromJSON>::parse_from_json(value)
+                    .map_err(|e| {
+                        poem_openapi::types::ParseError::custom(format!(
+                            "field `{}`: {}",
+                            $field,
+                            e.into_message()
+                        ))
+                    }),
+            }
+        }
+    };
 }

@@ -11,18 +11,31 @@ use super::auth::{self, BearerAuth};
 use super::problem::ApiError;
 use super::{ApiTags, AppState};
 
+crate::required_field!(parse_name, "name", String);
+crate::required_field!(parse_email, "email", String);
+crate::required_field!(parse_password, "password", String);
+
 /// Body of `POST /api/users`.
 #[derive(Object)]
 #[oai(deny_unknown_fields, example)]
 pub struct RegisterRequest {
     /// Display name.
-    #[oai(validator(min_length = 1, max_length = 200))]
+    #[oai(
+        deserialize_with = "parse_name",
+        validator(min_length = 1, max_length = 200)
+    )]
     pub name: String,
     /// E-mail address; used to log in. Case-insensitive.
-    #[oai(validator(min_length = 3, max_length = 320, pattern = r"^[^@\s]+@[^@\s]+$"))]
+    #[oai(
+        deserialize_with = "parse_email",
+        validator(min_length = 3, max_length = 320, pattern = r"^[^@\s]+@[^@\s]+$")
+    )]
     pub email: String,
     /// At least 8 characters.
-    #[oai(validator(min_length = 8, max_length = 128))]
+    #[oai(
+        deserialize_with = "parse_password",
+        validator(min_length = 8, max_length = 128)
+    )]
     pub password: String,
 }
 
@@ -40,9 +53,15 @@ impl poem_openapi::types::Example for RegisterRequest {
 #[derive(Object)]
 #[oai(deny_unknown_fields, example)]
 pub struct LoginRequest {
-    #[oai(validator(min_length = 1, max_length = 320))]
+    #[oai(
+        deserialize_with = "parse_email",
+        validator(min_length = 1, max_length = 320)
+    )]
     pub email: String,
-    #[oai(validator(min_length = 1, max_length = 128))]
+    #[oai(
+        deserialize_with = "parse_password",
+        validator(min_length = 1, max_length = 128)
+    )]
     pub password: String,
 }
 

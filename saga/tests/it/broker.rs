@@ -37,14 +37,23 @@ fn relay(tdb: &TestDatabase, broker: &Arc<TestBrokerTransport>) -> OutboxRelay {
 type TestBrokerTransport = saga::transport::rabbitmq::RabbitTransport;
 
 async fn depth(broker: &TestBroker, queue: &str) -> u32 {
-    broker.transport.queue_depth(queue).await.expect("queue depth")
+    broker
+        .transport
+        .queue_depth(queue)
+        .await
+        .expect("queue depth")
 }
 
 async fn fresh_transport(broker: &TestBroker) -> Arc<TestBrokerTransport> {
     Arc::new(
-        TestBrokerTransport::connect(&broker.url, &broker.exchange, Duration::from_secs(5), "test")
-            .await
-            .expect("connect"),
+        TestBrokerTransport::connect(
+            &broker.url,
+            &broker.exchange,
+            Duration::from_secs(5),
+            "test",
+        )
+        .await
+        .expect("connect"),
     )
 }
 
@@ -56,8 +65,14 @@ async fn the_relay_publishes_outbox_rows_with_confirms_and_marks_them_sent() {
     for _ in 0..3 {
         place_order(&tdb.db, t0()).await;
     }
-    let outcome = relay(&tdb, &transport).try_relay_once().await.expect("relay");
-    assert_eq!((outcome.claimed, outcome.published, outcome.failed), (3, 3, 0));
+    let outcome = relay(&tdb, &transport)
+        .try_relay_once()
+        .await
+        .expect("relay");
+    assert_eq!(
+        (outcome.claimed, outcome.published, outcome.failed),
+        (3, 3, 0)
+    );
     let unsent = saga_outbox::Entity::find()
         .filter(saga_outbox::Column::SentAt.is_null())
         .count(&tdb.db)
@@ -67,12 +82,20 @@ async fn the_relay_publishes_outbox_rows_with_confirms_and_marks_them_sent() {
     // OrderCreated goes to the saga queue and the notifications queue.
     let saga_q = topology::saga_queue(&broker.prefix).name;
     let notif_q = topology::notifications_queue(&broker.prefix).name;
-    eventually(Duration::from_secs(5), "3 messages in each queue", || async {
-        (depth(&broker, &saga_q).await == 3 && depth(&broker, &notif_q).await == 3).then_some(())
-    })
+    eventually(
+        Duration::from_secs(5),
+        "3 messages in each queue",
+        || async {
+            (depth(&broker, &saga_q).await == 3 && depth(&broker, &notif_q).await == 3)
+                .then_some(())
+        },
+    )
     .await;
     // Nothing left: a second round publishes nothing.
-    let again = relay(&tdb, &transport).try_relay_once().await.expect("relay");
+    let again = relay(&tdb, &transport)
+        .try_relay_once()
+        .await
+        .expect("relay");
     assert_eq!(again.claimed, 0);
     transport.close().await;
     broker.delete().await;
@@ -110,7 +133,10 @@ async fn orders_flow_through_rabbitmq_to_completed_with_one_notification_per_eve
         dyn_transport.clone(),
         topology::saga_queue(&broker.prefix),
         ORDER_SAGA_CONSUMER,
-        Arc::new(OrderCreatedHandler::new(engine.clone(), ORDER_SAGA_CONSUMER)),
+        Arc::new(OrderCreatedHandler::new(
+            engine.clone(),
+            ORDER_SAGA_CONSUMER,
+        )),
         RetryPolicy::default(),
         16,
     );
@@ -146,11 +172,15 @@ async fn orders_flow_through_rabbitmq_to_completed_with_one_notification_per_eve
     }
     let check = async {
         for id in &order_ids {
-            eventually(Duration::from_secs(20), "order completed with 2 notifications", || async {
-                let done = order_status(&tdb.db, *id).await == "completed";
-                let notes = notifications_of(&tdb.db, *id).await;
-                (done && notes.len() == 2).then_some(notes)
-            })
+            eventually(
+                Duration::from_secs(20),
+                "order completed with 2 notifications",
+                || async {
+                    let done = order_status(&tdb.db, *id).await == "completed";
+                    let notes = notifications_of(&tdb.db, *id).await;
+                    (done && notes.len() == 2).then_some(notes)
+                },
+            )
             .await;
         }
         stop.cancel();
@@ -278,13 +308,17 @@ async fn an_undecodable_message_goes_to_the_error_queue_and_the_consumer_carries
     let stop = CancellationToken::new();
     let run = consumer.run_until_stopped(stop.clone());
     let check = async {
-        eventually(Duration::from_secs(10), "valid message handled after garbage", || async {
-            (notifications_of(&tdb.db, order.order_id).await.len() == 1).then_some(())
-        })
+        eventually(
+            Duration::from_secs(10),
+            "valid message handled after garbage",
+            || async { (notifications_of(&tdb.db, order.order_id).await.len() == 1).then_some(()) },
+        )
         .await;
-        eventually(Duration::from_secs(10), "garbage in the error queue", || async {
-            (depth(&broker, &queue.error_queue()).await == 1).then_some(())
-        })
+        eventually(
+            Duration::from_secs(10),
+            "garbage in the error queue",
+            || async { (depth(&broker, &queue.error_queue()).await == 1).then_some(()) },
+        )
         .await;
         stop.cancel();
     };

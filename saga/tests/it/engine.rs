@@ -72,7 +72,10 @@ async fn duplicate_order_created_is_processed_once_even_when_both_arrive_togethe
     );
     let outcomes = [a.expect("first"), b.expect("second")];
     assert_eq!(
-        outcomes.iter().filter(|h| **h == Handled::Duplicate).count(),
+        outcomes
+            .iter()
+            .filter(|h| **h == Handled::Duplicate)
+            .count(),
         1,
         "{outcomes:?}"
     );
@@ -125,7 +128,10 @@ async fn the_payment_timer_fires_only_when_due_and_an_approval_completes_the_ord
         }
     );
     assert_eq!(order_status(&tdb.db, order.order_id).await, "completed");
-    assert_eq!(outbox_count(&tdb.db, order.order_id, "OrderCompleted").await, 1);
+    assert_eq!(
+        outbox_count(&tdb.db, order.order_id, "OrderCompleted").await,
+        1
+    );
     assert_eq!(engine.try_fire_due_timer_once().await.expect("poll"), None);
     let last = journal_of(&tdb.db, order.order_id)
         .await
@@ -161,10 +167,16 @@ async fn a_declined_payment_leaves_the_order_processing_until_the_sweep_expires_
     clock.set(t0() + Duration::seconds(600));
     assert_eq!(engine.expire_all_stale().await.expect("sweep").expired, 1);
     assert_eq!(order_status(&tdb.db, order.order_id).await, "expired");
-    assert_eq!(outbox_count(&tdb.db, order.order_id, "OrderExpired").await, 1);
+    assert_eq!(
+        outbox_count(&tdb.db, order.order_id, "OrderExpired").await,
+        1
+    );
     // A second sweep finds nothing.
     assert_eq!(engine.expire_all_stale().await.expect("sweep").expired, 0);
-    assert_eq!(outbox_count(&tdb.db, order.order_id, "OrderExpired").await, 1);
+    assert_eq!(
+        outbox_count(&tdb.db, order.order_id, "OrderExpired").await,
+        1
+    );
     tdb.drop().await;
 }
 
@@ -203,7 +215,12 @@ async fn expiry_racing_a_payment_approval_ends_in_exactly_one_terminal_state() {
         let status = order_status(&tdb.db, order.order_id).await;
         let completed = outbox_count(&tdb.db, order.order_id, "OrderCompleted").await;
         let expired = outbox_count(&tdb.db, order.order_id, "OrderExpired").await;
-        assert_eq!(completed + expired, 1, "order {}: one terminal event", order.order_id);
+        assert_eq!(
+            completed + expired,
+            1,
+            "order {}: one terminal event",
+            order.order_id
+        );
         match status.as_str() {
             "completed" => assert_eq!(completed, 1),
             "expired" => assert_eq!(expired, 1),
@@ -241,7 +258,10 @@ async fn two_schedulers_sweeping_at_once_expire_each_order_once() {
     assert_eq!(total, 120);
     for order in &orders {
         assert_eq!(order_status(&tdb.db, order.order_id).await, "expired");
-        assert_eq!(outbox_count(&tdb.db, order.order_id, "OrderExpired").await, 1);
+        assert_eq!(
+            outbox_count(&tdb.db, order.order_id, "OrderExpired").await,
+            1
+        );
     }
     tdb.drop().await;
 }

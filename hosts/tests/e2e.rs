@@ -1,0 +1,293 @@
+//! End to end: the real `api`, `runner` and `scheduler` binaries as separate
+//! processes, on this machine's PostgreSQL and RabbitMQ (a database, exchange
+//! and queues of the test's own), with fast timings set through `APP__...`
+//! environment overrides, driven over HTTP.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use entity::notifications;
+use saga::testing::{TestBroker, TestDatabase, amqp_url, eventually};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+use serde_json::{Value, json};
+use tokio::process::{Child, Command};
+
+const ORDERS: usize = 20;
+
+struct Stack {
+    children: Vec<(String, Child)>,
+    base: String,
+    logs: PathBuf,
+    http: reqwest::Client,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free local port")
+}
+
+impl Stack {
+    async fn start(tdb: &TestDatabase, broker: &TestBroker, success_rate: &str) -> Stack {
+        let port = free_port();
+        let base = format!("http://127.0.0.1:{port}");
+        let logs = std::env::temp_dir().join(format!("order-saga-e2e-{}", tdb.name));
+        std::fs::create_dir_all(&logs).expect("log dir");
+        let config_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configuration");
+        let env: Vec<(&str, String)> = vec![
+            ("APP_CONFIG_DIR", config_dir.display().to_string()),
+            ("APP__DATABASE__URL", tdb.url.clone()),
+            ("APP__RABBITMQ__URL", amqp_url()),
+            ("APP__RABBITMQ__EXCHANGE", broker.exchange.clone()),
+            ("APP__RABBITMQ__QUEUE_PREFIX", broker.prefix.clone()),
+            ("APP__API__LISTEN", format!("127.0.0.1:{port}")),
+            ("APP__API__PUBLIC_URL", base.clone()),
+            ("APP__PAYMENT__DELAY_MS", "100".into()),
+            ("APP__PAYMENT__SUCCESS_RATE", success_rate.into()),
+            ("APP__EXPIRATION__PROCESSING_TIMEOUT_SECONDS", "2".into()),
+            ("APP__EXPIRATION__SWEEP_INTERVAL_SECONDS", "1".into()),
+            ("APP__OUTBOX__POLL_INTERVAL_MS", "100".into()),
+            ("RUST_LOG", "info,sqlx=warn,lapin=warn".into()),
+            ("NO_COLOR", "1".into()),
+        ];
+        let mut stack = Stack {
+            children: Vec::new(),
+            base,
+            logs,
+            http: reqwest::Client::new(),
+        };
+        stack.spawn("api", env!("CARGO_BIN_EXE_api"), &env);
+        // The api applies migrations and seeds; the others wait for the schema.
+        let health = format!("{}/health", stack.base);
+        let http = stack.http.clone();
+        eventually(Duration::from_secs(60), "the api to answer /health", || {
+            let http = http.clone();
+            let health = health.clone();
+            async move {
+                let r = http.get(&health).send().await.ok()?;
+                r.status().is_success().then_some(())
+            }
+        })
+        .await;
+        stack.spawn("runner", env!("CARGO_BIN_EXE_runner"), &env);
+        stack.spawn("scheduler", env!("CARGO_BIN_EXE_scheduler"), &env);
+        stack
+    }
+
+    fn spawn(&mut self, name: &str, exe: &str, env: &[(&str, String)]) {
+        let log = std::fs::File::create(self.logs.join(format!("{name}.log"))).expect("log file");
+        let err = log.try_clone().expect("log file clone");
+        let mut command = Command::new(exe);
+        command
+            .env_remove("RUST_BACKTRACE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(err))
+            .kill_on_drop(true);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {exe}: {e}"));
+        self.children.push((name.to_owned(), child));
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.logs.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// Panics (with the hosts' logs) if a host has exited.
+    fn assert_running(&mut self) {
+        let mut dead = Vec::new();
+        for (name, child) in &mut self.children {
+            if let Ok(Some(status)) = child.try_wait() {
+                dead.push(format!("{name} exited with {status}"));
+            }
+        }
+        if !dead.is_empty() {
+            panic!(
+                "{}\n--- api ---\n{}\n--- runner ---\n{}\n--- scheduler ---\n{}",
+                dead.join("; "),
+                self.log("api"),
+                self.log("runner"),
+                self.log("scheduler")
+            );
+        }
+    }
+
+    async fn post(&self, path: &str, token: Option<&str>, body: Value) -> (u16, Value) {
+        let mut req = self.http.post(format!("{}{path}", self.base)).json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.expect("request sent");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn get(&self, path: &str, token: &str) -> (u16, Value) {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("request sent");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn stop(mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+        }
+        let _ = std::fs::remove_dir_all(&self.logs);
+    }
+}
+
+/// Registers, logs in and places `ORDERS` orders; returns the token and ids.
+async fn place_orders(stack: &Stack) -> (String, Vec<i64>) {
+    let email = format!("e2e-{}@example.com", uuid::Uuid::new_v4().simple());
+    let (status, user) = stack
+        .post(
+            "/api/users",
+            None,
+            json!({"name": "E2E", "email": email, "password": "e2e-password"}),
+        )
+        .await;
+    assert_eq!(status, 201, "register: {user}");
+    let (status, login) = stack
+        .post(
+            "/api/auth/login",
+            None,
+            json!({"email": email, "password": "e2e-password"}),
+        )
+        .await;
+    assert_eq!(status, 200, "login: {login}");
+    let token = login["token"].as_str().expect("token").to_owned();
+    let mut ids = Vec::new();
+    for i in 0..ORDERS {
+        let (status, order) = stack
+            .post(
+                "/api/orders",
+                Some(&token),
+                json!({"items": [{"product_id": 1 + (i % 3) as i64, "quantity": 1 + (i % 2) as i64}]}),
+            )
+            .await;
+        assert_eq!(status, 201, "create order: {order}");
+        assert_eq!(order["status"], "pending");
+        assert_eq!(order["user_id"], user["id"]);
+        ids.push(order["id"].as_i64().expect("order id"));
+    }
+    (token, ids)
+}
+
+async fn wait_for_status(stack: &mut Stack, token: &str, ids: &[i64], want: &str) {
+    stack.assert_running();
+    for id in ids {
+        let path = format!("/api/orders/{id}");
+        let result = tokio::time::timeout(
+            Duration::from_secs(60),
+            eventually(Duration::from_secs(60), "order status", || async {
+                let (_, order) = stack.get(&path, token).await;
+                (order["status"] == want).then_some(())
+            }),
+        )
+        .await;
+        if result.is_err() {
+            stack.assert_running();
+            panic!("order {id} did not become {want}");
+        }
+    }
+    stack.assert_running();
+}
+
+async fn notification_counts(tdb: &TestDatabase, id: i64, event: &str) -> usize {
+    notifications::Entity::find()
+        .filter(notifications::Column::OrderId.eq(id))
+        .filter(notifications::Column::EventType.eq(event))
+        .all(&tdb.db)
+        .await
+        .expect("notifications")
+        .len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_payments_always_approved_every_order_completes_with_one_completed_notification() {
+    let tdb = TestDatabase::create().await;
+    let broker = TestBroker::create().await;
+    let mut stack = Stack::start(&tdb, &broker, "1").await;
+    let (token, ids) = place_orders(&stack).await;
+    wait_for_status(&mut stack, &token, &ids, "completed").await;
+
+    for id in &ids {
+        eventually(
+            Duration::from_secs(30),
+            "exactly one OrderCompleted row",
+            || async {
+                (notification_counts(&tdb, *id, "OrderCompleted").await == 1).then_some(())
+            },
+        )
+        .await;
+        let (status, notes) = stack
+            .get(&format!("/api/orders/{id}/notifications"), &token)
+            .await;
+        assert_eq!(status, 200);
+        let notes = notes.as_array().expect("array").clone();
+        let completed: Vec<_> = notes
+            .iter()
+            .filter(|n| n["event_type"] == "OrderCompleted")
+            .collect();
+        assert_eq!(completed.len(), 1, "order {id}: {notes:?}");
+        assert_eq!(completed[0]["is_email_sent"], true);
+        assert_eq!(notification_counts(&tdb, *id, "OrderExpired").await, 0);
+    }
+    // Every fake e-mail is in the runner's log, once per order.
+    let emails = eventually(Duration::from_secs(10), "fake e-mails logged", || async {
+        let n = stack.log("runner").matches("FAKE E-MAIL").count();
+        (n >= ORDERS).then_some(n)
+    })
+    .await;
+    assert_eq!(emails, ORDERS);
+    stack.stop().await;
+    broker.delete().await;
+    tdb.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_payments_always_declined_every_order_expires_with_one_expired_notification() {
+    let tdb = TestDatabase::create().await;
+    let broker = TestBroker::create().await;
+    let mut stack = Stack::start(&tdb, &broker, "0").await;
+    let (token, ids) = place_orders(&stack).await;
+    // Declined payments leave the orders processing until the sweep.
+    wait_for_status(&mut stack, &token, &ids, "expired").await;
+    for id in &ids {
+        eventually(
+            Duration::from_secs(30),
+            "exactly one OrderExpired row",
+            || async { (notification_counts(&tdb, *id, "OrderExpired").await == 1).then_some(()) },
+        )
+        .await;
+        let (status, notes) = stack
+            .get(&format!("/api/orders/{id}/notifications"), &token)
+            .await;
+        assert_eq!(status, 200);
+        let notes = notes.as_array().expect("array").clone();
+        let expired: Vec<_> = notes
+            .iter()
+            .filter(|n| n["event_type"] == "OrderExpired")
+            .collect();
+        assert_eq!(expired.len(), 1, "order {id}: {notes:?}");
+        assert_eq!(expired[0]["is_email_sent"], false);
+        assert_eq!(notification_counts(&tdb, *id, "OrderCompleted").await, 0);
+    }
+    assert_eq!(stack.log("runner").matches("FAKE E-MAIL").count(), 0);
+    stack.stop().await;
+    broker.delete().await;
+    tdb.drop().await;
+}

@@ -38,7 +38,7 @@ async fn api(tdb: &TestDatabase) -> Api<impl Endpoint + use<>> {
         outbox_signal: Arc::new(Notify::new()),
     });
     Api {
-        client: TestClient::new(api::app(state, "http://localhost")),
+        client: TestClient::new(api::app(state)),
     }
 }
 

@@ -171,6 +171,21 @@ pub enum Decision {
 }
 
 /// The transition table of the order saga.
+///
+/// ```
+/// use saga::machine::{decide, Decision, Effect, OrderEvent, OrderInput, OrderState};
+///
+/// let approved = OrderInput::PaymentDecided { approved: true, draw: 0.2 };
+/// match decide(OrderState::Processing, approved) {
+///     Decision::Apply { next, effects, .. } => {
+///         assert_eq!(next, OrderState::Completed);
+///         assert_eq!(effects, vec![Effect::Publish(OrderEvent::OrderCompleted)]);
+///     }
+///     other => panic!("unexpected {other:?}"),
+/// }
+/// // A late payment after expiry changes nothing.
+/// assert!(matches!(decide(OrderState::Expired, approved), Decision::Ignore { .. }));
+/// ```
 pub fn decide(state: OrderState, input: OrderInput) -> Decision {
     use Decision::{Apply, Ignore, Reject};
     use OrderInput as I;

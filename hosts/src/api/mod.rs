@@ -49,9 +49,9 @@ pub struct AppState {
     pub outbox_signal: Arc<Notify>,
 }
 
-pub fn openapi(
-    public_url: &str,
-) -> OpenApiService<
+/// The OpenAPI service. No `servers` entry: Swagger UI calls the origin it
+/// was loaded from, whatever host name the user typed.
+pub fn openapi() -> OpenApiService<
     (
         users::UsersApi,
         products::ProductsApi,
@@ -75,12 +75,11 @@ pub fn openapi(
          Register (`POST /api/users`), log in (`POST /api/auth/login`), press **Authorize** \
          and paste the token.",
     )
-    .server(public_url.to_owned())
 }
 
 /// The whole HTTP application (used by the host and by in-process tests).
-pub fn app(state: Arc<AppState>, public_url: &str) -> impl Endpoint + 'static {
-    let api = openapi(public_url);
+pub fn app(state: Arc<AppState>) -> impl Endpoint + 'static {
+    let api = openapi();
     let spec = api.spec_endpoint();
     let ui = api.swagger_ui();
     Route::new()
@@ -166,7 +165,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         settings.api.public_url,
         settings.api.public_url
     );
-    let app = app(state, &settings.api.public_url);
+    let app = app(state);
     let stop = shutdown.clone();
     Server::new(listener)
         .run_with_graceful_shutdown(

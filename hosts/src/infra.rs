@@ -173,3 +173,32 @@ pub fn relay(
         signal,
     )
 }
+
+/// What the runner and the scheduler both start with.
+pub struct Worker {
+    pub db: DatabaseConnection,
+    pub transport: Arc<RabbitTransport>,
+    pub engine: OrderSagaEngine,
+    pub relay: OutboxRelay,
+}
+
+/// Connects to the database (waiting for the api to migrate it) and the
+/// broker, and builds the engine and an outbox relay sharing a wake-up signal.
+pub async fn worker(settings: &Settings, name: &str) -> anyhow::Result<Worker> {
+    let db = connect_database(settings).await?;
+    wait_for_schema(
+        &db,
+        Duration::from_secs(settings.database.connect_retry_seconds),
+    )
+    .await?;
+    let transport = connect_broker(settings, name).await?;
+    let signal = Arc::new(Notify::new());
+    let engine = engine(settings, db.clone(), signal.clone());
+    let relay = relay(settings, db.clone(), transport.clone(), signal);
+    Ok(Worker {
+        db,
+        transport,
+        engine,
+        relay,
+    })
+}

@@ -10,7 +10,6 @@ use saga::engine::OrderSagaEngine;
 use saga::notifications::{NotificationHandler, OrderCreatedHandler};
 use saga::topology::{self, NOTIFICATIONS_CONSUMER, ORDER_SAGA_CONSUMER};
 use saga::transport::Transport;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::infra;
@@ -25,16 +24,12 @@ pub fn retry_policy(settings: &Settings) -> RetryPolicy {
 }
 
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let db = infra::connect_database(&settings).await?;
-    infra::wait_for_schema(
-        &db,
-        Duration::from_secs(settings.database.connect_retry_seconds),
-    )
-    .await?;
-    let transport = infra::connect_broker(&settings, "order-saga runner").await?;
-    let signal = Arc::new(Notify::new());
-    let engine = infra::engine(&settings, db.clone(), signal.clone());
-    let relay = infra::relay(&settings, db.clone(), transport.clone(), signal);
+    let infra::Worker {
+        db,
+        transport,
+        engine,
+        relay,
+    } = infra::worker(&settings, "order-saga runner").await?;
     let dyn_transport: Arc<dyn Transport> = transport.clone();
     let prefix = &settings.rabbitmq.queue_prefix;
 

@@ -2,27 +2,21 @@
 //! that have been `processing` for longer than the timeout, through the same
 //! state machine, and relays the resulting `OrderExpired` events.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use saga::engine::OrderSagaEngine;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::infra;
 use crate::settings::Settings;
 
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let db = infra::connect_database(&settings).await?;
-    infra::wait_for_schema(
-        &db,
-        Duration::from_secs(settings.database.connect_retry_seconds),
-    )
-    .await?;
-    let transport = infra::connect_broker(&settings, "order-saga scheduler").await?;
-    let signal = Arc::new(Notify::new());
-    let engine = infra::engine(&settings, db.clone(), signal.clone());
-    let relay = infra::relay(&settings, db, transport.clone(), signal);
+    let infra::Worker {
+        transport,
+        engine,
+        relay,
+        ..
+    } = infra::worker(&settings, "order-saga scheduler").await?;
     let interval = Duration::from_secs(settings.expiration.sweep_interval_seconds);
     tracing::info!(
         sweep_interval_seconds = settings.expiration.sweep_interval_seconds,

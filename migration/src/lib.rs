@@ -5,6 +5,7 @@
 
 pub use sea_orm_migration::prelude::*;
 
+mod columns;
 mod m20261124_000001_create_domain_tables;
 mod m20261124_000002_create_saga_tables;
 mod m20261124_000003_seed_products;

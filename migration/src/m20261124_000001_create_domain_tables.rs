@@ -1,29 +1,11 @@
 use sea_orm_migration::prelude::*;
 
+use crate::columns::*;
+
 use crate::constraints as c;
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;
-
-fn id(col: impl IntoIden) -> ColumnDef {
-    ColumnDef::new(col)
-        .big_integer()
-        .not_null()
-        .auto_increment()
-        .primary_key()
-        .to_owned()
-}
-
-fn timestamp(col: impl IntoIden) -> ColumnDef {
-    ColumnDef::new(col)
-        .timestamp_with_time_zone()
-        .not_null()
-        .to_owned()
-}
-
-fn money(col: impl IntoIden) -> ColumnDef {
-    ColumnDef::new(col).decimal_len(12, 2).not_null().to_owned()
-}
 
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {

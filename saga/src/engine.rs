@@ -446,7 +446,7 @@ impl OrderSagaEngine {
             OrderInput::PaymentDecided { approved, draw } => Some((draw, approved)),
             _ => None,
         };
-        match decide(state, input) {
+        let (to, outcome, note, handled) = match decide(state, input) {
             Decision::Apply {
                 next,
                 effects,
@@ -507,78 +507,59 @@ impl OrderSagaEngine {
                         }
                     }
                 }
-                let detail = match &trigger.detail {
-                    Some(d) => format!("{note}; {d}"),
-                    None => note.to_owned(),
-                };
-                journal(
-                    txn,
-                    JournalRow {
-                        instance_id: instance.id,
-                        correlation_id: &instance.correlation_id,
-                        from: Some(state),
+                (
+                    next,
+                    "applied",
+                    note,
+                    Handled::Applied {
+                        from: state,
                         to: next,
-                        trigger: input.name(),
-                        outcome: "applied",
-                        message_id: trigger.message_id,
-                        attempt: trigger.attempt,
-                        payment,
-                        detail: Some(detail),
+                        published,
                     },
-                    now,
                 )
-                .await?;
-                tracing::info!(
-                    order_id = %instance.correlation_id,
-                    message_id = ?trigger.message_id,
-                    from = %state,
-                    to = %next,
-                    trigger = input.name(),
-                    "order saga transition: {note}"
-                );
-                Ok(Handled::Applied {
-                    from: state,
-                    to: next,
-                    published,
-                })
             }
             Decision::Ignore { reason } => {
-                let detail = match &trigger.detail {
-                    Some(d) => format!("{reason}; {d}"),
-                    None => reason.to_owned(),
-                };
-                journal(
-                    txn,
-                    JournalRow {
-                        instance_id: instance.id,
-                        correlation_id: &instance.correlation_id,
-                        from: Some(state),
-                        to: state,
-                        trigger: input.name(),
-                        outcome: "ignored",
-                        message_id: trigger.message_id,
-                        attempt: trigger.attempt,
-                        payment,
-                        detail: Some(detail),
-                    },
-                    now,
-                )
-                .await?;
-                tracing::info!(
-                    order_id = %instance.correlation_id,
-                    message_id = ?trigger.message_id,
-                    state = %state,
-                    trigger = input.name(),
-                    "order saga input ignored: {reason}"
-                );
-                Ok(Handled::Ignored { state, reason })
+                (state, "ignored", reason, Handled::Ignored { state, reason })
             }
-            Decision::Reject { reason } => Err(ApplyError::Saga(SagaError::Rejected {
-                state: state.as_str().to_owned(),
-                input: input.name(),
-                reason,
-            })),
-        }
+            Decision::Reject { reason } => {
+                return Err(ApplyError::Saga(SagaError::Rejected {
+                    state: state.as_str().to_owned(),
+                    input: input.name(),
+                    reason,
+                }));
+            }
+        };
+        let detail = match &trigger.detail {
+            Some(d) => format!("{note}; {d}"),
+            None => note.to_owned(),
+        };
+        journal(
+            txn,
+            JournalRow {
+                instance_id: instance.id,
+                correlation_id: &instance.correlation_id,
+                from: Some(state),
+                to,
+                trigger: input.name(),
+                outcome,
+                message_id: trigger.message_id,
+                attempt: trigger.attempt,
+                payment,
+                detail: Some(detail),
+            },
+            now,
+        )
+        .await?;
+        tracing::info!(
+            order_id = %instance.correlation_id,
+            message_id = ?trigger.message_id,
+            from = %state,
+            to = %to,
+            trigger = input.name(),
+            outcome,
+            "order saga: {note}"
+        );
+        Ok(handled)
     }
 }
 

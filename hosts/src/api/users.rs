@@ -11,6 +11,9 @@ use super::auth::{self, BearerAuth};
 use super::problem::ApiError;
 use super::{ApiTags, AppState};
 
+/// A hash to verify against when the e-mail is unknown (timing equaliser).
+static DUMMY_HASH: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+
 crate::required_field!(parse_name, "name", String);
 crate::required_field!(parse_email, "email", String);
 crate::required_field!(parse_password, "password", String);
@@ -193,6 +196,13 @@ impl UsersApi {
             .await?;
         let wrong = || ApiError::unauthorized("e-mail or password is wrong");
         let Some(user) = user else {
+            // Spend the same time as a real check, so response times do not
+            // tell which e-mails have accounts.
+            let dummy = DUMMY_HASH
+                .get_or_try_init(|| auth::hash_password("not a password".to_owned()))
+                .await
+                .map_err(|e| ApiError::internal("password hashing failed", e.as_ref()))?;
+            let _ = auth::verify_password(body.0.password, dummy.clone()).await;
             return Err(wrong());
         };
         let ok = auth::verify_password(body.0.password, user.password_hash.clone())

@@ -216,6 +216,38 @@ async fn notification_counts(tdb: &TestDatabase, id: i64, event: &str) -> usize 
         .len()
 }
 
+/// Each order has exactly one `event` notification (in the database and
+/// through the API), with `is_email_sent` as given, and none of `absent`.
+async fn assert_one_notification_each(
+    stack: &Stack,
+    tdb: &TestDatabase,
+    token: &str,
+    ids: &[i64],
+    event: &str,
+    email_sent: bool,
+    absent: &str,
+) {
+    for id in ids {
+        eventually(Duration::from_secs(30), "the notification row", || async {
+            (notification_counts(tdb, *id, event).await == 1).then_some(())
+        })
+        .await;
+        let (status, notes) = stack
+            .get(&format!("/api/orders/{id}/notifications"), token)
+            .await;
+        assert_eq!(status, 200);
+        let notes = notes.as_array().expect("array").clone();
+        let matching: Vec<_> = notes.iter().filter(|n| n["event_type"] == event).collect();
+        assert_eq!(matching.len(), 1, "order {id}: {notes:?}");
+        assert_eq!(matching[0]["is_email_sent"], email_sent, "order {id}");
+        assert!(
+            notes.iter().all(|n| n["event_type"] != absent),
+            "order {id} has {absent}: {notes:?}"
+        );
+        assert_eq!(notification_counts(tdb, *id, absent).await, 0);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_payments_always_approved_every_order_completes_with_one_completed_notification() {
     let tdb = TestDatabase::create().await;
@@ -224,28 +256,16 @@ async fn with_payments_always_approved_every_order_completes_with_one_completed_
     let (token, ids) = place_orders(&stack).await;
     wait_for_status(&mut stack, &token, &ids, "completed").await;
 
-    for id in &ids {
-        eventually(
-            Duration::from_secs(30),
-            "exactly one OrderCompleted row",
-            || async {
-                (notification_counts(&tdb, *id, "OrderCompleted").await == 1).then_some(())
-            },
-        )
-        .await;
-        let (status, notes) = stack
-            .get(&format!("/api/orders/{id}/notifications"), &token)
-            .await;
-        assert_eq!(status, 200);
-        let notes = notes.as_array().expect("array").clone();
-        let completed: Vec<_> = notes
-            .iter()
-            .filter(|n| n["event_type"] == "OrderCompleted")
-            .collect();
-        assert_eq!(completed.len(), 1, "order {id}: {notes:?}");
-        assert_eq!(completed[0]["is_email_sent"], true);
-        assert_eq!(notification_counts(&tdb, *id, "OrderExpired").await, 0);
-    }
+    assert_one_notification_each(
+        &stack,
+        &tdb,
+        &token,
+        &ids,
+        "OrderCompleted",
+        true,
+        "OrderExpired",
+    )
+    .await;
     // Every fake e-mail is in the runner's log, once per order.
     let emails = eventually(Duration::from_secs(10), "fake e-mails logged", || async {
         let n = stack.log("runner").matches("FAKE E-MAIL").count();
@@ -266,26 +286,16 @@ async fn with_payments_always_declined_every_order_expires_with_one_expired_noti
     let (token, ids) = place_orders(&stack).await;
     // Declined payments leave the orders processing until the sweep.
     wait_for_status(&mut stack, &token, &ids, "expired").await;
-    for id in &ids {
-        eventually(
-            Duration::from_secs(30),
-            "exactly one OrderExpired row",
-            || async { (notification_counts(&tdb, *id, "OrderExpired").await == 1).then_some(()) },
-        )
-        .await;
-        let (status, notes) = stack
-            .get(&format!("/api/orders/{id}/notifications"), &token)
-            .await;
-        assert_eq!(status, 200);
-        let notes = notes.as_array().expect("array").clone();
-        let expired: Vec<_> = notes
-            .iter()
-            .filter(|n| n["event_type"] == "OrderExpired")
-            .collect();
-        assert_eq!(expired.len(), 1, "order {id}: {notes:?}");
-        assert_eq!(expired[0]["is_email_sent"], false);
-        assert_eq!(notification_counts(&tdb, *id, "OrderCompleted").await, 0);
-    }
+    assert_one_notification_each(
+        &stack,
+        &tdb,
+        &token,
+        &ids,
+        "OrderExpired",
+        false,
+        "OrderCompleted",
+    )
+    .await;
     assert_eq!(stack.log("runner").matches("FAKE E-MAIL").count(), 0);
     stack.stop().await;
     broker.delete().await;

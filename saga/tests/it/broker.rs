@@ -14,7 +14,7 @@ use saga::outbox::{OutboxRelay, RelaySettings};
 use saga::payment::FixedPayment;
 use saga::testing::{TestBroker, TestDatabase, eventually};
 use saga::topology::{self, NOTIFICATIONS_CONSUMER, ORDER_SAGA_CONSUMER};
-use saga::transport::Transport;
+use saga::transport::{QueueSpec, Transport};
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -31,6 +31,26 @@ fn relay(tdb: &TestDatabase, broker: &Arc<TestBrokerTransport>) -> OutboxRelay {
             ..RelaySettings::default()
         },
         Arc::new(Notify::new()),
+    )
+}
+
+fn notification_consumer(
+    tdb: &TestDatabase,
+    transport: &Arc<TestBrokerTransport>,
+    queue: &QueueSpec,
+    prefetch: u16,
+) -> Consumer<NotificationHandler> {
+    Consumer::new(
+        transport.clone(),
+        queue.clone(),
+        NOTIFICATIONS_CONSUMER,
+        Arc::new(NotificationHandler::new(
+            tdb.db.clone(),
+            Arc::new(SystemClock),
+            NOTIFICATIONS_CONSUMER,
+        )),
+        RetryPolicy::default(),
+        prefetch,
     )
 }
 
@@ -228,18 +248,7 @@ async fn a_duplicated_delivery_writes_one_notification_and_is_acknowledged() {
             .await
             .expect("inject");
     }
-    let consumer = Consumer::new(
-        transport.clone(),
-        queue.clone(),
-        NOTIFICATIONS_CONSUMER,
-        Arc::new(NotificationHandler::new(
-            tdb.db.clone(),
-            Arc::new(SystemClock),
-            NOTIFICATIONS_CONSUMER,
-        )),
-        RetryPolicy::default(),
-        1,
-    );
+    let consumer = notification_consumer(&tdb, &transport, &queue, 1);
     let mut stream = transport
         .subscribe(&queue, "probe", 1)
         .await
@@ -293,18 +302,7 @@ async fn an_undecodable_message_goes_to_the_error_queue_and_the_consumer_carries
         )
         .await
         .expect("inject valid");
-    let consumer = Consumer::new(
-        transport.clone(),
-        queue.clone(),
-        NOTIFICATIONS_CONSUMER,
-        Arc::new(NotificationHandler::new(
-            tdb.db.clone(),
-            Arc::new(SystemClock),
-            NOTIFICATIONS_CONSUMER,
-        )),
-        RetryPolicy::default(),
-        4,
-    );
+    let consumer = notification_consumer(&tdb, &transport, &queue, 4);
     let stop = CancellationToken::new();
     let run = consumer.run_until_stopped(stop.clone());
     let check = async {

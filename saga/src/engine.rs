@@ -5,7 +5,8 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
-use entity::{orders, saga_instances, saga_timers, saga_transitions};
+use entity::{order_items, orders, saga_instances, saga_timers, saga_transitions};
+use rust_decimal::Decimal;
 use sea_orm::sea_query::{Expr, LockBehavior, LockType, OnConflict, Query};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter,
@@ -19,7 +20,7 @@ use crate::error::SagaError;
 use crate::machine::{
     Decision, Effect, ORDER_SAGA, OrderEvent, OrderInput, OrderState, TimerKind, decide,
 };
-use crate::message::{Envelope, OrderEventPayload, OrderSnapshot};
+use crate::message::{Envelope, OrderEventPayload, OrderLine, OrderSnapshot};
 use crate::payment::PaymentSimulator;
 use crate::{inbox, outbox};
 
@@ -63,6 +64,23 @@ pub enum Handled {
         state: OrderState,
         reason: &'static str,
     },
+}
+
+/// A newly placed order, as committed by [`OrderSagaEngine::place_order`].
+#[derive(Clone, Debug)]
+pub struct PlacedOrder {
+    pub order: orders::Model,
+    pub snapshot: OrderSnapshot,
+    /// Id of the queued `OrderCreated` message.
+    pub message_id: Uuid,
+}
+
+/// Who places an order.
+#[derive(Clone, Debug)]
+pub struct Customer {
+    pub user_id: i64,
+    pub email: String,
+    pub name: String,
 }
 
 /// What one fired timer did.
@@ -150,6 +168,54 @@ impl OrderSagaEngine {
 
     pub fn settings(&self) -> &EngineSettings {
         &self.settings
+    }
+
+    /// Places an order inside the caller's transaction: the `pending` order
+    /// row (total computed from `lines`), its items, and the start of its saga
+    /// (see [`Self::start_order`]). The caller validates the lines and prices.
+    pub async fn place_order<C: ConnectionTrait>(
+        conn: &C,
+        now: DateTime<Utc>,
+        customer: &Customer,
+        lines: Vec<OrderLine>,
+    ) -> Result<PlacedOrder, SagaError> {
+        let total: Decimal = lines
+            .iter()
+            .map(|l| l.unit_price * Decimal::from(l.quantity))
+            .sum();
+        let order = orders::Entity::insert(orders::ActiveModel {
+            user_id: Set(customer.user_id),
+            status: Set(OrderState::Pending.as_str().to_owned()),
+            total: Set(total),
+            created_at: Set(now),
+            updated_at: Set(now),
+            ..Default::default()
+        })
+        .exec_with_returning(conn)
+        .await?;
+        order_items::Entity::insert_many(lines.iter().map(|l| order_items::ActiveModel {
+            order_id: Set(order.id),
+            product_id: Set(l.product_id),
+            quantity: Set(l.quantity),
+            unit_price: Set(l.unit_price),
+            ..Default::default()
+        }))
+        .exec(conn)
+        .await?;
+        let snapshot = OrderSnapshot {
+            order_id: order.id,
+            user_id: customer.user_id,
+            user_email: customer.email.clone(),
+            user_name: customer.name.clone(),
+            total,
+            items: lines,
+        };
+        let message_id = Self::start_order(conn, now, &snapshot).await?;
+        Ok(PlacedOrder {
+            order,
+            snapshot,
+            message_id,
+        })
     }
 
     /// Starts the saga of a new order inside the caller's transaction: the

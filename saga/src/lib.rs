@@ -24,6 +24,6 @@ pub mod testing;
 pub mod topology;
 pub mod transport;
 
-pub use engine::{EngineSettings, Handled, OrderSagaEngine};
+pub use engine::{Customer, EngineSettings, Handled, OrderSagaEngine, PlacedOrder};
 pub use error::{SagaError, TransportError};
 pub use machine::{OrderEvent, OrderInput, OrderState};

@@ -8,13 +8,9 @@ use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi};
 use rust_decimal::Decimal;
-use saga::OrderSagaEngine;
-use saga::machine::OrderState;
-use saga::message::{OrderLine, OrderSnapshot};
-use sea_orm::{
-    ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    TransactionTrait,
-};
+use saga::message::OrderLine;
+use saga::{Customer, OrderSagaEngine};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait};
 
 use super::auth::{BearerAuth, Caller};
 use super::problem::ApiError;
@@ -214,7 +210,6 @@ impl OrdersApi {
             .map(|p| (p.id, p))
             .collect();
         let mut lines = Vec::with_capacity(items.len());
-        let mut total = Decimal::ZERO;
         for (i, item) in items.iter().enumerate() {
             let Some(product) = catalogue.get(&item.product_id) else {
                 return Err(ApiError::unprocessable(
@@ -222,7 +217,6 @@ impl OrdersApi {
                     &format!("items[{i}].product_id"),
                 ));
             };
-            total += product.price * Decimal::from(item.quantity);
             lines.push(OrderLine {
                 product_id: product.id,
                 product_name: product.name.clone(),
@@ -230,40 +224,19 @@ impl OrdersApi {
                 unit_price: product.price,
             });
         }
-        let order = orders::Entity::insert(orders::ActiveModel {
-            user_id: Set(user.id),
-            status: Set(OrderState::Pending.as_str().to_owned()),
-            total: Set(total),
-            created_at: Set(now),
-            updated_at: Set(now),
-            ..Default::default()
-        })
-        .exec_with_returning(&txn)
-        .await?;
-        order_items::Entity::insert_many(lines.iter().map(|l| order_items::ActiveModel {
-            order_id: Set(order.id),
-            product_id: Set(l.product_id),
-            quantity: Set(l.quantity),
-            unit_price: Set(l.unit_price),
-            ..Default::default()
-        }))
-        .exec(&txn)
-        .await?;
-        let snapshot = OrderSnapshot {
-            order_id: order.id,
+        let customer = Customer {
             user_id: user.id,
-            user_email: user.email.clone(),
-            user_name: user.name.clone(),
-            total,
-            items: lines,
+            email: user.email,
+            name: user.name,
         };
-        let message_id = OrderSagaEngine::start_order(&txn, now, &snapshot).await?;
+        let placed = OrderSagaEngine::place_order(&txn, now, &customer, lines).await?;
+        let (order, message_id, total) = (placed.order, placed.message_id, placed.snapshot.total);
         txn.commit().await?;
         state.outbox_signal.notify_one();
         tracing::info!(
             order_id = order.id,
             message_id = %message_id,
-            user_id = user.id,
+            user_id = customer.user_id,
             total = %total,
             "order placed"
         );

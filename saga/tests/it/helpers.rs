@@ -1,10 +1,9 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, TimeZone, Utc};
-use entity::{notifications, order_items, orders, products, saga_outbox, saga_transitions, users};
-use rust_decimal::Decimal;
+use entity::{notifications, orders, products, saga_outbox, saga_transitions, users};
 use saga::clock::ManualClock;
-use saga::engine::{EngineSettings, OrderSagaEngine};
+use saga::engine::{Customer, EngineSettings, OrderSagaEngine};
 use saga::message::{Envelope, OrderLine, OrderSnapshot};
 use saga::payment::FixedPayment;
 use sea_orm::{
@@ -53,44 +52,24 @@ pub async fn place_order(db: &DatabaseConnection, now: DateTime<Utc>) -> (OrderS
         .await
         .expect("product query")
         .expect("seeded product");
-    let total = product.price * Decimal::from(2);
-    let order = orders::Entity::insert(orders::ActiveModel {
-        user_id: Set(user.id),
-        status: Set("pending".into()),
-        total: Set(total),
-        created_at: Set(now),
-        updated_at: Set(now),
-        ..Default::default()
-    })
-    .exec_with_returning(&txn)
-    .await
-    .expect("order");
-    order_items::Entity::insert(order_items::ActiveModel {
-        order_id: Set(order.id),
-        product_id: Set(product.id),
-        quantity: Set(2),
-        unit_price: Set(product.price),
-        ..Default::default()
-    })
-    .exec(&txn)
-    .await
-    .expect("item");
-    let snapshot = OrderSnapshot {
-        order_id: order.id,
-        user_id: user.id,
-        user_email: user.email.clone(),
-        user_name: user.name.clone(),
-        total,
-        items: vec![OrderLine {
+    let placed = OrderSagaEngine::place_order(
+        &txn,
+        now,
+        &Customer {
+            user_id: user.id,
+            email: user.email.clone(),
+            name: user.name.clone(),
+        },
+        vec![OrderLine {
             product_id: product.id,
             product_name: product.name.clone(),
             quantity: 2,
             unit_price: product.price,
         }],
-    };
-    let message_id = OrderSagaEngine::start_order(&txn, now, &snapshot)
-        .await
-        .expect("start saga");
+    )
+    .await
+    .expect("place order");
+    let (snapshot, message_id) = (placed.snapshot, placed.message_id);
     txn.commit().await.expect("commit");
     let row = saga_outbox::Entity::find()
         .filter(saga_outbox::Column::MessageId.eq(message_id))

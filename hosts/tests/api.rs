@@ -367,6 +367,8 @@ async fn another_users_order_and_its_notifications_answer_404() {
     assert_eq!(bobs.as_array().expect("list").len(), 0);
     let (_, _, alices) = api.call("GET", "/api/orders", Some(&alice), None).await;
     assert_eq!(alices.as_array().expect("list").len(), 1);
+    assert_eq!(alices[0]["id"], id);
+    assert_eq!(alices[0]["items"].as_array().expect("items").len(), 1);
     // The seeded admin sees every order.
     let s = settings();
     let (status, _, login) = api

@@ -130,28 +130,40 @@ pub enum NotificationListResponse {
 
 pub struct OrdersApi;
 
-async fn view(state: &AppState, order: orders::Model) -> Result<OrderView, ApiError> {
-    let items = order_items::Entity::find()
-        .filter(order_items::Column::OrderId.eq(order.id))
+/// Views of `orders` with their items, read in one query.
+async fn views(state: &AppState, orders: Vec<orders::Model>) -> Result<Vec<OrderView>, ApiError> {
+    let mut items: HashMap<i64, Vec<OrderItemView>> = HashMap::new();
+    for i in order_items::Entity::find()
+        .filter(order_items::Column::OrderId.is_in(orders.iter().map(|o| o.id)))
         .order_by_asc(order_items::Column::Id)
         .all(&state.db)
-        .await?;
-    Ok(OrderView {
-        id: order.id,
-        user_id: order.user_id,
-        status: order.status,
-        total: order.total,
-        items: items
-            .into_iter()
-            .map(|i| OrderItemView {
-                product_id: i.product_id,
-                quantity: i.quantity,
-                unit_price: i.unit_price,
-            })
-            .collect(),
-        created_at: order.created_at,
-        updated_at: order.updated_at,
-    })
+        .await?
+    {
+        items.entry(i.order_id).or_default().push(OrderItemView {
+            product_id: i.product_id,
+            quantity: i.quantity,
+            unit_price: i.unit_price,
+        });
+    }
+    Ok(orders
+        .into_iter()
+        .map(|order| OrderView {
+            id: order.id,
+            user_id: order.user_id,
+            status: order.status,
+            total: order.total,
+            items: items.remove(&order.id).unwrap_or_default(),
+            created_at: order.created_at,
+            updated_at: order.updated_at,
+        })
+        .collect())
+}
+
+async fn view(state: &AppState, order: orders::Model) -> Result<OrderView, ApiError> {
+    views(state, vec![order])
+        .await?
+        .pop()
+        .ok_or_else(|| ApiError::not_found("order not found"))
 }
 
 /// The order if the caller may see it; another user's order is a 404.
@@ -264,11 +276,7 @@ impl OrdersApi {
             .limit(limit.0.unwrap_or(50))
             .all(&state.db)
             .await?;
-        let mut views = Vec::with_capacity(found.len());
-        for order in found {
-            views.push(view(&state, order).await?);
-        }
-        Ok(OrderListResponse::Ok(Json(views)))
+        Ok(OrderListResponse::Ok(Json(views(&state, found).await?)))
     }
 
     /// Get an order

@@ -5,9 +5,9 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
-use entity::{order_items, orders, saga_instances, saga_timers, saga_transitions};
+use entity::{order_items, orders, products, saga_instances, saga_timers, saga_transitions};
 use rust_decimal::Decimal;
-use sea_orm::sea_query::{Expr, LockBehavior, LockType, OnConflict, Query};
+use sea_orm::sea_query::{Expr, ExprTrait, LockBehavior, LockType, OnConflict, Query};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter,
     QueryOrder, QuerySelect, TransactionTrait,
@@ -170,15 +170,20 @@ impl OrderSagaEngine {
         &self.settings
     }
 
-    /// Places an order inside the caller's transaction: the `pending` order
-    /// row (total computed from `lines`), its items, and the start of its saga
-    /// (see [`Self::start_order`]). The caller validates the lines and prices.
+    /// Places an order inside the caller's transaction: reserves the stock of
+    /// every line, writes the `pending` order row (total computed from
+    /// `lines`) and its items, and starts its saga (see [`Self::start_order`]).
+    /// The caller validates the lines and prices.
+    ///
+    /// Not enough stock for a line gives [`SagaError::OutOfStock`]; the caller
+    /// must then roll its transaction back (nothing it wrote is kept).
     pub async fn place_order<C: ConnectionTrait>(
         conn: &C,
         now: DateTime<Utc>,
         customer: &Customer,
         lines: Vec<OrderLine>,
     ) -> Result<PlacedOrder, SagaError> {
+        reserve_stock(conn, &lines).await?;
         let total: Decimal = lines
             .iter()
             .map(|l| l.unit_price * Decimal::from(l.quantity))
@@ -571,6 +576,7 @@ impl OrderSagaEngine {
                             };
                             schedule_timer(txn, &instance, kind, now + delay, now).await?;
                         }
+                        Effect::ReleaseStock => release_stock(txn, order.order_id).await?,
                     }
                 }
                 (
@@ -667,6 +673,58 @@ fn order_event(
         payload: serde_json::to_value(payload)
             .map_err(|e| SagaError::Corrupt(format!("event payload: {e}")))?,
     })
+}
+
+/// Takes every line's quantity off its product's stock, in product id order
+/// (so concurrent orders lock rows in the same order and cannot deadlock).
+/// Each update is conditional on enough stock being left.
+async fn reserve_stock<C: ConnectionTrait>(conn: &C, lines: &[OrderLine]) -> Result<(), SagaError> {
+    let mut sorted: Vec<&OrderLine> = lines.iter().collect();
+    sorted.sort_by_key(|l| l.product_id);
+    for line in sorted {
+        let reserved = products::Entity::update_many()
+            .col_expr(
+                products::Column::Stock,
+                Expr::col(products::Column::Stock).sub(line.quantity),
+            )
+            .filter(products::Column::Id.eq(line.product_id))
+            .filter(products::Column::Stock.gte(line.quantity))
+            .exec(conn)
+            .await?;
+        if reserved.rows_affected != 1 {
+            let available = products::Entity::find_by_id(line.product_id)
+                .one(conn)
+                .await?
+                .map_or(0, |p| p.stock);
+            return Err(SagaError::OutOfStock {
+                product_id: line.product_id,
+                requested: line.quantity,
+                available,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Gives an order's reserved quantities back to their products. Runs as an
+/// effect of the transition that ends the order, so it happens exactly once.
+async fn release_stock<C: ConnectionTrait>(conn: &C, order_id: i64) -> Result<(), SagaError> {
+    let mut items = order_items::Entity::find()
+        .filter(order_items::Column::OrderId.eq(order_id))
+        .all(conn)
+        .await?;
+    items.sort_by_key(|i| i.product_id);
+    for item in items {
+        products::Entity::update_many()
+            .col_expr(
+                products::Column::Stock,
+                Expr::col(products::Column::Stock).add(item.quantity),
+            )
+            .filter(products::Column::Id.eq(item.product_id))
+            .exec(conn)
+            .await?;
+    }
+    Ok(())
 }
 
 async fn schedule_timer<C: ConnectionTrait>(

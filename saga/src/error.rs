@@ -24,6 +24,13 @@ pub enum SagaError {
     Corrupt(String),
     #[error("malformed message: {0}")]
     Malformed(String),
+    /// Placing an order would take a product's stock below zero.
+    #[error("product {product_id} has {available} in stock, {requested} requested")]
+    OutOfStock {
+        product_id: i64,
+        requested: i32,
+        available: i32,
+    },
 }
 
 impl SagaError {

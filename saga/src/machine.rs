@@ -151,8 +151,13 @@ impl TimerKind {
 /// Something the engine must do, in the same transaction as the state change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Effect {
+    /// Queue the event in the outbox (the relay publishes it after commit).
     Publish(OrderEvent),
+    /// Insert a durable timer row; its delay comes from configuration.
     ScheduleTimer(TimerKind),
+    /// Give the stock reserved by the order's items back to the products
+    /// (the compensation of the reservation made when the order was placed).
+    ReleaseStock,
 }
 
 /// The machine's answer to one input.
@@ -226,7 +231,10 @@ pub fn decide(state: OrderState, input: OrderInput) -> Decision {
         },
         (S::Processing, I::ExpirationDue) => Apply {
             next: S::Expired,
-            effects: vec![Effect::Publish(OrderEvent::OrderExpired)],
+            effects: vec![
+                Effect::ReleaseStock,
+                Effect::Publish(OrderEvent::OrderExpired),
+            ],
             note: "processing timed out",
         },
 
@@ -246,6 +254,118 @@ pub fn decide(state: OrderState, input: OrderInput) -> Decision {
         (S::Expired, I::ExpirationDue) => Ignore {
             reason: "order already expired",
         },
+    }
+}
+
+/// How the machine answers one (state, input) pair, for diagrams and docs.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TransitionRow {
+    pub from: OrderState,
+    /// The input, with the payment outcome spelled out where it matters.
+    pub input: &'static str,
+    /// `apply`, `ignore` or `reject`.
+    pub policy: &'static str,
+    /// The next state (`None` unless the policy is `apply`).
+    pub to: Option<OrderState>,
+    pub effects: Vec<String>,
+    /// The note or the reason given by the table.
+    pub why: &'static str,
+}
+
+/// One representative of every input the table distinguishes.
+pub const SAMPLE_INPUTS: [(&str, OrderInput); 4] = [
+    ("OrderCreated", OrderInput::OrderCreated),
+    (
+        "PaymentDecided(approved)",
+        OrderInput::PaymentDecided {
+            approved: true,
+            draw: 0.0,
+        },
+    ),
+    (
+        "PaymentDecided(declined)",
+        OrderInput::PaymentDecided {
+            approved: false,
+            draw: 1.0,
+        },
+    ),
+    ("ExpirationDue", OrderInput::ExpirationDue),
+];
+
+/// The whole transition table, produced by asking [`decide`] about every
+/// state and every sample input, so it cannot drift from what the engine runs.
+pub fn describe() -> Vec<TransitionRow> {
+    let mut rows = Vec::new();
+    for from in OrderState::ALL {
+        for (label, input) in SAMPLE_INPUTS {
+            rows.push(match decide(from, input) {
+                Decision::Apply {
+                    next,
+                    effects,
+                    note,
+                } => TransitionRow {
+                    from,
+                    input: label,
+                    policy: "apply",
+                    to: Some(next),
+                    effects: effects.iter().map(Effect::describe).collect(),
+                    why: note,
+                },
+                Decision::Ignore { reason } => TransitionRow {
+                    from,
+                    input: label,
+                    policy: "ignore",
+                    to: None,
+                    effects: Vec::new(),
+                    why: reason,
+                },
+                Decision::Reject { reason } => TransitionRow {
+                    from,
+                    input: label,
+                    policy: "reject",
+                    to: None,
+                    effects: Vec::new(),
+                    why: reason,
+                },
+            });
+        }
+    }
+    rows
+}
+
+/// The state diagram as Mermaid `stateDiagram-v2` text: every applied
+/// transition with its effects. Ignored and rejected pairs are listed in
+/// [`describe`].
+///
+/// ```
+/// let diagram = saga::machine::mermaid();
+/// assert!(diagram.contains("processing --> completed: PaymentDecided(approved)"));
+/// ```
+pub fn mermaid() -> String {
+    let mut out = String::from("stateDiagram-v2\n    [*] --> pending: OrderPlaced\n");
+    for row in describe() {
+        if let Some(to) = row.to {
+            out.push_str(&format!("    {} --> {}: {}", row.from, to, row.input));
+            if !row.effects.is_empty() {
+                out.push_str(&format!(" / {}", row.effects.join(", ")));
+            }
+            out.push('\n');
+        }
+    }
+    for state in OrderState::ALL.into_iter().filter(|s| s.is_terminal()) {
+        out.push_str(&format!("    {state} --> [*]\n"));
+    }
+    out
+}
+
+impl Effect {
+    /// A short human-readable name, used in diagrams.
+    pub fn describe(&self) -> String {
+        match self {
+            Effect::Publish(event) => format!("publish {}", event.message_type()),
+            Effect::ScheduleTimer(kind) => format!("schedule {}", kind.as_str()),
+            Effect::ReleaseStock => "release stock".to_owned(),
+        }
     }
 }
 
@@ -304,7 +424,10 @@ mod tests {
                 Processing,
                 OrderInput::ExpirationDue,
                 Some(Expired),
-                vec![Effect::Publish(OrderEvent::OrderExpired)],
+                vec![
+                    Effect::ReleaseStock,
+                    Effect::Publish(OrderEvent::OrderExpired),
+                ],
             ),
             (Completed, OrderInput::OrderCreated, None, vec![]),
             (Completed, APPROVED, None, vec![]),
@@ -379,6 +502,7 @@ mod tests {
                 let mut state = OrderState::Pending;
                 let mut terminal_events = 0;
                 let mut timers = 0;
+                let mut releases = 0;
                 for input in seq {
                     if let Decision::Apply { next, effects, .. } = decide(state, *input) {
                         assert!(!state.is_terminal(), "{state} changed on {input:?}");
@@ -394,6 +518,7 @@ mod tests {
                                     panic!("the saga never re-publishes OrderCreated")
                                 }
                                 Effect::ScheduleTimer(_) => timers += 1,
+                                Effect::ReleaseStock => releases += 1,
                             }
                         }
                     }
@@ -401,6 +526,11 @@ mod tests {
                 assert!(terminal_events <= 1, "{seq:?} emitted {terminal_events}");
                 assert_eq!(terminal_events == 1, state.is_terminal(), "{seq:?}");
                 assert!(timers <= 1, "{seq:?} scheduled {timers} timers");
+                assert_eq!(
+                    releases,
+                    usize::from(state == OrderState::Expired),
+                    "{seq:?} released stock {releases} times"
+                );
                 checked += 1;
             }
         }

@@ -241,7 +241,28 @@ impl OrdersApi {
             email: user.email,
             name: user.name,
         };
-        let placed = OrderSagaEngine::place_order(&txn, now, &customer, lines).await?;
+        let placed = match OrderSagaEngine::place_order(&txn, now, &customer, lines).await {
+            Ok(placed) => placed,
+            Err(saga::SagaError::OutOfStock {
+                product_id,
+                requested,
+                available,
+            }) => {
+                txn.rollback().await?;
+                let index = items
+                    .iter()
+                    .position(|item| item.product_id == product_id)
+                    .unwrap_or_default();
+                return Err(ApiError::conflict(
+                    format!(
+                        "not enough stock for product {product_id}: {requested} requested, \
+                         {available} available"
+                    ),
+                    Some(&format!("items[{index}].quantity")),
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        };
         let (order, message_id, total) = (placed.order, placed.message_id, placed.snapshot.total);
         txn.commit().await?;
         state.outbox_signal.notify_one();

@@ -2,20 +2,24 @@
 //! consumer with its own `.error` queue, persistent messages, publisher
 //! confirms with `mandatory`, manual acks and bounded prefetch.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::future::join_all;
 use futures_util::stream::{BoxStream, StreamExt};
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
+use tokio::sync::{Mutex, mpsc};
+use tokio_util::sync::CancellationToken;
 
 use super::{Acknowledger, Delivery, OutgoingMessage, QueueSpec, Transport};
 use crate::error::TransportError;
@@ -44,97 +48,137 @@ pub struct Topology {
     pub queues: Vec<QueueSpec>,
 }
 
+/// How long to wait between reconnection attempts: doubling from `initial`
+/// up to `max`.
+#[derive(Clone, Copy, Debug)]
+pub struct ReconnectPolicy {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+impl Default for ReconnectPolicy {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(5),
+        }
+    }
+}
+
+impl ReconnectPolicy {
+    fn next(&self, current: Duration) -> Duration {
+        (current * 2).min(self.max)
+    }
+}
+
+/// A RabbitMQ transport that survives the broker going away.
+///
+/// One connection is shared by the publisher channel and every subscription.
+/// When it breaks (broker restart, `close_all_connections`, a network cut),
+/// the next publish reconnects, re-declares the topology and goes on; every
+/// subscription resubscribes on its own with backoff, so a consumer stream
+/// never ends while the transport is open. Messages that were delivered on
+/// the old connection and not acknowledged go back to their queue (the inbox
+/// makes their second handling a no-op). Cheap to clone.
+#[derive(Clone)]
 pub struct RabbitTransport {
-    connection: Connection,
-    publisher: Channel,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    url: String,
+    connection_name: String,
     exchange: String,
     confirm_timeout: Duration,
+    reconnect: ReconnectPolicy,
+    topology: std::sync::Mutex<Option<Topology>>,
+    live: Mutex<Option<Live>>,
+    reconnects: AtomicU64,
+    closed: CancellationToken,
+}
+
+#[derive(Clone)]
+struct Live {
+    connection: Arc<Connection>,
+    publisher: Channel,
+    generation: u64,
+}
+
+impl Live {
+    fn healthy(&self) -> bool {
+        self.connection.status().connected() && self.publisher.status().connected()
+    }
 }
 
 impl RabbitTransport {
-    /// Connects and opens a publishing channel with confirms enabled.
+    /// Connects and opens a publishing channel with confirms enabled. Fails if
+    /// the broker cannot be reached now (callers retry at start); after that
+    /// the transport reconnects by itself.
     pub async fn connect(
         url: &str,
         exchange: &str,
         confirm_timeout: Duration,
         connection_name: &str,
     ) -> Result<Self, TransportError> {
-        let properties = ConnectionProperties::default()
-            .with_connection_name(LongString::from(connection_name.to_owned()));
-        let connection = Connection::connect(url, properties).await?;
-        let publisher = connection.create_channel().await?;
-        publisher
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        Ok(Self {
-            connection,
-            publisher,
+        let inner = Arc::new(Inner {
+            url: url.to_owned(),
+            connection_name: connection_name.to_owned(),
             exchange: exchange.to_owned(),
             confirm_timeout,
-        })
+            reconnect: ReconnectPolicy::default(),
+            topology: std::sync::Mutex::new(None),
+            live: Mutex::new(None),
+            reconnects: AtomicU64::new(0),
+            closed: CancellationToken::new(),
+        });
+        let live = inner.open(0).await?;
+        *inner.live.lock().await = Some(live);
+        Ok(Self { inner })
     }
 
+    /// Sets the backoff between reconnection attempts.
+    pub fn with_reconnect_policy(self, policy: ReconnectPolicy) -> Self {
+        // Only called right after `connect`, before the transport is shared.
+        match Arc::try_unwrap(self.inner) {
+            Ok(mut inner) => {
+                inner.reconnect = policy;
+                Self {
+                    inner: Arc::new(inner),
+                }
+            }
+            Err(inner) => Self { inner },
+        }
+    }
+
+    /// Whether the current connection is open.
     pub fn is_connected(&self) -> bool {
-        self.connection.status().connected()
+        match self.inner.live.try_lock() {
+            Ok(live) => live.as_ref().is_some_and(Live::healthy),
+            // Someone holds the lock: a publish or a reconnect is under way.
+            Err(_) => false,
+        }
     }
 
-    /// Declares the exchange, every queue, its error queue and its bindings.
+    /// How many times the transport has reconnected since it was created.
+    pub fn reconnects(&self) -> u64 {
+        self.inner.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// Declares the exchange, every queue, its error queue and its bindings,
+    /// and remembers the topology so it is declared again after a reconnect.
     /// Idempotent: safe on every start.
     pub async fn declare(&self, topology: &Topology) -> Result<(), TransportError> {
-        let channel = self.connection.create_channel().await?;
-        // Durable: the exchange outlives broker restarts.
-        channel
-            .exchange_declare(
-                ShortString::from(topology.exchange.clone()),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..ExchangeDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        for queue in &topology.queues {
-            for name in [queue.name.clone(), queue.error_queue()] {
-                let mut arguments = FieldTable::default();
-                arguments.insert(
-                    ShortString::from("x-queue-type"),
-                    AMQPValue::LongString(LongString::from(topology.queue_type.as_str())),
-                );
-                // Durable, shared by competing consumers, never auto-deleted:
-                // messages survive restarts and consumers coming and going.
-                channel
-                    .queue_declare(
-                        ShortString::from(name),
-                        QueueDeclareOptions {
-                            durable: true,
-                            exclusive: false,
-                            auto_delete: false,
-                            ..QueueDeclareOptions::default()
-                        },
-                        arguments,
-                    )
-                    .await?;
-            }
-            for key in &queue.routing_keys {
-                channel
-                    .queue_bind(
-                        ShortString::from(queue.name.clone()),
-                        ShortString::from(topology.exchange.clone()),
-                        ShortString::from(key.clone()),
-                        QueueBindOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await?;
-            }
+        if let Ok(mut remembered) = self.inner.topology.lock() {
+            *remembered = Some(topology.clone());
         }
-        let _ = channel.close(200, ShortString::from("declared")).await;
-        Ok(())
+        let live = self.inner.live().await?;
+        declare_on(&live.connection, topology).await
     }
 
     /// Deletes the topology (tests clean up after themselves with this).
     pub async fn delete(&self, topology: &Topology) -> Result<(), TransportError> {
-        let channel = self.connection.create_channel().await?;
+        let live = self.inner.live().await?;
+        let channel = live.connection.create_channel().await?;
         for queue in &topology.queues {
             for name in [queue.name.clone(), queue.error_queue()] {
                 channel
@@ -153,14 +197,16 @@ impl RabbitTransport {
     }
 
     /// Publishes raw bytes to a queue through the default exchange (tests use
-    /// this to inject malformed or duplicated messages).
+    /// this to inject malformed or duplicated messages; re-driving uses it to
+    /// put dead letters back).
     pub async fn publish_to_queue(
         &self,
         queue: &str,
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), TransportError> {
-        let confirm = self
+        let live = self.inner.live().await?;
+        let published = live
             .publisher
             .basic_publish(
                 ShortString::from(""),
@@ -172,18 +218,29 @@ impl RabbitTransport {
                 body,
                 properties.with_delivery_mode(2),
             )
-            .await?;
-        match tokio::time::timeout(self.confirm_timeout, confirm).await {
+            .await;
+        let confirm = match published {
+            Ok(confirm) => confirm,
+            Err(e) => {
+                self.inner.broken(live.generation).await;
+                return Err(e.into());
+            }
+        };
+        match tokio::time::timeout(self.inner.confirm_timeout, confirm).await {
             Ok(Ok(Confirmation::Ack(None))) => Ok(()),
             Ok(Ok(_)) => Err(TransportError::Broker(format!("{queue}: not routed"))),
-            Ok(Err(e)) => Err(e.into()),
+            Ok(Err(e)) => {
+                self.inner.broken(live.generation).await;
+                Err(e.into())
+            }
             Err(_) => Err(TransportError::ConfirmTimeout),
         }
     }
 
     /// Number of messages ready in a queue (declares it passively).
     pub async fn queue_depth(&self, queue: &str) -> Result<u32, TransportError> {
-        let channel = self.connection.create_channel().await?;
+        let live = self.inner.live().await?;
+        let channel = live.connection.create_channel().await?;
         let q = channel
             .queue_declare(
                 ShortString::from(queue.to_owned()),
@@ -198,8 +255,296 @@ impl RabbitTransport {
         Ok(q.message_count())
     }
 
+    /// Moves up to `limit` messages from `queue`'s error queue back to
+    /// `queue` (through the default exchange, so only that queue gets them),
+    /// keeping their message id and type and dropping the error headers.
+    /// Each message is acknowledged on the error queue only after the broker
+    /// confirmed its copy, so a crash in between duplicates rather than
+    /// loses it (and the inbox absorbs the duplicate). Returns how many moved.
+    pub async fn redrive(&self, queue: &QueueSpec, limit: u32) -> Result<u32, TransportError> {
+        let live = self.inner.live().await?;
+        let channel = live.connection.create_channel().await?;
+        let mut moved = 0;
+        while moved < limit {
+            let Some(message) = channel
+                .basic_get(
+                    ShortString::from(queue.error_queue()),
+                    BasicGetOptions { no_ack: false },
+                )
+                .await?
+            else {
+                break;
+            };
+            let delivery = message.delivery;
+            let mut properties =
+                BasicProperties::default().with_content_type(ShortString::from("application/json"));
+            if let Some(id) = delivery.properties.message_id() {
+                properties = properties.with_message_id(id.clone());
+            }
+            if let Some(kind) = delivery.properties.kind() {
+                properties = properties.with_type(kind.clone());
+            }
+            if let Some(correlation) = delivery.properties.correlation_id() {
+                properties = properties.with_correlation_id(correlation.clone());
+            }
+            self.publish_to_queue(&queue.name, &delivery.data, properties)
+                .await?;
+            delivery.acker.ack(BasicAckOptions::default()).await?;
+            moved += 1;
+        }
+        let _ = channel.close(200, ShortString::from("redriven")).await;
+        Ok(moved)
+    }
+
+    /// Closes the connection; subscriptions end.
     pub async fn close(&self) {
-        let _ = self.connection.close(200, ShortString::from("bye")).await;
+        self.inner.closed.cancel();
+        if let Some(live) = self.inner.live.lock().await.take() {
+            let _ = live.connection.close(200, ShortString::from("bye")).await;
+        }
+    }
+}
+
+impl Inner {
+    /// Opens a connection and a confirming publisher channel, and declares the
+    /// remembered topology.
+    async fn open(&self, generation: u64) -> Result<Live, TransportError> {
+        let properties = ConnectionProperties::default()
+            .with_connection_name(LongString::from(self.connection_name.clone()));
+        let connection = Connection::connect(&self.url, properties).await?;
+        let publisher = open_publisher(&connection).await?;
+        let topology = self.topology.lock().ok().and_then(|t| t.clone());
+        if let Some(topology) = topology {
+            declare_on(&connection, &topology).await?;
+        }
+        Ok(Live {
+            connection: Arc::new(connection),
+            publisher,
+            generation,
+        })
+    }
+
+    /// The current connection, reconnecting (once) if it is broken.
+    async fn live(&self) -> Result<Live, TransportError> {
+        if self.closed.is_cancelled() {
+            return Err(TransportError::Broker("transport closed".to_owned()));
+        }
+        let mut guard = self.live.lock().await;
+        if let Some(live) = guard.as_mut() {
+            if live.healthy() {
+                return Ok(live.clone());
+            }
+            if live.connection.status().connected() {
+                // Only the publisher channel was closed (e.g. by a channel
+                // error): a new channel on the same connection will do.
+                if let Ok(publisher) = open_publisher(&live.connection).await {
+                    live.publisher = publisher;
+                    return Ok(live.clone());
+                }
+            }
+        }
+        let generation = guard.as_ref().map_or(0, |l| l.generation) + 1;
+        if let Some(old) = guard.take() {
+            let _ = old
+                .connection
+                .close(200, ShortString::from("reconnecting"))
+                .await;
+        }
+        let live = self.open(generation).await?;
+        self.reconnects.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            connection = %self.connection_name,
+            reconnects = self.reconnects.load(Ordering::Relaxed),
+            "reconnected to RabbitMQ and declared the topology again"
+        );
+        *guard = Some(live.clone());
+        Ok(live)
+    }
+
+    /// Forgets the connection of `generation` (a publish on it failed), so
+    /// the next caller reconnects.
+    async fn broken(&self, generation: u64) {
+        let mut guard = self.live.lock().await;
+        if let Some(old) = guard.as_mut()
+            && old.generation == generation
+        {
+            let _ = old.publisher.close(200, ShortString::from("broken")).await;
+        }
+    }
+
+    /// Opens a channel with `prefetch` and starts consuming `queue`.
+    async fn consume(
+        &self,
+        queue: &QueueSpec,
+        consumer_tag: &str,
+        prefetch: u16,
+    ) -> Result<(Channel, lapin::Consumer), TransportError> {
+        let live = self.live().await?;
+        let channel = live.connection.create_channel().await?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        let consumer = channel
+            .basic_consume(
+                ShortString::from(queue.name.clone()),
+                ShortString::from(consumer_tag.to_owned()),
+                // Manual acks: a message is only gone once handled.
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok((channel, consumer))
+    }
+}
+
+/// A channel with publisher confirms enabled.
+async fn open_publisher(connection: &Connection) -> Result<Channel, TransportError> {
+    let publisher = connection.create_channel().await?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(publisher)
+}
+
+/// Declares `topology` on a fresh channel of `connection`.
+async fn declare_on(connection: &Connection, topology: &Topology) -> Result<(), TransportError> {
+    let channel = connection.create_channel().await?;
+    // Durable: the exchange outlives broker restarts.
+    channel
+        .exchange_declare(
+            ShortString::from(topology.exchange.clone()),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    for queue in &topology.queues {
+        for name in [queue.name.clone(), queue.error_queue()] {
+            let mut arguments = FieldTable::default();
+            arguments.insert(
+                ShortString::from("x-queue-type"),
+                AMQPValue::LongString(LongString::from(topology.queue_type.as_str())),
+            );
+            // Durable, shared by competing consumers, never auto-deleted:
+            // messages survive restarts and consumers coming and going.
+            channel
+                .queue_declare(
+                    ShortString::from(name),
+                    QueueDeclareOptions {
+                        durable: true,
+                        exclusive: false,
+                        auto_delete: false,
+                        ..QueueDeclareOptions::default()
+                    },
+                    arguments,
+                )
+                .await?;
+        }
+        for key in &queue.routing_keys {
+            channel
+                .queue_bind(
+                    ShortString::from(queue.name.clone()),
+                    ShortString::from(topology.exchange.clone()),
+                    ShortString::from(key.clone()),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+    }
+    let _ = channel.close(200, ShortString::from("declared")).await;
+    Ok(())
+}
+
+fn to_delivery(d: lapin::message::Delivery) -> Delivery {
+    Delivery {
+        message_id: d.properties.message_id().as_ref().map(|s| s.to_string()),
+        message_type: d.properties.kind().as_ref().map(|s| s.to_string()),
+        routing_key: d.routing_key.to_string(),
+        redelivered: d.redelivered,
+        body: d.data,
+        acker: Box::new(RabbitAcker(d.acker)),
+    }
+}
+
+/// Keeps one subscription alive: consumes, and after the channel or the
+/// connection is lost, resubscribes with backoff. Ends when the receiving
+/// side is dropped or the transport is closed; closing its channel hands
+/// every unacknowledged message back to the queue.
+async fn keep_consuming(
+    inner: Arc<Inner>,
+    queue: QueueSpec,
+    consumer_tag: String,
+    prefetch: u16,
+    sender: mpsc::Sender<Result<Delivery, TransportError>>,
+    mut subscribed: Option<(Channel, lapin::Consumer)>,
+) {
+    let mut delay = inner.reconnect.initial;
+    let mut first = true;
+    loop {
+        if inner.closed.is_cancelled() || sender.is_closed() {
+            return;
+        }
+        let attempt = match subscribed.take() {
+            Some(ready) => Ok(ready),
+            None => inner.consume(&queue, &consumer_tag, prefetch).await,
+        };
+        match attempt {
+            Ok((channel, mut consumer)) => {
+                if !first {
+                    tracing::warn!(
+                        consumer = %consumer_tag,
+                        queue = %queue.name,
+                        "resubscribed after losing the broker"
+                    );
+                }
+                first = false;
+                delay = inner.reconnect.initial;
+                let lost = loop {
+                    tokio::select! {
+                        _ = inner.closed.cancelled() => break None,
+                        _ = sender.closed() => break None,
+                        item = consumer.next() => match item {
+                            Some(Ok(d)) => {
+                                if sender.send(Ok(to_delivery(d))).await.is_err() {
+                                    break None;
+                                }
+                            }
+                            Some(Err(e)) => break Some(e.to_string()),
+                            None => break Some("the broker cancelled the consumer".to_owned()),
+                        }
+                    }
+                };
+                // Hands back whatever was prefetched but not acknowledged.
+                let _ = channel.close(200, ShortString::from("unsubscribed")).await;
+                match lost {
+                    None => return,
+                    Some(reason) => tracing::warn!(
+                        consumer = %consumer_tag,
+                        queue = %queue.name,
+                        reason,
+                        "subscription lost; resubscribing"
+                    ),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(
+                    consumer = %consumer_tag,
+                    queue = %queue.name,
+                    error = %e,
+                    "cannot subscribe; retrying in {delay:?}"
+                );
+                tokio::select! {
+                    _ = inner.closed.cancelled() => return,
+                    _ = sender.closed() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = inner.reconnect.next(delay);
+            }
+        }
     }
 }
 
@@ -218,12 +563,13 @@ impl Transport for RabbitTransport {
         &self,
         messages: &[OutgoingMessage],
     ) -> Result<Vec<Result<(), TransportError>>, TransportError> {
+        let live = self.inner.live().await?;
         let mut confirms = Vec::with_capacity(messages.len());
         for message in messages {
-            let confirm = self
+            let published = live
                 .publisher
                 .basic_publish(
-                    ShortString::from(self.exchange.clone()),
+                    ShortString::from(self.inner.exchange.clone()),
                     ShortString::from(message.routing_key.clone()),
                     // mandatory: an unroutable message comes back instead of
                     // being confirmed and silently dropped.
@@ -234,10 +580,16 @@ impl Transport for RabbitTransport {
                     &message.body,
                     properties_for(message),
                 )
-                .await?;
-            confirms.push(confirm);
+                .await;
+            match published {
+                Ok(confirm) => confirms.push(confirm),
+                Err(e) => {
+                    self.inner.broken(live.generation).await;
+                    return Err(e.into());
+                }
+            }
         }
-        let waited = tokio::time::timeout(self.confirm_timeout, join_all(confirms)).await;
+        let waited = tokio::time::timeout(self.inner.confirm_timeout, join_all(confirms)).await;
         let Ok(results) = waited else {
             return Err(TransportError::ConfirmTimeout);
         };
@@ -262,32 +614,24 @@ impl Transport for RabbitTransport {
         consumer_tag: &str,
         prefetch: u16,
     ) -> Result<BoxStream<'static, Result<Delivery, TransportError>>, TransportError> {
-        let channel = self.connection.create_channel().await?;
-        channel
-            .basic_qos(prefetch, BasicQosOptions::default())
-            .await?;
-        let consumer = channel
-            .basic_consume(
-                ShortString::from(queue.name.clone()),
-                ShortString::from(consumer_tag.to_owned()),
-                // Manual acks: a message is only gone once handled.
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        Ok(consumer
-            .map(|item| {
-                item.map(|d| Delivery {
-                    message_id: d.properties.message_id().as_ref().map(|s| s.to_string()),
-                    message_type: d.properties.kind().as_ref().map(|s| s.to_string()),
-                    routing_key: d.routing_key.to_string(),
-                    redelivered: d.redelivered,
-                    body: d.data,
-                    acker: Box::new(RabbitAcker(d.acker)),
-                })
-                .map_err(TransportError::from)
+        // The first subscription happens here, so a wrong queue name fails
+        // the caller at once; later ones happen in the background.
+        let subscribed = self.inner.consume(queue, consumer_tag, prefetch).await?;
+        let (sender, receiver) = mpsc::channel(usize::from(prefetch.max(1)));
+        tokio::spawn(keep_consuming(
+            self.inner.clone(),
+            queue.clone(),
+            consumer_tag.to_owned(),
+            prefetch,
+            sender,
+            Some(subscribed),
+        ));
+        Ok(
+            futures_util::stream::unfold(receiver, |mut receiver| async move {
+                receiver.recv().await.map(|item| (item, receiver))
             })
-            .boxed())
+            .boxed(),
+        )
     }
 
     async fn dead_letter(

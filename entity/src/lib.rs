@@ -9,6 +9,7 @@ pub mod orders;
 pub mod products;
 pub mod saga_inbox;
 pub mod saga_instances;
+pub mod saga_message_failures;
 pub mod saga_outbox;
 pub mod saga_timers;
 pub mod saga_transitions;

@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use migration::{Migrator, MigratorTrait};
 use saga::clock::SystemClock;
+use saga::consumer::RetryPolicy;
 use saga::engine::{EngineSettings, OrderSagaEngine};
 use saga::outbox::{OutboxRelay, RelaySettings};
 use saga::payment::RandomPayment;
-use saga::transport::rabbitmq::{QueueType, RabbitTransport, Topology};
+use saga::transport::rabbitmq::{QueueType, RabbitTransport, ReconnectPolicy, Topology};
 use sea_orm::{ConnectOptions, Database, DatabaseConnection};
 use tokio::sync::Notify;
 
@@ -105,7 +106,12 @@ pub async fn connect_broker(
         )
         .await
         {
-            Ok(t) => break t,
+            Ok(t) => {
+                break t.with_reconnect_policy(ReconnectPolicy {
+                    initial: Duration::from_millis(settings.rabbitmq.reconnect_initial_backoff_ms),
+                    max: Duration::from_millis(settings.rabbitmq.reconnect_max_backoff_ms),
+                });
+            }
             Err(e) if Instant::now() < deadline => {
                 tracing::warn!(error = %e, "RabbitMQ not reachable yet; retrying in {delay:?}");
                 tokio::time::sleep(delay).await;
@@ -136,6 +142,40 @@ pub fn engine_settings(settings: &Settings) -> EngineSettings {
         ),
         sweep_batch_size: settings.expiration.batch_size,
         max_conflict_retries: 10,
+        retry: retry_policy(settings),
+    }
+}
+
+/// The retry budget and backoff of failing inputs (`retry.*`).
+pub fn retry_policy(settings: &Settings) -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: settings.retry.max_attempts,
+        initial_backoff: Duration::from_millis(settings.retry.initial_backoff_ms),
+        max_backoff: Duration::from_millis(settings.retry.max_backoff_ms),
+    }
+}
+
+/// Waits for `work` to finish, or gives up `grace` after `shutdown` fired
+/// (whatever is still unacknowledged then goes back to its queue when the
+/// connection closes). Returns `None` when it gave up.
+pub async fn finish_within<T>(
+    work: impl std::future::Future<Output = T>,
+    shutdown: &tokio_util::sync::CancellationToken,
+    grace: Duration,
+) -> Option<T> {
+    tokio::pin!(work);
+    tokio::select! {
+        out = &mut work => return Some(out),
+        _ = shutdown.cancelled() => {}
+    }
+    match tokio::time::timeout(grace, work).await {
+        Ok(out) => Some(out),
+        Err(_) => {
+            tracing::warn!(
+                "in-flight work did not finish within {grace:?} of shutdown; exiting anyway"
+            );
+            None
+        }
     }
 }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use saga::consumer::{Consumer, RetryPolicy};
+use saga::consumer::Consumer;
 use saga::engine::OrderSagaEngine;
 use saga::notifications::{NotificationHandler, OrderCreatedHandler};
 use saga::topology::{self, NOTIFICATIONS_CONSUMER, ORDER_SAGA_CONSUMER};
@@ -15,11 +15,133 @@ use tokio_util::sync::CancellationToken;
 use crate::infra;
 use crate::settings::Settings;
 
-pub fn retry_policy(settings: &Settings) -> RetryPolicy {
-    RetryPolicy {
-        max_attempts: settings.retry.max_attempts,
-        initial_backoff: Duration::from_millis(settings.retry.initial_backoff_ms),
-        max_backoff: Duration::from_millis(settings.retry.max_backoff_ms),
+pub use crate::infra::retry_policy;
+
+/// What the runner binary was asked to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Run consumers, timers and the relay until stopped (no arguments).
+    Run,
+    /// `runner parked [LIMIT]`: list parked order sagas.
+    Parked { limit: u64 },
+    /// `runner resume ORDER_ID`: resume a parked order saga with a fresh budget.
+    Resume { order_id: String },
+    /// `runner redrive saga|notifications [LIMIT]`: move messages from a
+    /// queue's error queue back to the queue.
+    Redrive { queue: String, limit: u32 },
+}
+
+pub const USAGE: &str = "usage: runner                       run the saga runner
+       runner parked [LIMIT]        list parked order sagas (default 100)
+       runner resume ORDER_ID       resume a parked order saga with a fresh retry budget
+       runner redrive saga|notifications [LIMIT]
+                                    move up to LIMIT (default 1000) messages from the
+                                    queue's .error queue back to the queue";
+
+impl Command {
+    /// Parses the arguments after the program name.
+    pub fn parse(args: &[String]) -> anyhow::Result<Self> {
+        let number = |arg: Option<&String>, default: u64, what: &str| -> anyhow::Result<u64> {
+            match arg {
+                None => Ok(default),
+                Some(a) => a.parse::<u64>().ok().filter(|n| *n > 0).with_context(|| {
+                    format!("{what} must be a positive number, got `{a}`\n{USAGE}")
+                }),
+            }
+        };
+        match args.first().map(String::as_str) {
+            None | Some("run") => Ok(Command::Run),
+            Some("parked") => Ok(Command::Parked {
+                limit: number(args.get(1), 100, "LIMIT")?,
+            }),
+            Some("resume") => match args.get(1) {
+                Some(id) if id.parse::<i64>().is_ok() => Ok(Command::Resume {
+                    order_id: id.clone(),
+                }),
+                Some(id) => {
+                    anyhow::bail!("ORDER_ID must be an order id (a number), got `{id}`\n{USAGE}")
+                }
+                None => anyhow::bail!("resume needs an ORDER_ID\n{USAGE}"),
+            },
+            Some("redrive") => match args.get(1).map(String::as_str) {
+                Some(q @ ("saga" | "notifications")) => Ok(Command::Redrive {
+                    queue: q.to_owned(),
+                    limit: u32::try_from(number(args.get(2), 1000, "LIMIT")?).unwrap_or(u32::MAX),
+                }),
+                Some(other) => {
+                    anyhow::bail!("redrive takes `saga` or `notifications`, got `{other}`\n{USAGE}")
+                }
+                None => anyhow::bail!("redrive needs a queue: saga or notifications\n{USAGE}"),
+            },
+            Some("-h" | "--help" | "help") => anyhow::bail!("{USAGE}"),
+            Some(other) => anyhow::bail!("unknown command `{other}`\n{USAGE}"),
+        }
+    }
+}
+
+/// Runs `command` (the runner loop, or one operator command).
+pub async fn main(
+    command: Command,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    match command {
+        Command::Run => run(settings, shutdown).await,
+        Command::Parked { limit } => {
+            let db = infra::connect_database(&settings).await?;
+            let engine = infra::engine(&settings, db, Default::default());
+            let parked = engine.parked(limit).await?;
+            tracing::info!(count = parked.len(), "parked order sagas");
+            for p in &parked {
+                tracing::info!(
+                    order_id = %p.correlation_id,
+                    state = %p.state,
+                    attempts = p.attempts,
+                    parked_at = %p.parked_at.to_rfc3339(),
+                    last_error = p.last_error.as_deref().unwrap_or(""),
+                    "parked"
+                );
+            }
+            // The list is the command's output: one JSON document on stdout.
+            let out = serde_json::to_string_pretty(&parked)?;
+            use std::io::Write;
+            writeln!(std::io::stdout(), "{out}")?;
+            Ok(())
+        }
+        Command::Resume { order_id } => {
+            let db = infra::connect_database(&settings).await?;
+            let signal = Arc::new(tokio::sync::Notify::new());
+            let engine = infra::engine(&settings, db, signal);
+            let resumed = engine
+                .resume(&order_id)
+                .await
+                .with_context(|| format!("Failed to resume order {order_id}"))?;
+            tracing::info!(
+                order_id = %order_id,
+                state = %resumed.state,
+                rerun = ?resumed.rerun,
+                "resumed; a running runner publishes what it queued"
+            );
+            Ok(())
+        }
+        Command::Redrive { queue, limit } => {
+            let transport = infra::connect_broker(&settings, "order-saga redrive").await?;
+            let prefix = &settings.rabbitmq.queue_prefix;
+            let spec = if queue == "saga" {
+                topology::saga_queue(prefix)
+            } else {
+                topology::notifications_queue(prefix)
+            };
+            let moved = transport.redrive(&spec, limit).await?;
+            tracing::info!(
+                moved,
+                from = %spec.error_queue(),
+                to = %spec.name,
+                "re-drove dead letters"
+            );
+            transport.close().await;
+            Ok(())
+        }
     }
 }
 
@@ -48,11 +170,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         dyn_transport,
         topology::notifications_queue(prefix),
         NOTIFICATIONS_CONSUMER,
-        Arc::new(NotificationHandler::new(
-            db.clone(),
-            engine.clock().clone(),
-            NOTIFICATIONS_CONSUMER,
-        )),
+        Arc::new(
+            NotificationHandler::new(db.clone(), engine.clock().clone(), NOTIFICATIONS_CONSUMER)
+                .with_retry_budget(settings.retry.max_attempts),
+        ),
         retry_policy(&settings),
         settings.rabbitmq.prefetch,
     );
@@ -62,28 +183,34 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         "runner started"
     );
 
-    // If any part stops on its own (the broker connection died), stop the rest
-    // and exit non-zero so the supervisor restarts us; nothing is lost: the
-    // outbox, the timers and unacked messages are all durable.
+    // The transport resubscribes by itself after the broker comes back, so a
+    // consumer only stops on shutdown or when the transport was closed; then
+    // the rest stops too, and the runner exits non-zero in the second case.
     let stop = shutdown.child_token();
     let poll = Duration::from_millis(settings.timers.poll_interval_ms);
-    let (saga_result, notification_result, (), ()) = tokio::join!(
-        async {
-            let r = saga_consumer.run_until_stopped(stop.clone()).await;
-            stop.cancel();
-            r
-        },
-        async {
-            let r = notification_consumer.run_until_stopped(stop.clone()).await;
-            stop.cancel();
-            r
-        },
-        run_timers(&engine, poll, stop.clone()),
-        relay.run_until_stopped(stop.clone()),
-    );
+    let work = async {
+        tokio::join!(
+            async {
+                let r = saga_consumer.run_until_stopped(stop.clone()).await;
+                stop.cancel();
+                r
+            },
+            async {
+                let r = notification_consumer.run_until_stopped(stop.clone()).await;
+                stop.cancel();
+                r
+            },
+            run_timers(&engine, poll, stop.clone()),
+            relay.run_until_stopped(stop.clone()),
+        )
+    };
+    let grace = Duration::from_secs(settings.shutdown.grace_seconds);
+    let finished = infra::finish_within(work, &stop, grace).await;
     transport.close().await;
-    saga_result.context("order-saga consumer stopped")?;
-    notification_result.context("notifications consumer stopped")?;
+    if let Some((saga_result, notification_result, (), ())) = finished {
+        saga_result.context("order-saga consumer stopped")?;
+        notification_result.context("notifications consumer stopped")?;
+    }
     tracing::info!("runner stopped");
     Ok(())
 }

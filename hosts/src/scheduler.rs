@@ -23,10 +23,14 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         processing_timeout_seconds = settings.expiration.processing_timeout_seconds,
         "scheduler started"
     );
-    tokio::join!(
-        run_sweeps(&engine, interval, shutdown.clone()),
-        relay.run_until_stopped(shutdown.clone()),
-    );
+    let work = async {
+        tokio::join!(
+            run_sweeps(&engine, interval, shutdown.clone()),
+            relay.run_until_stopped(shutdown.clone()),
+        )
+    };
+    let grace = Duration::from_secs(settings.shutdown.grace_seconds);
+    infra::finish_within(work, &shutdown, grace).await;
     transport.close().await;
     tracing::info!("scheduler stopped");
     Ok(())

@@ -44,6 +44,7 @@ pub struct Settings {
     pub timers: TimerSettings,
     pub seed: SeedSettings,
     pub logging: LoggingSettings,
+    pub shutdown: ShutdownSettings,
     #[serde(default, rename = "_comment")]
     pub comment: Option<String>,
 }
@@ -108,6 +109,18 @@ pub struct RabbitSettings {
     pub prefetch: u16,
     pub confirm_timeout_ms: u64,
     pub connect_retry_seconds: u64,
+    /// First wait before reconnecting after the connection is lost; doubles
+    /// up to `reconnect_max_backoff_ms`.
+    pub reconnect_initial_backoff_ms: u64,
+    pub reconnect_max_backoff_ms: u64,
+}
+
+/// How long a host waits for in-flight work after SIGTERM/Ctrl-C before it
+/// exits anyway (unacknowledged messages then go back to their queue).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownSettings {
+    pub grace_seconds: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -324,6 +337,15 @@ fn validate(s: &Settings) -> Result<(), SettingsError> {
         ("timers.poll_interval_ms", s.timers.poll_interval_ms),
         ("rabbitmq.prefetch", u64::from(s.rabbitmq.prefetch)),
         ("rabbitmq.confirm_timeout_ms", s.rabbitmq.confirm_timeout_ms),
+        (
+            "rabbitmq.reconnect_initial_backoff_ms",
+            s.rabbitmq.reconnect_initial_backoff_ms,
+        ),
+        (
+            "rabbitmq.reconnect_max_backoff_ms",
+            s.rabbitmq.reconnect_max_backoff_ms,
+        ),
+        ("shutdown.grace_seconds", s.shutdown.grace_seconds),
         (
             "database.max_connections",
             u64::from(s.database.max_connections),

@@ -9,6 +9,7 @@ mod columns;
 mod m20261124_000001_create_domain_tables;
 mod m20261124_000002_create_saga_tables;
 mod m20261124_000003_seed_products;
+mod m20261124_000004_create_message_failures;
 
 pub struct Migrator;
 
@@ -19,6 +20,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000001_create_domain_tables::Migration),
             Box::new(m20261124_000002_create_saga_tables::Migration),
             Box::new(m20261124_000003_seed_products::Migration),
+            Box::new(m20261124_000004_create_message_failures::Migration),
         ]
     }
 }

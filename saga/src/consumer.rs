@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::engine::Attempts;
 use crate::error::{SagaError, TransportError};
 use crate::message::Envelope;
 use crate::transport::{Delivery, QueueSpec, Transport};
@@ -23,17 +24,37 @@ pub enum HandlerOutcome {
     Duplicate,
 }
 
+/// What a consumer runs for each decoded message.
 #[async_trait]
 pub trait MessageHandler: Send + Sync + 'static {
+    /// Handles `envelope` exactly once (the inbox row is written in the same
+    /// transaction as the effects). Each call must load whatever state it
+    /// needs afresh: a retry never reuses a failed attempt's state.
     async fn handle(&self, envelope: &Envelope) -> Result<HandlerOutcome, SagaError>;
+
+    /// Persists one failed attempt of `envelope` (with the saga instance, or
+    /// per message) and says whether the retry budget is now spent. When it
+    /// is, the handler has parked whatever it must; the consumer then moves
+    /// the message to the error queue.
+    async fn record_failure(
+        &self,
+        envelope: &Envelope,
+        error: &SagaError,
+    ) -> Result<Attempts, SagaError>;
 }
 
 /// What became of one delivery.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConsumeOutcome {
+    /// Handled and acknowledged, after `attempts` tries in this delivery.
     Handled { attempts: u32 },
+    /// Already handled before: acknowledged and skipped.
     Duplicate,
+    /// Moved to the error queue (undecodable, not retryable, or budget spent).
     DeadLettered { reason: String, attempts: u32 },
+    /// Shutdown came while the message waited for a retry: it went back to
+    /// the queue unacknowledged, for this or another runner.
+    HandedBack,
 }
 
 /// Retry schedule: `initial_backoff * 2^(attempt-1)`, capped, with jitter
@@ -96,6 +117,22 @@ impl<H: MessageHandler> Consumer<H> {
 
     /// Handles one delivery to the end and settles it with the broker.
     pub async fn process(&self, delivery: Delivery) -> Result<ConsumeOutcome, TransportError> {
+        self.process_until(delivery, &CancellationToken::new())
+            .await
+    }
+
+    /// Like [`Self::process`], but a retry backoff is cut short by `shutdown`:
+    /// the delivery is then handed back to the queue.
+    ///
+    /// Failed attempts are counted by the handler in the database (so every
+    /// runner and restart share one budget). When the budget cannot even be
+    /// written (the database is unreachable), nothing is spent: the handler
+    /// is retried with backoff until the database returns.
+    pub async fn process_until(
+        &self,
+        delivery: Delivery,
+        shutdown: &CancellationToken,
+    ) -> Result<ConsumeOutcome, TransportError> {
         let envelope = match Envelope::decode(&delivery.body) {
             Ok(envelope) => envelope,
             Err(e) => {
@@ -103,13 +140,14 @@ impl<H: MessageHandler> Consumer<H> {
                 return self.dead_letter(delivery, reason, 0, None).await;
             }
         };
-        let mut attempt = 0;
+        let mut tries: u32 = 0;
+        let mut unrecorded: u32 = 0;
         loop {
-            attempt += 1;
-            match self.handler.handle(&envelope).await {
+            tries += 1;
+            let error = match self.handler.handle(&envelope).await {
                 Ok(HandlerOutcome::Done) => {
                     delivery.acker.ack().await?;
-                    return Ok(ConsumeOutcome::Handled { attempts: attempt });
+                    return Ok(ConsumeOutcome::Handled { attempts: tries });
                 }
                 Ok(HandlerOutcome::Duplicate) => {
                     tracing::info!(
@@ -121,24 +159,55 @@ impl<H: MessageHandler> Consumer<H> {
                     delivery.acker.ack().await?;
                     return Ok(ConsumeOutcome::Duplicate);
                 }
-                Err(e) if e.is_retryable() && attempt < self.retry.max_attempts => {
-                    let delay = self.retry.delay_after(attempt, rand::random::<f64>());
+                Err(e) => e,
+            };
+            let delay = match self.handler.record_failure(&envelope, &error).await {
+                Ok(attempts) if attempts.exhausted => {
+                    let spent = u32::try_from(attempts.spent).unwrap_or(0);
+                    return self
+                        .dead_letter(delivery, error.to_string(), spent, Some(&envelope))
+                        .await;
+                }
+                Ok(attempts) => {
+                    unrecorded = 0;
+                    let spent = u32::try_from(attempts.spent).unwrap_or(1);
+                    self.retry.delay_after(spent, rand::random::<f64>())
+                }
+                Err(record_error) if record_error.is_retryable() => {
+                    unrecorded += 1;
+                    let delay = self.retry.delay_after(unrecorded, rand::random::<f64>());
                     tracing::warn!(
                         consumer = %self.name,
                         message_id = %envelope.message_id,
                         order_id = %envelope.correlation_id,
-                        attempt,
-                        error = %e,
-                        "handler failed; retrying in {delay:?}"
+                        error = %error,
+                        record_error = %record_error,
+                        "handler failed and the failure could not be recorded \
+                         (database unavailable?); retrying in {delay:?} without spending the budget"
                     );
-                    tokio::time::sleep(delay).await;
+                    delay
                 }
-                Err(e) => {
-                    let reason = format!("{e}");
+                Err(record_error) => {
+                    // No instance to keep a budget on (e.g. it does not exist):
+                    // nothing a retry could fix.
+                    let reason = format!("{error} ({record_error})");
                     return self
-                        .dead_letter(delivery, reason, attempt, Some(&envelope))
+                        .dead_letter(delivery, reason, tries, Some(&envelope))
                         .await;
                 }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    delivery.acker.requeue().await?;
+                    tracing::info!(
+                        consumer = %self.name,
+                        message_id = %envelope.message_id,
+                        order_id = %envelope.correlation_id,
+                        "shutting down: message handed back to the queue"
+                    );
+                    return Ok(ConsumeOutcome::HandedBack);
+                }
+                _ = tokio::time::sleep(delay) => {}
             }
         }
     }
@@ -179,12 +248,13 @@ impl<H: MessageHandler> Consumer<H> {
             .await?;
         tracing::info!(consumer = %self.name, queue = %self.queue.name, "consuming");
         let stopped = shutdown.clone();
+        let shutdown = &shutdown;
         stream
             .take_until(async move { stopped.cancelled().await })
             .for_each_concurrent(usize::from(self.prefetch), |item| async move {
                 match item {
                     Ok(delivery) => {
-                        if let Err(e) = self.process(delivery).await {
+                        if let Err(e) = self.process_until(delivery, shutdown).await {
                             tracing::error!(consumer = %self.name, error = %e, "could not settle a delivery");
                         }
                     }

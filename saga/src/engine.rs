@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
 use entity::{order_items, orders, products, saga_instances, saga_timers, saga_transitions};
 use rust_decimal::Decimal;
@@ -12,10 +13,12 @@ use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter,
     QueryOrder, QuerySelect, TransactionTrait,
 };
+use serde::Serialize;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::clock::Clock;
+use crate::consumer::RetryPolicy;
 use crate::error::SagaError;
 use crate::machine::{
     Decision, Effect, ORDER_SAGA, OrderEvent, OrderInput, OrderState, TimerKind, decide,
@@ -35,6 +38,8 @@ pub struct EngineSettings {
     pub sweep_batch_size: u64,
     /// How often a transaction is retried after losing an optimistic-concurrency race.
     pub max_conflict_retries: u32,
+    /// The retry budget of a failing input and the backoff between attempts.
+    pub retry: RetryPolicy,
 }
 
 impl Default for EngineSettings {
@@ -44,6 +49,7 @@ impl Default for EngineSettings {
             processing_timeout: Duration::seconds(600),
             sweep_batch_size: 500,
             max_conflict_retries: 10,
+            retry: RetryPolicy::default(),
         }
     }
 }
@@ -133,6 +139,51 @@ pub struct OrderSagaEngine {
     payment: Arc<dyn PaymentSimulator>,
     settings: EngineSettings,
     outbox_signal: Arc<Notify>,
+    hook: Option<Arc<dyn ApplyHook>>,
+}
+
+/// A seam for tests and instrumentation: called inside the transaction after
+/// an instance was loaded and the machine decided to apply an input, before
+/// the version-conditional update. Returning an error fails the attempt as if
+/// an effect had failed (the transaction rolls back).
+#[async_trait]
+pub trait ApplyHook: Send + Sync + 'static {
+    /// See the trait documentation.
+    async fn before_write(
+        &self,
+        instance: &saga_instances::Model,
+        input: &OrderInput,
+    ) -> Result<(), SagaError>;
+}
+
+/// The retry budget after one more failed attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attempts {
+    /// Failed attempts in the current budget, this one included.
+    pub spent: i32,
+    /// The budget is spent: the instance is now parked (faulted).
+    pub exhausted: bool,
+}
+
+/// A parked (faulted) saga instance, as listed for operators.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ParkedInstance {
+    /// The order id.
+    pub correlation_id: String,
+    pub state: String,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub parked_at: DateTime<Utc>,
+}
+
+/// What resuming a parked instance did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resumed {
+    /// The state the instance was resumed in.
+    pub state: OrderState,
+    /// What re-running its current step did (`None` when the state waits
+    /// for a timer or the expiration sweep, which now pick it up again).
+    pub rerun: Option<Handled>,
 }
 
 impl OrderSagaEngine {
@@ -148,7 +199,14 @@ impl OrderSagaEngine {
             payment,
             settings,
             outbox_signal: Arc::new(Notify::new()),
+            hook: None,
         }
+    }
+
+    /// Installs an [`ApplyHook`].
+    pub fn with_hook(mut self, hook: Arc<dyn ApplyHook>) -> Self {
+        self.hook = Some(hook);
+        self
     }
 
     /// Share a wake-up signal with an outbox relay, so events leave as soon as
@@ -272,6 +330,7 @@ impl OrderSagaEngine {
                 attempt: 1,
                 payment: None,
                 detail: Some("order placed; OrderCreated queued".to_owned()),
+                error: None,
             },
             now,
         )
@@ -299,9 +358,13 @@ impl OrderSagaEngine {
                 return Ok(Handled::Duplicate);
             }
             let instance = load(&txn, &envelope.correlation_id).await?;
+            if instance.faulted {
+                txn.rollback().await?;
+                return Err(SagaError::Parked(envelope.correlation_id.clone()));
+            }
             let trigger = Trigger {
                 message_id: Some(envelope.message_id),
-                attempt: 1,
+                attempt: instance.attempts + 1,
                 detail: None,
             };
             match self
@@ -338,6 +401,7 @@ impl OrderSagaEngine {
             let timer = saga_timers::Entity::find()
                 .filter(saga_timers::Column::FiredAt.is_null())
                 .filter(saga_timers::Column::DueAt.lte(now))
+                .filter(not_parked(saga_timers::Column::SagaInstanceId))
                 .order_by_asc(saga_timers::Column::DueAt)
                 .limit(1)
                 .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
@@ -371,7 +435,7 @@ impl OrderSagaEngine {
             };
             let trigger = Trigger {
                 message_id: None,
-                attempt: 1,
+                attempt: instance.attempts + 1,
                 detail: Some(format!(
                     "timer {} ({}) due {} fired {}",
                     timer.id,
@@ -406,6 +470,22 @@ impl OrderSagaEngine {
                 }
                 Err(ApplyError::Saga(e)) => {
                     txn.rollback().await?;
+                    // Spend one attempt of the instance's budget and try the
+                    // timer again after a backoff (or never, once parked).
+                    let attempts = self
+                        .record_failure(&timer.correlation_id, None, input.name(), &e)
+                        .await?;
+                    let retry_at = self.clock.now()
+                        + Duration::from_std(self.settings.retry.delay_after(
+                            u32::try_from(attempts.spent).unwrap_or(u32::MAX),
+                            rand::random::<f64>(),
+                        ))
+                        .unwrap_or(Duration::seconds(1));
+                    saga_timers::Entity::update_many()
+                        .col_expr(saga_timers::Column::DueAt, Expr::value(retry_at))
+                        .filter(saga_timers::Column::Id.eq(timer.id))
+                        .exec(&self.db)
+                        .await?;
                     return Err(e);
                 }
             }
@@ -416,6 +496,7 @@ impl OrderSagaEngine {
     pub async fn next_timer_due(&self) -> Result<Option<DateTime<Utc>>, SagaError> {
         let next = saga_timers::Entity::find()
             .filter(saga_timers::Column::FiredAt.is_null())
+            .filter(not_parked(saga_timers::Column::SagaInstanceId))
             .order_by_asc(saga_timers::Column::DueAt)
             .one(&self.db)
             .await?;
@@ -433,6 +514,7 @@ impl OrderSagaEngine {
             .filter(saga_instances::Column::SagaType.eq(ORDER_SAGA))
             .filter(saga_instances::Column::State.eq(OrderState::Processing.as_str()))
             .filter(saga_instances::Column::StateEnteredAt.lte(cutoff))
+            .filter(saga_instances::Column::Faulted.eq(false))
             .order_by_asc(saga_instances::Column::StateEnteredAt)
             .limit(self.settings.sweep_batch_size)
             .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
@@ -444,9 +526,10 @@ impl OrderSagaEngine {
         };
         for instance in stale {
             let entered = instance.state_entered_at;
+            let correlation_id = instance.correlation_id.clone();
             let trigger = Trigger {
                 message_id: None,
-                attempt: 1,
+                attempt: instance.attempts + 1,
                 detail: Some(format!(
                     "processing since {}, timeout {} s, swept at {}",
                     entered.to_rfc3339(),
@@ -467,7 +550,16 @@ impl OrderSagaEngine {
                 // not lock; skip it, the next sweep looks again.
                 Err(ApplyError::Conflict) => {}
                 Err(ApplyError::Saga(e)) => {
+                    // The whole batch rolls back; the failing instance spends
+                    // one attempt, and is left out once it is parked.
                     txn.rollback().await?;
+                    self.record_failure(
+                        &correlation_id,
+                        None,
+                        OrderInput::ExpirationDue.name(),
+                        &e,
+                    )
+                    .await?;
                     return Err(e);
                 }
             }
@@ -488,6 +580,205 @@ impl OrderSagaEngine {
             total.expired += batch.expired;
             if (batch.examined as u64) < self.settings.sweep_batch_size || batch.expired == 0 {
                 return Ok(total);
+            }
+        }
+    }
+
+    /// Spends one attempt of the instance's retry budget after a failed
+    /// input: `attempts + 1` and the error are saved with the instance (so
+    /// every runner and every restart share one budget), a `failed` journal
+    /// row is written, and once `retry.max_attempts` is reached the instance
+    /// is parked (`faulted`), which timers and sweeps then leave alone until
+    /// an operator resumes it. Non-retryable errors park at once.
+    pub async fn record_failure(
+        &self,
+        correlation_id: &str,
+        message_id: Option<Uuid>,
+        trigger: &'static str,
+        error: &SagaError,
+    ) -> Result<Attempts, SagaError> {
+        let now = self.clock.now();
+        let budget = if error.is_retryable() {
+            i32::try_from(Ord::max(self.settings.retry.max_attempts, 1)).unwrap_or(i32::MAX)
+        } else {
+            1
+        };
+        let text = error.to_string();
+        let txn = self.db.begin().await?;
+        let instance = load(&txn, correlation_id).await?;
+        let spent = instance.attempts.saturating_add(1);
+        let exhausted = instance.faulted || spent >= budget;
+        saga_instances::Entity::update_many()
+            .col_expr(saga_instances::Column::Attempts, Expr::value(spent))
+            .col_expr(saga_instances::Column::LastError, Expr::value(text.clone()))
+            .col_expr(saga_instances::Column::Faulted, Expr::value(exhausted))
+            .col_expr(saga_instances::Column::UpdatedAt, Expr::value(now))
+            .filter(saga_instances::Column::Id.eq(instance.id))
+            .exec(&txn)
+            .await?;
+        let state: OrderState = instance
+            .state
+            .parse()
+            .map_err(|e| SagaError::Corrupt(format!("instance {}: {e}", instance.id)))?;
+        journal(
+            &txn,
+            JournalRow {
+                instance_id: instance.id,
+                correlation_id,
+                from: Some(state),
+                to: state,
+                trigger,
+                outcome: if exhausted { "parked" } else { "failed" },
+                message_id,
+                attempt: spent,
+                payment: None,
+                detail: Some(if exhausted {
+                    format!("attempt {spent} of {budget} failed; instance parked")
+                } else {
+                    format!("attempt {spent} of {budget} failed; will retry")
+                }),
+                error: Some(text.clone()),
+            },
+            now,
+        )
+        .await?;
+        txn.commit().await?;
+        if exhausted {
+            tracing::error!(
+                order_id = %correlation_id,
+                message_id = ?message_id,
+                attempts = spent,
+                error = %text,
+                "order saga parked: retry budget spent"
+            );
+        } else {
+            tracing::warn!(
+                order_id = %correlation_id,
+                message_id = ?message_id,
+                attempt = spent,
+                error = %text,
+                "order saga input failed; will retry"
+            );
+        }
+        Ok(Attempts { spent, exhausted })
+    }
+
+    /// Parked (faulted) order sagas, oldest first.
+    pub async fn parked(&self, limit: u64) -> Result<Vec<ParkedInstance>, SagaError> {
+        Ok(saga_instances::Entity::find()
+            .filter(saga_instances::Column::SagaType.eq(ORDER_SAGA))
+            .filter(saga_instances::Column::Faulted.eq(true))
+            .order_by_asc(saga_instances::Column::UpdatedAt)
+            .limit(limit)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|i| ParkedInstance {
+                correlation_id: i.correlation_id,
+                state: i.state,
+                attempts: i.attempts,
+                last_error: i.last_error,
+                parked_at: i.updated_at,
+            })
+            .collect())
+    }
+
+    /// Resumes a parked instance with a fresh budget and re-runs it from its
+    /// current state: a `pending` order is started again (as if its
+    /// `OrderCreated` had arrived), a `processing` order's unfired payment
+    /// timer is made due now, and the sweep may expire it again.
+    pub async fn resume(&self, correlation_id: &str) -> Result<Resumed, SagaError> {
+        let now = self.clock.now();
+        let txn = self.db.begin().await?;
+        let instance = load(&txn, correlation_id).await?;
+        if !instance.faulted {
+            txn.rollback().await?;
+            return Err(SagaError::NotParked(correlation_id.to_owned()));
+        }
+        let state: OrderState = instance
+            .state
+            .parse()
+            .map_err(|e| SagaError::Corrupt(format!("instance {}: {e}", instance.id)))?;
+        saga_instances::Entity::update_many()
+            .col_expr(saga_instances::Column::Faulted, Expr::value(false))
+            .col_expr(saga_instances::Column::Attempts, Expr::value(0))
+            .col_expr(
+                saga_instances::Column::Version,
+                Expr::value(instance.version + 1),
+            )
+            .col_expr(saga_instances::Column::UpdatedAt, Expr::value(now))
+            .filter(saga_instances::Column::Id.eq(instance.id))
+            .filter(saga_instances::Column::Version.eq(instance.version))
+            .exec(&txn)
+            .await?;
+        saga_timers::Entity::update_many()
+            .col_expr(saga_timers::Column::DueAt, Expr::value(now))
+            .filter(saga_timers::Column::SagaInstanceId.eq(instance.id))
+            .filter(saga_timers::Column::FiredAt.is_null())
+            .exec(&txn)
+            .await?;
+        journal(
+            &txn,
+            JournalRow {
+                instance_id: instance.id,
+                correlation_id,
+                from: Some(state),
+                to: state,
+                trigger: "Resumed",
+                outcome: "resumed",
+                message_id: None,
+                attempt: 0,
+                payment: None,
+                detail: Some(format!(
+                    "resumed by an operator with a fresh budget; last error: {}",
+                    instance.last_error.as_deref().unwrap_or("none")
+                )),
+                error: None,
+            },
+            now,
+        )
+        .await?;
+        txn.commit().await?;
+        tracing::info!(order_id = %correlation_id, state = %state, "parked order saga resumed");
+        let rerun = if state == OrderState::Pending {
+            Some(self.rerun_order_created(correlation_id).await?)
+        } else {
+            None
+        };
+        Ok(Resumed { state, rerun })
+    }
+
+    /// Applies `OrderCreated` to a pending instance (resume of a saga whose
+    /// `OrderCreated` message was dead-lettered).
+    async fn rerun_order_created(&self, correlation_id: &str) -> Result<Handled, SagaError> {
+        let mut conflicts = 0;
+        loop {
+            let txn = self.db.begin().await?;
+            let instance = load(&txn, correlation_id).await?;
+            let trigger = Trigger {
+                message_id: None,
+                attempt: instance.attempts + 1,
+                detail: Some("re-run after resume".to_owned()),
+            };
+            match self
+                .apply(&txn, instance, OrderInput::OrderCreated, trigger)
+                .await
+            {
+                Ok(handled) => {
+                    txn.commit().await?;
+                    return Ok(handled);
+                }
+                Err(ApplyError::Conflict) => {
+                    txn.rollback().await?;
+                    conflicts += 1;
+                    if conflicts > self.settings.max_conflict_retries {
+                        return Err(SagaError::Contention(correlation_id.to_owned()));
+                    }
+                }
+                Err(ApplyError::Saga(e)) => {
+                    txn.rollback().await?;
+                    return Err(e);
+                }
             }
         }
     }
@@ -532,8 +823,17 @@ impl OrderSagaEngine {
                 } else {
                     now
                 };
+                if let Some(hook) = &self.hook {
+                    hook.before_write(&instance, &input).await?;
+                }
                 let updated = saga_instances::Entity::update_many()
                     .col_expr(saga_instances::Column::State, Expr::value(next.as_str()))
+                    // Success: the retry budget starts afresh.
+                    .col_expr(saga_instances::Column::Attempts, Expr::value(0))
+                    .col_expr(
+                        saga_instances::Column::LastError,
+                        Expr::value(Option::<String>::None),
+                    )
                     .col_expr(
                         saga_instances::Column::Version,
                         Expr::value(instance.version + 1),
@@ -618,6 +918,7 @@ impl OrderSagaEngine {
                 attempt: trigger.attempt,
                 payment,
                 detail: Some(detail),
+                error: None,
             },
             now,
         )
@@ -633,6 +934,19 @@ impl OrderSagaEngine {
         );
         Ok(handled)
     }
+}
+
+/// `instance_id NOT IN (parked instances)`.
+fn not_parked(instance_id: saga_timers::Column) -> sea_orm::Condition {
+    sea_orm::Condition::all().add(
+        instance_id.not_in_subquery(
+            Query::select()
+                .column(saga_instances::Column::Id)
+                .from(saga_instances::Entity)
+                .and_where(Expr::col(saga_instances::Column::Faulted).eq(true))
+                .to_owned(),
+        ),
+    )
 }
 
 async fn load<C: ConnectionTrait>(
@@ -773,6 +1087,7 @@ struct JournalRow<'a> {
     attempt: i32,
     payment: Option<(f64, bool)>,
     detail: Option<String>,
+    error: Option<String>,
 }
 
 async fn journal<C: ConnectionTrait>(
@@ -792,7 +1107,7 @@ async fn journal<C: ConnectionTrait>(
         payment_draw: Set(row.payment.map(|(draw, _)| draw)),
         payment_approved: Set(row.payment.map(|(_, approved)| approved)),
         detail: Set(row.detail),
-        error: Set(None),
+        error: Set(row.error),
         occurred_at: Set(now),
         ..Default::default()
     })

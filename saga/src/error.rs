@@ -24,6 +24,13 @@ pub enum SagaError {
     Corrupt(String),
     #[error("malformed message: {0}")]
     Malformed(String),
+    /// The instance is parked (its retry budget is spent): nothing is
+    /// applied to it until an operator resumes it.
+    #[error("order saga `{0}` is parked; resume it first")]
+    Parked(String),
+    /// Only a parked instance can be resumed.
+    #[error("order saga `{0}` is not parked")]
+    NotParked(String),
     /// Placing an order would take a product's stock below zero.
     #[error("product {product_id} has {available} in stock, {requested} requested")]
     OutOfStock {

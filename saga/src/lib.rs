@@ -13,6 +13,7 @@ pub mod clock;
 pub mod consumer;
 pub mod engine;
 pub mod error;
+pub mod failures;
 pub mod inbox;
 pub mod machine;
 pub mod message;

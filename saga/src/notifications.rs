@@ -12,24 +12,36 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, EntityTrait, TransactionTrait
 
 use crate::clock::Clock;
 use crate::consumer::{HandlerOutcome, MessageHandler};
+use crate::engine::Attempts;
 use crate::error::SagaError;
 use crate::inbox;
 use crate::machine::OrderEvent;
 use crate::message::{Envelope, OrderEventPayload};
 
+/// Writes the audit row (and logs the fake e-mail) for every order event.
 pub struct NotificationHandler {
     db: DatabaseConnection,
     clock: Arc<dyn Clock>,
     consumer: String,
+    budget: u32,
 }
 
 impl NotificationHandler {
+    /// A handler recording its inbox rows as `consumer`, with a retry budget
+    /// of 3 attempts per message.
     pub fn new(db: DatabaseConnection, clock: Arc<dyn Clock>, consumer: impl Into<String>) -> Self {
         Self {
             db,
             clock,
             consumer: consumer.into(),
+            budget: 3,
         }
+    }
+
+    /// Sets the retry budget (`retry.max_attempts`).
+    pub fn with_retry_budget(mut self, max_attempts: u32) -> Self {
+        self.budget = max_attempts;
+        self
     }
 }
 
@@ -61,6 +73,22 @@ pub fn audit_message(event: OrderEvent, p: &OrderEventPayload) -> String {
 
 #[async_trait]
 impl MessageHandler for NotificationHandler {
+    async fn record_failure(
+        &self,
+        envelope: &Envelope,
+        error: &SagaError,
+    ) -> Result<Attempts, SagaError> {
+        crate::failures::record(
+            &self.db,
+            &self.consumer,
+            envelope,
+            error,
+            self.budget,
+            self.clock.now(),
+        )
+        .await
+    }
+
     async fn handle(&self, envelope: &Envelope) -> Result<HandlerOutcome, SagaError> {
         let event = OrderEvent::from_message_type(&envelope.message_type).ok_or_else(|| {
             SagaError::Malformed(format!("unknown message type `{}`", envelope.message_type))
@@ -192,5 +220,20 @@ impl MessageHandler for OrderCreatedHandler {
             crate::engine::Handled::Duplicate => Ok(HandlerOutcome::Duplicate),
             _ => Ok(HandlerOutcome::Done),
         }
+    }
+
+    async fn record_failure(
+        &self,
+        envelope: &Envelope,
+        error: &SagaError,
+    ) -> Result<Attempts, SagaError> {
+        self.engine
+            .record_failure(
+                &envelope.correlation_id,
+                Some(envelope.message_id),
+                "OrderCreated",
+                error,
+            )
+            .await
     }
 }

@@ -1,3 +1,4 @@
+use saga::consumer::RetryPolicy;
 use std::sync::Arc;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -27,6 +28,11 @@ pub fn engine(db: &DatabaseConnection, clock: &ManualClock, approved: bool) -> O
             processing_timeout: chrono::Duration::seconds(600),
             sweep_batch_size: 50,
             max_conflict_retries: 10,
+            retry: RetryPolicy {
+                max_attempts: 3,
+                initial_backoff: std::time::Duration::from_millis(10),
+                max_backoff: std::time::Duration::from_millis(50),
+            },
         },
     )
 }

@@ -48,6 +48,22 @@ pub struct Topology {
     pub queues: Vec<QueueSpec>,
 }
 
+/// A message in an error queue, with the headers naming its failure.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub message_id: Option<String>,
+    pub message_type: Option<String>,
+    /// `x-error-reason`: why the consumer gave up.
+    pub reason: Option<String>,
+    /// `x-attempts`: attempts spent (0 for undecodable messages).
+    pub attempts: Option<u32>,
+    /// `x-original-routing-key`.
+    pub original_routing_key: Option<String>,
+    /// `x-original-queue`.
+    pub original_queue: Option<String>,
+    pub body: Vec<u8>,
+}
+
 /// How long to wait between reconnection attempts: doubling from `initial`
 /// up to `max`.
 #[derive(Clone, Copy, Debug)]
@@ -294,6 +310,57 @@ impl RabbitTransport {
         }
         let _ = channel.close(200, ShortString::from("redriven")).await;
         Ok(moved)
+    }
+
+    /// Reads up to `limit` messages of `queue`'s error queue without removing
+    /// them (they go back when the inspecting channel closes), with the
+    /// failure headers the consumer attached.
+    pub async fn dead_letters(
+        &self,
+        queue: &QueueSpec,
+        limit: u32,
+    ) -> Result<Vec<DeadLetter>, TransportError> {
+        let live = self.inner.live().await?;
+        let channel = live.connection.create_channel().await?;
+        let mut letters = Vec::new();
+        while letters.len() < limit as usize {
+            let Some(message) = channel
+                .basic_get(
+                    ShortString::from(queue.error_queue()),
+                    BasicGetOptions { no_ack: false },
+                )
+                .await?
+            else {
+                break;
+            };
+            let d = message.delivery;
+            let header = |name: &str| {
+                d.properties
+                    .headers()
+                    .as_ref()
+                    .and_then(|h| h.inner().get(name).cloned())
+            };
+            let text = |v: Option<AMQPValue>| match v {
+                Some(AMQPValue::LongString(s)) => Some(s.to_string()),
+                Some(AMQPValue::ShortString(s)) => Some(s.to_string()),
+                _ => None,
+            };
+            letters.push(DeadLetter {
+                message_id: d.properties.message_id().as_ref().map(|s| s.to_string()),
+                message_type: d.properties.kind().as_ref().map(|s| s.to_string()),
+                reason: text(header("x-error-reason")),
+                attempts: match header("x-attempts") {
+                    Some(AMQPValue::LongUInt(n)) => Some(n),
+                    _ => None,
+                },
+                original_routing_key: text(header("x-original-routing-key")),
+                original_queue: text(header("x-original-queue")),
+                body: d.data,
+            });
+        }
+        // Closing the channel returns every message we looked at.
+        let _ = channel.close(200, ShortString::from("inspected")).await;
+        Ok(letters)
     }
 
     /// Closes the connection; subscriptions end.

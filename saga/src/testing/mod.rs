@@ -7,6 +7,9 @@
 
 use std::time::Duration;
 
+pub mod proxy;
+pub use proxy::TcpProxy;
+
 use migration::{Migrator, MigratorTrait};
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection};
 use uuid::Uuid;

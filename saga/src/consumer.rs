@@ -159,6 +159,15 @@ impl<H: MessageHandler> Consumer<H> {
                     delivery.acker.ack().await?;
                     return Ok(ConsumeOutcome::Duplicate);
                 }
+                Err(SagaError::Malformed(reason)) => {
+                    // A message of a type this consumer does not handle, or
+                    // with a payload it cannot read: no retry can fix it, and
+                    // it says nothing trustworthy about any saga instance.
+                    let reason = format!("malformed message: {reason}");
+                    return self
+                        .dead_letter(delivery, reason, tries, Some(&envelope))
+                        .await;
+                }
                 Err(e) => e,
             };
             let delay = match self.handler.record_failure(&envelope, &error).await {

@@ -4,3 +4,6 @@
 mod broker;
 mod engine;
 mod helpers;
+mod races;
+mod resilience;
+mod retries;

@@ -1,0 +1,248 @@
+//! Forced races and the stock compensation, against the real PostgreSQL.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration as StdDuration;
+
+use async_trait::async_trait;
+use chrono::Duration;
+use entity::{orders, products, saga_instances};
+use saga::clock::{Clock, ManualClock, SystemClock};
+use saga::consumer::Consumer;
+use saga::consumer::RetryPolicy;
+use saga::engine::{ApplyHook, Customer, Handled};
+use saga::machine::{OrderInput, OrderState};
+use saga::message::OrderLine;
+use saga::notifications::NotificationHandler;
+use saga::outbox::{OutboxRelay, RelaySettings};
+use saga::testing::{TestBroker, TestDatabase, eventually};
+use saga::topology::{self, NOTIFICATIONS_CONSUMER};
+use saga::transport::rabbitmq::RabbitTransport;
+use saga::{OrderSagaEngine, SagaError};
+use sea_orm::{EntityTrait, PaginatorTrait, QueryOrder, TransactionTrait};
+use tokio::sync::{Barrier, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::*;
+
+/// Holds the first payment decision and the first expiry at a barrier, so
+/// both have loaded the same version before either writes.
+struct Collide {
+    barrier: Barrier,
+    arrived: AtomicUsize,
+}
+
+#[async_trait]
+impl ApplyHook for Collide {
+    async fn before_write(
+        &self,
+        _instance: &saga_instances::Model,
+        input: &OrderInput,
+    ) -> Result<(), SagaError> {
+        if matches!(
+            input,
+            OrderInput::PaymentDecided { .. } | OrderInput::ExpirationDue
+        ) && self.arrived.fetch_add(1, Ordering::SeqCst) < 2
+        {
+            self.barrier.wait().await;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn expiry_and_payment_success_forced_to_collide_end_in_one_terminal_state() {
+    let tdb = TestDatabase::create().await;
+    let broker = TestBroker::create().await;
+    let clock = ManualClock::new(t0());
+    let collide = Arc::new(Collide {
+        barrier: Barrier::new(2),
+        arrived: AtomicUsize::new(0),
+    });
+    let engine = engine(&tdb.db, &clock, true).with_hook(collide.clone());
+    let (order, created) = place_order(&tdb.db, t0()).await;
+    engine
+        .handle_order_created("order-saga", &created)
+        .await
+        .expect("processing");
+    // Both the payment timer (+5 s) and the expiry (+600 s) are due now.
+    clock.advance(Duration::seconds(601));
+
+    let (fired, swept) = tokio::join!(engine.try_fire_due_timer_once(), engine.try_expire_once());
+    let fired = fired.expect("timer").expect("a due timer");
+    let swept = swept.expect("sweep");
+    assert_eq!(
+        collide.arrived.load(Ordering::SeqCst),
+        2,
+        "both sides collided"
+    );
+    // The sweep holds the row lock, so it wins; the payment reloads, sees
+    // `expired` and is ignored.
+    assert_eq!(swept.expired, 1);
+    assert!(
+        matches!(
+            fired.handled,
+            Handled::Ignored {
+                state: OrderState::Expired,
+                ..
+            }
+        ),
+        "{fired:?}"
+    );
+    assert_eq!(order_status(&tdb.db, order.order_id).await, "expired");
+    let completed = outbox_count(&tdb.db, order.order_id, "OrderCompleted").await;
+    let expired = outbox_count(&tdb.db, order.order_id, "OrderExpired").await;
+    assert_eq!((completed, expired), (0, 1), "exactly one terminal event");
+    let journal = journal_of(&tdb.db, order.order_id).await;
+    let terminal: Vec<_> = journal
+        .iter()
+        .filter(|j| {
+            j.outcome == "applied" && (j.to_state == "expired" || j.to_state == "completed")
+        })
+        .collect();
+    assert_eq!(terminal.len(), 1);
+
+    // Publish everything and let the notification consumer run: exactly one
+    // terminal notification.
+    let transport = Arc::new(
+        RabbitTransport::connect(
+            &broker.url,
+            &broker.exchange,
+            StdDuration::from_secs(5),
+            "t",
+        )
+        .await
+        .expect("connect"),
+    );
+    let relay = OutboxRelay::new(
+        tdb.db.clone(),
+        transport.clone(),
+        Arc::new(SystemClock),
+        RelaySettings::default(),
+        Arc::new(Notify::new()),
+    );
+    assert_eq!(relay.try_relay_once().await.expect("relay").published, 2);
+    let consumer = Consumer::new(
+        transport.clone(),
+        topology::notifications_queue(&broker.prefix),
+        NOTIFICATIONS_CONSUMER,
+        Arc::new(NotificationHandler::new(
+            tdb.db.clone(),
+            Arc::new(SystemClock),
+            NOTIFICATIONS_CONSUMER,
+        )),
+        RetryPolicy::default(),
+        4,
+    );
+    let stop = CancellationToken::new();
+    let running = {
+        let stop = stop.clone();
+        tokio::spawn(async move { consumer.run_until_stopped(stop).await })
+    };
+    let kinds = eventually(StdDuration::from_secs(10), "two notifications", || async {
+        let n = notifications_of(&tdb.db, order.order_id).await;
+        (n.len() >= 2).then(|| n.into_iter().map(|n| n.event_type).collect::<Vec<_>>())
+    })
+    .await;
+    assert_eq!(
+        kinds,
+        vec!["OrderCreated".to_owned(), "OrderExpired".to_owned()]
+    );
+    stop.cancel();
+    running.await.expect("join").expect("stopped");
+    transport.close().await;
+    broker.delete().await;
+    tdb.drop().await;
+}
+
+async fn first_product(tdb: &TestDatabase) -> products::Model {
+    products::Entity::find()
+        .order_by_asc(products::Column::Id)
+        .one(&tdb.db)
+        .await
+        .expect("query")
+        .expect("seeded product")
+}
+
+async fn stock_of(tdb: &TestDatabase, id: i64) -> i32 {
+    products::Entity::find_by_id(id)
+        .one(&tdb.db)
+        .await
+        .expect("query")
+        .expect("product")
+        .stock
+}
+
+#[tokio::test]
+async fn stock_is_reserved_when_placed_and_released_exactly_once_when_expired() {
+    let tdb = TestDatabase::create().await;
+    let clock = ManualClock::new(t0());
+    let engine = engine(&tdb.db, &clock, false);
+    let product = first_product(&tdb).await;
+    let before = product.stock;
+    // helpers::place_order orders 2 of the first product.
+    let (order, created) = place_order(&tdb.db, t0()).await;
+    assert_eq!(stock_of(&tdb, product.id).await, before - 2, "reserved");
+    engine
+        .handle_order_created("order-saga", &created)
+        .await
+        .expect("processing");
+    clock.advance(Duration::seconds(5));
+    engine.try_fire_due_timer_once().await.expect("declined");
+    assert_eq!(
+        stock_of(&tdb, product.id).await,
+        before - 2,
+        "still reserved"
+    );
+    clock.advance(Duration::seconds(600));
+    // Two schedulers at once, then another sweep: one release in all.
+    let (a, b) = tokio::join!(engine.try_expire_once(), engine.try_expire_once());
+    assert_eq!(a.expect("a").expired + b.expect("b").expired, 1);
+    engine.expire_all_stale().await.expect("again");
+    assert_eq!(order_status(&tdb.db, order.order_id).await, "expired");
+    assert_eq!(stock_of(&tdb, product.id).await, before, "released once");
+    tdb.drop().await;
+}
+
+#[tokio::test]
+async fn an_order_larger_than_the_stock_is_refused_and_writes_nothing() {
+    let tdb = TestDatabase::create().await;
+    let product = first_product(&tdb).await;
+    let orders_before = orders::Entity::find().count(&tdb.db).await.expect("count");
+    let txn = tdb.db.begin().await.expect("begin");
+    let result = OrderSagaEngine::place_order(
+        &txn,
+        SystemClock.now(),
+        &Customer {
+            user_id: 1,
+            email: "admin@example.com".into(),
+            name: "A".into(),
+        },
+        vec![OrderLine {
+            product_id: product.id,
+            product_name: product.name.clone(),
+            quantity: product.stock + 1,
+            unit_price: product.price,
+        }],
+    )
+    .await;
+    match result {
+        Err(SagaError::OutOfStock {
+            product_id,
+            requested,
+            available,
+        }) => {
+            assert_eq!(product_id, product.id);
+            assert_eq!(requested, product.stock + 1);
+            assert_eq!(available, product.stock);
+        }
+        other => panic!("expected OutOfStock, got {other:?}"),
+    }
+    txn.rollback().await.expect("rollback");
+    assert_eq!(stock_of(&tdb, product.id).await, product.stock);
+    assert_eq!(
+        orders::Entity::find().count(&tdb.db).await.expect("count"),
+        orders_before
+    );
+    tdb.drop().await;
+}

@@ -10,5 +10,8 @@ pub fn init(default_filter: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(true)
+        // Logs go to stderr, so a command's own output (e.g. `runner parked`)
+        // is alone on stdout.
+        .with_writer(std::io::stderr)
         .try_init();
 }

@@ -8,7 +8,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use entity::notifications;
-use saga::testing::{TestBroker, TestDatabase, amqp_url, eventually};
+use saga::testing::{TcpProxy, TestBroker, TestDatabase, amqp_url, eventually};
+use sea_orm::ConnectionTrait;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
@@ -20,6 +21,7 @@ struct Stack {
     base: String,
     logs: PathBuf,
     http: reqwest::Client,
+    env: Vec<(&'static str, String)>,
 }
 
 fn free_port() -> u16 {
@@ -31,12 +33,23 @@ fn free_port() -> u16 {
 
 impl Stack {
     async fn start(tdb: &TestDatabase, broker: &TestBroker, success_rate: &str) -> Stack {
+        Self::start_with(tdb, broker, success_rate, &[]).await
+    }
+
+    /// Like [`Stack::start`], with `runner_env` overriding the runner's
+    /// environment (e.g. its broker URL pointing at a proxy).
+    async fn start_with(
+        tdb: &TestDatabase,
+        broker: &TestBroker,
+        success_rate: &str,
+        runner_env: &[(&'static str, String)],
+    ) -> Stack {
         let port = free_port();
         let base = format!("http://127.0.0.1:{port}");
         let logs = std::env::temp_dir().join(format!("order-saga-e2e-{}", tdb.name));
         std::fs::create_dir_all(&logs).expect("log dir");
         let config_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configuration");
-        let env: Vec<(&str, String)> = vec![
+        let env: Vec<(&'static str, String)> = vec![
             ("APP_CONFIG_DIR", config_dir.display().to_string()),
             ("APP__DATABASE__URL", tdb.url.clone()),
             ("APP__RABBITMQ__URL", amqp_url()),
@@ -57,6 +70,7 @@ impl Stack {
             base,
             logs,
             http: reqwest::Client::new(),
+            env: env.clone(),
         };
         stack.spawn("api", env!("CARGO_BIN_EXE_api"), &env);
         // The api applies migrations and seeds; the others wait for the schema.
@@ -71,13 +85,45 @@ impl Stack {
             }
         })
         .await;
-        stack.spawn("runner", env!("CARGO_BIN_EXE_runner"), &env);
+        stack.spawn_runner(runner_env);
         stack.spawn("scheduler", env!("CARGO_BIN_EXE_scheduler"), &env);
         stack
     }
 
+    /// Starts (or restarts) the runner with the stack's environment plus
+    /// `overrides`; its log is appended to.
+    fn spawn_runner(&mut self, overrides: &[(&'static str, String)]) {
+        let mut env = self.env.clone();
+        env.extend(overrides.iter().cloned());
+        self.spawn("runner", env!("CARGO_BIN_EXE_runner"), &env);
+    }
+
+    /// Sends SIGTERM to a host and waits for it to exit.
+    async fn terminate(&mut self, name: &str) -> std::process::ExitStatus {
+        let index = self
+            .children
+            .iter()
+            .position(|(n, _)| n == name)
+            .expect("a host of that name");
+        let (_, mut child) = self.children.remove(index);
+        let pid = child.id().expect("running");
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(sent.success());
+        tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .expect("exits within 30 s of SIGTERM")
+            .expect("exit status")
+    }
+
     fn spawn(&mut self, name: &str, exe: &str, env: &[(&str, String)]) {
-        let log = std::fs::File::create(self.logs.join(format!("{name}.log"))).expect("log file");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.logs.join(format!("{name}.log")))
+            .expect("log file");
         let err = log.try_clone().expect("log file clone");
         let mut command = Command::new(exe);
         command
@@ -151,6 +197,13 @@ impl Stack {
 
 /// Registers, logs in and places `ORDERS` orders; returns the token and ids.
 async fn place_orders(stack: &Stack) -> (String, Vec<i64>) {
+    let token = sign_up(stack).await;
+    let ids = more_orders(stack, &token, ORDERS).await;
+    (token, ids)
+}
+
+/// Registers and logs in a new user; returns the token.
+async fn sign_up(stack: &Stack) -> String {
     let email = format!("e2e-{}@example.com", uuid::Uuid::new_v4().simple());
     let (status, user) = stack
         .post(
@@ -168,22 +221,25 @@ async fn place_orders(stack: &Stack) -> (String, Vec<i64>) {
         )
         .await;
     assert_eq!(status, 200, "login: {login}");
-    let token = login["token"].as_str().expect("token").to_owned();
+    login["token"].as_str().expect("token").to_owned()
+}
+
+/// Places `count` orders as the token's user.
+async fn more_orders(stack: &Stack, token: &str, count: usize) -> Vec<i64> {
     let mut ids = Vec::new();
-    for i in 0..ORDERS {
+    for i in 0..count {
         let (status, order) = stack
             .post(
                 "/api/orders",
-                Some(&token),
+                Some(token),
                 json!({"items": [{"product_id": 1 + (i % 3) as i64, "quantity": 1 + (i % 2) as i64}]}),
             )
             .await;
         assert_eq!(status, 201, "create order: {order}");
         assert_eq!(order["status"], "pending");
-        assert_eq!(order["user_id"], user["id"]);
         ids.push(order["id"].as_i64().expect("order id"));
     }
-    (token, ids)
+    ids
 }
 
 async fn wait_for_status(stack: &mut Stack, token: &str, ids: &[i64], want: &str) {
@@ -299,5 +355,146 @@ async fn with_payments_always_declined_every_order_expires_with_one_expired_noti
     assert_eq!(stack.log("runner").matches("FAKE E-MAIL").count(), 0);
     stack.stop().await;
     broker.delete().await;
+    tdb.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runner_rides_out_a_broker_outage_without_exiting_or_losing_orders() {
+    let tdb = TestDatabase::create().await;
+    let broker = TestBroker::create().await;
+    let upstream = amqp_url()
+        .split_once('@')
+        .and_then(|(_, rest)| rest.split('/').next())
+        .unwrap_or("127.0.0.1:5672")
+        .replace("localhost", "127.0.0.1");
+    let proxy = TcpProxy::start(upstream.parse().expect("broker address"))
+        .await
+        .expect("proxy");
+    let runner_env = [
+        ("APP__RABBITMQ__URL", proxy.url_for(&amqp_url())),
+        ("APP__RABBITMQ__RECONNECT_MAX_BACKOFF_MS", "500".to_owned()),
+    ];
+    let mut stack = Stack::start_with(&tdb, &broker, "1", &runner_env).await;
+    let token = sign_up(&stack).await;
+    let before = more_orders(&stack, &token, 10).await;
+    wait_for_status(&mut stack, &token, &before, "completed").await;
+
+    // Cut the runner off the broker. The API (not behind the proxy) keeps
+    // taking orders; their events wait in the queues.
+    proxy.cut();
+    let during = more_orders(&stack, &token, 10).await;
+    eventually(
+        Duration::from_secs(20),
+        "the runner noticing the outage",
+        || async { stack.log("runner").contains("resubscribing").then_some(()) },
+    )
+    .await;
+    stack.assert_running();
+
+    proxy.restore();
+    let mut all = before.clone();
+    all.extend(&during);
+    wait_for_status(&mut stack, &token, &all, "completed").await;
+    assert_one_notification_each(
+        &stack,
+        &tdb,
+        &token,
+        &all,
+        "OrderCompleted",
+        true,
+        "OrderExpired",
+    )
+    .await;
+    assert!(
+        stack
+            .log("runner")
+            .contains("resubscribed after losing the broker")
+    );
+    stack.stop().await;
+    broker.delete().await;
+    tdb.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_every_host_with_exit_0_and_a_restarted_runner_finishes_the_work() {
+    let tdb = TestDatabase::create().await;
+    let broker = TestBroker::create().await;
+    // A 2 s payment keeps every order in flight when the runner is stopped.
+    let slow_payment = [("APP__PAYMENT__DELAY_MS", "2000".to_owned())];
+    let mut stack = Stack::start_with(&tdb, &broker, "1", &slow_payment).await;
+    let (token, ids) = place_orders(&stack).await;
+    let status = stack.terminate("runner").await;
+    assert!(status.success(), "runner exited with {status}");
+    assert!(stack.log("runner").contains("runner stopped"));
+    let mut unfinished = 0;
+    for id in &ids {
+        let (_, order) = stack.get(&format!("/api/orders/{id}"), &token).await;
+        if order["status"] != "completed" {
+            unfinished += 1;
+        }
+    }
+    assert!(
+        unfinished > 0,
+        "orders were in flight when the runner stopped"
+    );
+    stack.spawn_runner(&slow_payment);
+    wait_for_status(&mut stack, &token, &ids, "completed").await;
+    assert_one_notification_each(
+        &stack,
+        &tdb,
+        &token,
+        &ids,
+        "OrderCompleted",
+        true,
+        "OrderExpired",
+    )
+    .await;
+    for host in ["runner", "scheduler", "api"] {
+        let status = stack.terminate(host).await;
+        assert!(status.success(), "{host} exited with {status}");
+    }
+    stack.stop().await;
+    broker.delete().await;
+    tdb.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runner_operator_commands_list_parked_sagas_and_reject_bad_arguments() {
+    let tdb = TestDatabase::create().await;
+    let config_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configuration");
+    // The api would migrate; here the test database is migrated already.
+    tdb.db
+        .execute_unprepared(
+            "INSERT INTO saga_instances (saga_type, correlation_id, state, version, attempts, \
+             faulted, last_error, data, state_entered_at, created_at, updated_at) VALUES \
+             ('order', '4242', 'pending', 0, 3, true, 'boom', '{}', now(), now(), now())",
+        )
+        .await
+        .expect("a parked instance");
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_runner"))
+            .args(args)
+            .env("APP_CONFIG_DIR", &config_dir)
+            .env("APP__DATABASE__URL", &tdb.url)
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("runner runs")
+    };
+    let listed = run(&["parked"]);
+    assert!(listed.status.success(), "{listed:?}");
+    let parked: Value = serde_json::from_slice(&listed.stdout).expect("JSON on stdout");
+    assert_eq!(parked[0]["correlation_id"], "4242");
+    assert_eq!(parked[0]["attempts"], 3);
+    assert_eq!(parked[0]["last_error"], "boom");
+
+    let bad = run(&["resume", "abc"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("ORDER_ID must be an order id"));
+    let unknown = run(&["resume", "999"]);
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&unknown.stdout).contains("no order saga instance")
+            || String::from_utf8_lossy(&unknown.stderr).contains("no order saga instance")
+    );
     tdb.drop().await;
 }

@@ -546,3 +546,153 @@ mod tests {
         assert!("cancelled".parse::<OrderState>().is_err());
     }
 }
+
+#[cfg(test)]
+mod properties {
+    //! Any sequence of inputs (duplicates, reorderings, late arrivals) keeps
+    //! the saga's promises.
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn any_input() -> impl Strategy<Value = OrderInput> {
+        prop_oneof![
+            Just(OrderInput::OrderCreated),
+            (any::<bool>(), 0.0..1.0f64)
+                .prop_map(|(approved, draw)| OrderInput::PaymentDecided { approved, draw }),
+            Just(OrderInput::ExpirationDue),
+        ]
+    }
+
+    /// What running `inputs` from `pending` did.
+    #[derive(Debug, Default)]
+    struct Run {
+        state: Option<OrderState>,
+        completions: usize,
+        terminal_events: usize,
+        releases: usize,
+        timers: usize,
+    }
+
+    fn run(inputs: &[OrderInput]) -> Result<Run, TestCaseError> {
+        let mut state = OrderState::Pending;
+        let mut out = Run::default();
+        for input in inputs {
+            if let Decision::Apply { next, effects, .. } = decide(state, *input) {
+                prop_assert!(
+                    !state.is_terminal(),
+                    "left terminal state {state} on {input:?}"
+                );
+                if next == OrderState::Completed {
+                    out.completions += 1;
+                    prop_assert!(
+                        matches!(input, OrderInput::PaymentDecided { approved: true, .. }),
+                        "completed without an approved payment: {input:?}"
+                    );
+                }
+                for effect in effects {
+                    match effect {
+                        Effect::Publish(OrderEvent::OrderCompleted | OrderEvent::OrderExpired) => {
+                            out.terminal_events += 1
+                        }
+                        Effect::Publish(OrderEvent::OrderCreated) => {
+                            prop_assert!(false, "OrderCreated re-published")
+                        }
+                        Effect::ScheduleTimer(_) => out.timers += 1,
+                        Effect::ReleaseStock => out.releases += 1,
+                    }
+                }
+                state = next;
+            }
+        }
+        out.state = Some(state);
+        Ok(out)
+    }
+
+    fn check(run: &Run) -> Result<(), TestCaseError> {
+        let state = run.state.unwrap_or(OrderState::Pending);
+        prop_assert!(run.completions <= 1, "completed {} times", run.completions);
+        prop_assert!(
+            run.terminal_events <= 1,
+            "{} terminal events",
+            run.terminal_events
+        );
+        prop_assert_eq!(run.terminal_events == 1, state.is_terminal());
+        prop_assert_eq!(run.releases, usize::from(state == OrderState::Expired));
+        prop_assert!(run.timers <= 1, "{} payment timers", run.timers);
+        Ok(())
+    }
+
+    proptest! {
+        // A fixed seed: the same 2,000 cases on every run and every machine
+        // (PROPTEST_RNG_SEED overrides it to explore further).
+        #![proptest_config(ProptestConfig {
+            cases: 2000,
+            rng_seed: std::env::var("PROPTEST_RNG_SEED")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .map_or(proptest::test_runner::RngSeed::Fixed(20261124), proptest::test_runner::RngSeed::Fixed),
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn no_input_sequence_breaks_the_invariants(
+            inputs in proptest::collection::vec(any_input(), 0..40)
+        ) {
+            check(&run(&inputs)?)?;
+        }
+
+        #[test]
+        fn duplicating_and_reordering_inputs_keeps_the_invariants(
+            inputs in proptest::collection::vec(any_input(), 1..20),
+            duplicate in any::<prop::sample::Index>(),
+            seed in any::<u64>(),
+        ) {
+            // Every input delivered twice, the copies at shuffled positions.
+            let mut doubled = inputs.clone();
+            doubled.insert(duplicate.index(inputs.len() + 1), inputs[duplicate.index(inputs.len())]);
+            doubled.extend(inputs.iter().copied());
+            let mut order: Vec<usize> = (0..doubled.len()).collect();
+            let mut x = seed | 1;
+            for i in (1..order.len()).rev() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                order.swap(i, (x % (i as u64 + 1)) as usize);
+            }
+            let shuffled: Vec<OrderInput> = order.into_iter().map(|i| doubled[i]).collect();
+            check(&run(&doubled)?)?;
+            check(&run(&shuffled)?)?;
+        }
+
+        #[test]
+        fn a_terminal_state_absorbs_every_input(
+            terminal in prop_oneof![Just(OrderState::Completed), Just(OrderState::Expired)],
+            input in any_input(),
+        ) {
+            let ignored = matches!(decide(terminal, input), Decision::Ignore { .. });
+            prop_assert!(ignored, "{terminal} did not ignore {input:?}");
+        }
+    }
+
+    #[test]
+    fn the_diagram_is_generated_from_the_table() {
+        let diagram = mermaid();
+        for row in describe().iter().filter(|r| r.policy == "apply") {
+            let to = row.to.map(|s| s.to_string()).unwrap_or_default();
+            assert!(
+                diagram.contains(&format!("{} --> {}: {}", row.from, to, row.input)),
+                "{row:?} missing from\n{diagram}"
+            );
+        }
+        assert!(diagram.contains(
+            "processing --> expired: ExpirationDue / release stock, publish OrderExpired"
+        ));
+        assert_eq!(
+            describe().len(),
+            OrderState::ALL.len() * SAMPLE_INPUTS.len()
+        );
+    }
+}

@@ -5,11 +5,14 @@ use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Duration, Utc};
 
+/// Where the engine gets `now` from: injected so tests control time.
 pub trait Clock: Send + Sync + 'static {
+    /// The current time.
     fn now(&self) -> DateTime<Utc>;
 }
 
 #[derive(Clone, Copy, Debug, Default)]
+/// The real wall clock.
 pub struct SystemClock;
 
 impl Clock for SystemClock {
@@ -25,12 +28,14 @@ pub struct ManualClock {
 }
 
 impl ManualClock {
+    /// A clock frozen at `start` until moved.
     pub fn new(start: DateTime<Utc>) -> Self {
         Self {
             now: Arc::new(Mutex::new(start)),
         }
     }
 
+    /// Moves the clock forward by `by`.
     pub fn advance(&self, by: Duration) {
         let mut now = self
             .now
@@ -39,6 +44,7 @@ impl ManualClock {
         *now += by;
     }
 
+    /// Sets the clock to `to`.
     pub fn set(&self, to: DateTime<Utc>) {
         *self
             .now

@@ -47,11 +47,19 @@ pub trait MessageHandler: Send + Sync + 'static {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConsumeOutcome {
     /// Handled and acknowledged, after `attempts` tries in this delivery.
-    Handled { attempts: u32 },
+    Handled {
+        /// Tries in this delivery (1 unless it was retried).
+        attempts: u32,
+    },
     /// Already handled before: acknowledged and skipped.
     Duplicate,
     /// Moved to the error queue (undecodable, not retryable, or budget spent).
-    DeadLettered { reason: String, attempts: u32 },
+    DeadLettered {
+        /// The `x-error-reason` header.
+        reason: String,
+        /// The `x-attempts` header.
+        attempts: u32,
+    },
     /// Shutdown came while the message waited for a retry: it went back to
     /// the queue unacknowledged, for this or another runner.
     HandedBack,
@@ -61,8 +69,11 @@ pub enum ConsumeOutcome {
 /// supplied by the caller (so the schedule itself is deterministic).
 #[derive(Clone, Debug)]
 pub struct RetryPolicy {
+    /// Attempts in one budget, the first included (`retry.max_attempts`).
     pub max_attempts: u32,
+    /// Wait after the first failed attempt; doubles after each further one.
     pub initial_backoff: Duration,
+    /// Upper bound of one wait.
     pub max_backoff: Duration,
 }
 
@@ -87,6 +98,7 @@ impl RetryPolicy {
     }
 }
 
+/// Consumes one queue with a [`MessageHandler`]: decode, handle with a persisted retry budget, settle (ack, dead-letter or hand back).
 pub struct Consumer<H: MessageHandler> {
     transport: Arc<dyn Transport>,
     queue: QueueSpec,
@@ -97,6 +109,7 @@ pub struct Consumer<H: MessageHandler> {
 }
 
 impl<H: MessageHandler> Consumer<H> {
+    /// A consumer of `queue`, recording its inbox rows as `name`, with at most `prefetch` messages in flight.
     pub fn new(
         transport: Arc<dyn Transport>,
         queue: QueueSpec,

@@ -61,13 +61,18 @@ pub enum Handled {
     Duplicate,
     /// The machine moved the instance (possibly to the same state).
     Applied {
+        /// State before the input.
         from: OrderState,
+        /// State after it.
         to: OrderState,
+        /// Events queued in the outbox.
         published: Vec<OrderEvent>,
     },
     /// The machine decided the input changes nothing (late or repeated).
     Ignored {
+        /// The unchanged state.
         state: OrderState,
+        /// Why the table ignored the input.
         reason: &'static str,
     },
 }
@@ -75,7 +80,9 @@ pub enum Handled {
 /// A newly placed order, as committed by [`OrderSagaEngine::place_order`].
 #[derive(Clone, Debug)]
 pub struct PlacedOrder {
+    /// The `orders` row as inserted.
     pub order: orders::Model,
+    /// What every event of the order carries.
     pub snapshot: OrderSnapshot,
     /// Id of the queued `OrderCreated` message.
     pub message_id: Uuid,
@@ -84,25 +91,35 @@ pub struct PlacedOrder {
 /// Who places an order.
 #[derive(Clone, Debug)]
 pub struct Customer {
+    /// `users.id`.
     pub user_id: i64,
+    /// Where the completion e-mail goes.
     pub email: String,
+    /// Shown in the e-mail and the audit trail.
     pub name: String,
 }
 
 /// What one fired timer did.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TimerFired {
+    /// `saga_timers.id`.
     pub timer_id: i64,
+    /// The order id.
     pub correlation_id: String,
+    /// The payment decision.
     pub approved: bool,
+    /// The random draw behind it.
     pub draw: f64,
+    /// What applying it did.
     pub handled: Handled,
 }
 
 /// What one sweep batch did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SweepOutcome {
+    /// Stale instances locked by this batch.
     pub examined: usize,
+    /// Of those, how many were expired.
     pub expired: usize,
 }
 
@@ -170,9 +187,13 @@ pub struct Attempts {
 pub struct ParkedInstance {
     /// The order id.
     pub correlation_id: String,
+    /// Its current state.
     pub state: String,
+    /// Attempts spent in the budget.
     pub attempts: i32,
+    /// The error of the last attempt.
     pub last_error: Option<String>,
+    /// When it was parked.
     pub parked_at: DateTime<Utc>,
 }
 
@@ -187,6 +208,7 @@ pub struct Resumed {
 }
 
 impl OrderSagaEngine {
+    /// An engine on `db`, taking time from `clock` and payment outcomes from `payment`.
     pub fn new(
         db: DatabaseConnection,
         clock: Arc<dyn Clock>,
@@ -216,14 +238,17 @@ impl OrderSagaEngine {
         self
     }
 
+    /// The database connection.
     pub fn db(&self) -> &DatabaseConnection {
         &self.db
     }
 
+    /// The clock.
     pub fn clock(&self) -> &Arc<dyn Clock> {
         &self.clock
     }
 
+    /// The settings.
     pub fn settings(&self) -> &EngineSettings {
         &self.settings
     }

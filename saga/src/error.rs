@@ -4,25 +4,37 @@ use sea_orm::DbErr;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
+/// Why the engine could not apply an input or a handler failed.
 pub enum SagaError {
     #[error("database error: {0}")]
+    /// The database failed (unreachable, a statement error): retryable.
     Db(#[from] DbErr),
     #[error("no {saga_type} saga instance with correlation id `{correlation_id}`")]
+    /// No saga instance has this correlation id.
     UnknownInstance {
+        /// The saga type looked up.
         saga_type: &'static str,
+        /// The id that was not found.
         correlation_id: String,
     },
     #[error("{input} rejected in state {state}: {reason}")]
+    /// The transition table faults this input in this state.
     Rejected {
+        /// The state the instance was in.
         state: String,
+        /// The input's name.
         input: &'static str,
+        /// Why the table rejects it.
         reason: &'static str,
     },
     #[error("instance `{0}` kept changing under us (optimistic concurrency conflicts)")]
+    /// The instance kept changing under the engine (optimistic concurrency): retryable.
     Contention(String),
     #[error("corrupt saga data: {0}")]
+    /// Stored data could not be read (a bug or a manual edit).
     Corrupt(String),
     #[error("malformed message: {0}")]
+    /// A message this consumer cannot use (wrong type, unreadable payload).
     Malformed(String),
     /// The instance is parked (its retry budget is spent): nothing is
     /// applied to it until an operator resumes it.
@@ -34,8 +46,11 @@ pub enum SagaError {
     /// Placing an order would take a product's stock below zero.
     #[error("product {product_id} has {available} in stock, {requested} requested")]
     OutOfStock {
+        /// The product short of stock.
         product_id: i64,
+        /// Quantity asked for.
         requested: i32,
+        /// Quantity left.
         available: i32,
     },
 }
@@ -50,14 +65,19 @@ impl SagaError {
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
+/// Why the broker could not take or give a message.
 pub enum TransportError {
     #[error("broker error: {0}")]
+    /// The broker or the connection failed.
     Broker(String),
     #[error("broker did not confirm message {0}")]
+    /// The broker refused (nacked) a published message.
     NotConfirmed(uuid::Uuid),
     #[error("timed out waiting for the broker to confirm")]
+    /// The broker did not confirm in time.
     ConfirmTimeout,
     #[error("the consumer stream ended")]
+    /// A subscription ended (the transport was closed).
     StreamEnded,
 }
 

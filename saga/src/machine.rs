@@ -18,13 +18,18 @@ pub const ORDER_SAGA: &str = "order";
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OrderState {
+    /// Created; its `OrderCreated` event is on its way.
     Pending,
+    /// Payment under way (or declined; waiting to expire).
     Processing,
+    /// Paid. Terminal.
     Completed,
+    /// Timed out in `processing`. Terminal.
     Expired,
 }
 
 impl OrderState {
+    /// Every state, in lifecycle order.
     pub const ALL: [OrderState; 4] = [
         OrderState::Pending,
         OrderState::Processing,
@@ -32,6 +37,7 @@ impl OrderState {
         OrderState::Expired,
     ];
 
+    /// The name stored in `orders.status` and `saga_instances.state`.
     pub fn as_str(self) -> &'static str {
         match self {
             OrderState::Pending => "pending",
@@ -55,6 +61,7 @@ impl fmt::Display for OrderState {
 
 #[derive(Debug, thiserror::Error)]
 #[error("unknown order state `{0}`")]
+/// A state name that is not one of [`OrderState::ALL`].
 pub struct UnknownState(pub String);
 
 impl FromStr for OrderState {
@@ -74,7 +81,12 @@ pub enum OrderInput {
     /// The `OrderCreated` event was consumed: start processing.
     OrderCreated,
     /// The payment timer fired and the simulator drew `draw`.
-    PaymentDecided { approved: bool, draw: f64 },
+    PaymentDecided {
+        /// The simulator's decision.
+        approved: bool,
+        /// The random value behind it.
+        draw: f64,
+    },
     /// The expiration sweep found the order in `processing` for too long.
     ExpirationDue,
 }
@@ -93,12 +105,16 @@ impl OrderInput {
 /// Events the saga publishes (through the outbox).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum OrderEvent {
+    /// An order was placed.
     OrderCreated,
+    /// An order was paid.
     OrderCompleted,
+    /// An order timed out.
     OrderExpired,
 }
 
 impl OrderEvent {
+    /// The envelope's `message_type` and the AMQP `type` property.
     pub fn message_type(self) -> &'static str {
         match self {
             OrderEvent::OrderCreated => "OrderCreated",
@@ -107,6 +123,7 @@ impl OrderEvent {
         }
     }
 
+    /// The routing key on the events exchange.
     pub fn routing_key(self) -> &'static str {
         match self {
             OrderEvent::OrderCreated => "order.created",
@@ -115,6 +132,7 @@ impl OrderEvent {
         }
     }
 
+    /// The event whose [`OrderEvent::message_type`] is `s`.
     pub fn from_message_type(s: &str) -> Option<Self> {
         [
             OrderEvent::OrderCreated,
@@ -134,12 +152,14 @@ pub enum TimerKind {
 }
 
 impl TimerKind {
+    /// The name stored in `saga_timers.timer_kind`.
     pub fn as_str(self) -> &'static str {
         match self {
             TimerKind::PaymentDue => "payment_due",
         }
     }
 
+    /// The kind whose [`TimerKind::as_str`] is `s`.
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "payment_due" => Some(TimerKind::PaymentDue),
@@ -165,14 +185,23 @@ pub enum Effect {
 pub enum Decision {
     /// Move to `next` (possibly the same state) and carry out `effects`.
     Apply {
+        /// The state to move to.
         next: OrderState,
+        /// What the engine carries out in the same transaction.
         effects: Vec<Effect>,
+        /// Why, for the journal.
         note: &'static str,
     },
     /// A duplicate or late input: change nothing, record why.
-    Ignore { reason: &'static str },
+    Ignore {
+        /// Why, for the journal.
+        reason: &'static str,
+    },
     /// An input that must not happen in this state: a fault.
-    Reject { reason: &'static str },
+    Reject {
+        /// Why, for the error.
+        reason: &'static str,
+    },
 }
 
 /// The transition table of the order saga.
@@ -260,6 +289,7 @@ pub fn decide(state: OrderState, input: OrderInput) -> Decision {
 /// How the machine answers one (state, input) pair, for diagrams and docs.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct TransitionRow {
+    /// The state the input arrives in.
     pub from: OrderState,
     /// The input, with the payment outcome spelled out where it matters.
     pub input: &'static str,
@@ -267,6 +297,7 @@ pub struct TransitionRow {
     pub policy: &'static str,
     /// The next state (`None` unless the policy is `apply`).
     pub to: Option<OrderState>,
+    /// What the engine does, in words.
     pub effects: Vec<String>,
     /// The note or the reason given by the table.
     pub why: &'static str,

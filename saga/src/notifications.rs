@@ -201,6 +201,7 @@ pub struct OrderCreatedHandler {
 }
 
 impl OrderCreatedHandler {
+    /// A handler recording its inbox rows as `consumer`.
     pub fn new(engine: crate::engine::OrderSagaEngine, consumer: impl Into<String>) -> Self {
         Self {
             engine,

@@ -53,6 +53,7 @@ pub async fn enqueue<C: ConnectionTrait>(
 }
 
 #[derive(Clone, Debug)]
+/// How the relay claims and publishes outbox rows (`outbox.*`).
 pub struct RelaySettings {
     /// Rows claimed and published per round.
     pub batch_size: u64,
@@ -78,11 +79,15 @@ impl Default for RelaySettings {
 /// What one relay round did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RelayOutcome {
+    /// Rows leased by this round.
     pub claimed: usize,
+    /// Of those, confirmed by the broker and marked sent.
     pub published: usize,
+    /// Of those, to be retried later.
     pub failed: usize,
 }
 
+/// Publishes committed outbox rows with publisher confirms and marks them sent. Several relays may run at once (rows are leased with `SKIP LOCKED`).
 pub struct OutboxRelay {
     db: DatabaseConnection,
     transport: Arc<dyn Transport>,
@@ -92,6 +97,7 @@ pub struct OutboxRelay {
 }
 
 impl OutboxRelay {
+    /// A relay reading `db` and publishing on `transport`; `signal` wakes it when a transaction queued events.
     pub fn new(
         db: DatabaseConnection,
         transport: Arc<dyn Transport>,

@@ -9,11 +9,15 @@ use rand::{RngExt, SeedableRng};
 /// One payment decision: the random value drawn in `[0, 1)` and the verdict.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PaymentDraw {
+    /// The random value in `[0, 1)`.
     pub value: f64,
+    /// Whether the payment went through (`value < success_rate`).
     pub approved: bool,
 }
 
+/// Decides simulated payments: random in production, fixed in tests.
 pub trait PaymentSimulator: Send + Sync + 'static {
+    /// One payment decision.
     fn draw(&self) -> PaymentDraw;
 }
 
@@ -54,6 +58,7 @@ impl PaymentSimulator for RandomPayment {
 /// Always gives the same verdict (tests, demos).
 #[derive(Clone, Copy, Debug)]
 pub struct FixedPayment {
+    /// The decision every draw returns.
     pub approved: bool,
 }
 

@@ -7,6 +7,7 @@ use crate::transport::rabbitmq::{QueueType, Topology};
 
 /// Consumer names double as inbox keys: renaming one re-handles old messages.
 pub const ORDER_SAGA_CONSUMER: &str = "order-saga";
+/// Consumer name (inbox key) of the notifications consumer.
 pub const NOTIFICATIONS_CONSUMER: &str = "notifications";
 
 /// The saga's `OrderCreated` queue.
@@ -32,6 +33,7 @@ pub fn notifications_queue(prefix: &str) -> QueueSpec {
     }
 }
 
+/// The exchange and both queues (with their error queues) every host declares.
 pub fn topology(exchange: &str, prefix: &str, queue_type: QueueType) -> Topology {
     Topology {
         exchange: exchange.to_owned(),

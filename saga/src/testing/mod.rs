@@ -16,16 +16,20 @@ use uuid::Uuid;
 
 use crate::transport::rabbitmq::{QueueType, RabbitTransport, Topology};
 
+/// PostgreSQL of this machine (trust auth).
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+/// RabbitMQ of this machine.
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 const START_POSTGRES: &str = "start it with: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start (see README, 'Services')";
 const START_RABBITMQ: &str = "start it with: rabbitmq-server -detached && rabbitmqctl await_startup (see README, 'Services')";
 
+/// `DATABASE_URL`, or [`DEFAULT_DATABASE_URL`].
 pub fn database_url() -> String {
     std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned())
 }
 
+/// `AMQP_URL`, or [`DEFAULT_AMQP_URL`].
 pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.to_owned())
 }
@@ -41,8 +45,11 @@ pub fn with_database(url: &str, name: &str) -> String {
 
 /// A freshly created and migrated database, dropped by [`TestDatabase::drop`].
 pub struct TestDatabase {
+    /// Connected to the new database.
     pub db: DatabaseConnection,
+    /// `os_test_<uuid>`.
     pub name: String,
+    /// Its URL (for hosts started by the test).
     pub url: String,
     admin: DatabaseConnection,
 }
@@ -103,10 +110,15 @@ async fn connect(url: &str, max: u32) -> Result<DatabaseConnection, sea_orm::DbE
 
 /// An exchange and queues of this test's own, deleted by [`TestBroker::delete`].
 pub struct TestBroker {
+    /// Connected to the test's broker.
     pub transport: RabbitTransport,
+    /// What was declared.
     pub topology: Topology,
+    /// `test.<uuid>.events`.
     pub exchange: String,
+    /// `test.<uuid>`: queue name prefix.
     pub prefix: String,
+    /// The broker's URL.
     pub url: String,
 }
 
@@ -138,6 +150,7 @@ impl TestBroker {
         }
     }
 
+    /// Deletes the exchange and queues, and closes the connection.
     pub async fn delete(self) {
         let _ = self.transport.delete(&self.topology).await;
         self.transport.close().await;

@@ -12,10 +12,15 @@ pub mod rabbitmq;
 /// A message to publish on the events exchange.
 #[derive(Clone, Debug)]
 pub struct OutgoingMessage {
+    /// Becomes the AMQP `message_id` property.
     pub message_id: Uuid,
+    /// Becomes the AMQP `type` property.
     pub message_type: String,
+    /// Becomes the AMQP `correlation_id` property (the order id).
     pub correlation_id: String,
+    /// Where the topic exchange routes it.
     pub routing_key: String,
+    /// The JSON envelope.
     pub body: Vec<u8>,
 }
 
@@ -30,18 +35,26 @@ pub trait Acknowledger: Send + Sync {
 
 /// A consumed message.
 pub struct Delivery {
+    /// The message body.
     pub body: Vec<u8>,
+    /// The routing key it was published with.
     pub routing_key: String,
+    /// The AMQP `message_id` property.
     pub message_id: Option<String>,
+    /// The AMQP `type` property.
     pub message_type: Option<String>,
+    /// Whether the broker delivered it before (an earlier consumer did not settle it).
     pub redelivered: bool,
+    /// Settles the delivery.
     pub acker: Box<dyn Acknowledger>,
 }
 
 /// A consumer queue and the routing keys bound to it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QueueSpec {
+    /// The queue's name.
     pub name: String,
+    /// Routing keys bound to it on the events exchange.
     pub routing_keys: Vec<String>,
 }
 
@@ -53,6 +66,7 @@ impl QueueSpec {
 }
 
 #[async_trait]
+/// How messages are published and consumed: RabbitMQ in production, in-process in the embedded mode and in tests.
 pub trait Transport: Send + Sync + 'static {
     /// Publishes every message (all in flight at once) and reports, per
     /// message and in order, whether the broker confirmed it.

@@ -27,7 +27,9 @@ use crate::error::TransportError;
 /// Queue type to declare: classic for one node, quorum for a cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QueueType {
+    /// One node.
     Classic,
+    /// Replicated (Raft); what a cluster wants.
     Quorum,
 }
 
@@ -43,15 +45,20 @@ impl QueueType {
 /// The queues and exchange a host uses.
 #[derive(Clone, Debug)]
 pub struct Topology {
+    /// The durable topic exchange.
     pub exchange: String,
+    /// Type of every queue.
     pub queue_type: QueueType,
+    /// The consumers' queues.
     pub queues: Vec<QueueSpec>,
 }
 
 /// A message in an error queue, with the headers naming its failure.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeadLetter {
+    /// The AMQP `message_id` property.
     pub message_id: Option<String>,
+    /// The AMQP `type` property.
     pub message_type: Option<String>,
     /// `x-error-reason`: why the consumer gave up.
     pub reason: Option<String>,
@@ -61,6 +68,7 @@ pub struct DeadLetter {
     pub original_routing_key: Option<String>,
     /// `x-original-queue`.
     pub original_queue: Option<String>,
+    /// The message body.
     pub body: Vec<u8>,
 }
 
@@ -68,7 +76,9 @@ pub struct DeadLetter {
 /// up to `max`.
 #[derive(Clone, Copy, Debug)]
 pub struct ReconnectPolicy {
+    /// The first wait.
     pub initial: Duration,
+    /// The longest wait.
     pub max: Duration,
 }
 

@@ -218,6 +218,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
 /// Fires due timers until none is due, then sleeps until the next one is due
 /// (at most `poll` so timers written by other runners are seen).
 pub async fn run_timers(engine: &OrderSagaEngine, poll: Duration, shutdown: CancellationToken) {
+    let mut failures: u32 = 0;
     loop {
         if shutdown.is_cancelled() {
             return;
@@ -228,18 +229,33 @@ pub async fn run_timers(engine: &OrderSagaEngine, poll: Duration, shutdown: Canc
                 Ok(Some(_)) => continue,
                 Ok(None) => break,
                 Err(e) => {
-                    tracing::error!(error = %e, "firing a timer failed");
+                    failures = failures.saturating_add(1);
+                    // Repeated while the database is down: log the first
+                    // failures loudly, then back off quietly.
+                    if failures <= 3 {
+                        tracing::error!(error = %e, "firing a timer failed");
+                    } else {
+                        tracing::debug!(error = %e, failures, "firing a timer failed again");
+                    }
                     failed = true;
                     break;
                 }
             }
         }
         let mut wait = poll;
-        if !failed && let Ok(Some(due)) = engine.next_timer_due().await {
-            let until = (due - engine.clock().now())
-                .to_std()
-                .unwrap_or(Duration::ZERO);
-            wait = wait.min(until);
+        if failed {
+            wait = (poll * 2u32.saturating_pow(failures.min(6))).min(Duration::from_secs(5));
+        } else {
+            if failures > 0 {
+                tracing::info!(failures, "timers fire again");
+            }
+            failures = 0;
+            if let Ok(Some(due)) = engine.next_timer_due().await {
+                let until = (due - engine.clock().now())
+                    .to_std()
+                    .unwrap_or(Duration::ZERO);
+                wait = wait.min(until);
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,

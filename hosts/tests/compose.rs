@@ -3,8 +3,8 @@
 //! `docker-compose.yml` is read (YAML merge keys applied, `${VAR}`
 //! interpolated from `.env.example`, as `docker compose` would with that file
 //! as `.env`). Each host service (`api`, `runner`, `scheduler`) is started as
-//! the real binary named by its `command`, with exactly its `environment`,
-//! in `depends_on` order, each waiting for the services it depends on to be
+//! the real binary named by its `command`, with exactly its `environment`
+//! (runner and scheduler twice each, as with `--scale`), in `depends_on` order, each waiting for the services it depends on to be
 //! healthy (the api through the compose `healthcheck` command itself). The
 //! only changes, all made visibly below in [`Substitutions`]:
 //!
@@ -39,6 +39,10 @@ use serde_yaml::Value;
 
 const HOST_SERVICES: [&str; 3] = ["api", "runner", "scheduler"];
 const ORDERS: usize = 16;
+/// Replicas per service, as with `docker compose up --scale runner=2
+/// --scale scheduler=2`: competing runners and schedulers must not
+/// double-handle anything.
+const SCALE: [(&str, usize); 3] = [("api", 1), ("runner", 2), ("scheduler", 2)];
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -434,7 +438,13 @@ async fn the_compose_services_run_the_order_flow_with_exactly_their_environment(
             env.iter().any(|(k, v)| k == "APP_CONFIG_DIR" && Path::new(v).join("instance.json").is_file()),
             "{next}: APP_CONFIG_DIR points at the mounted configuration folder"
         );
-        processes.spawn(next, &exe, &args, &env);
+        let replicas = SCALE
+            .iter()
+            .find(|(n, _)| *n == next)
+            .map_or(1, |(_, r)| *r);
+        for replica in 1..=replicas {
+            processes.spawn(&format!("{next}-{replica}"), &exe, &args, &env);
+        }
         started.push(next);
     }
     wait_healthy("api", service(&compose, "api"), &subs, &mut processes).await;
@@ -501,7 +511,31 @@ async fn the_compose_services_run_the_order_flow_with_exactly_their_environment(
         Duration::from_secs(5),
     )
     .await;
-    assert!(processes.log("scheduler").contains("scheduler started"));
+    // One fake e-mail per approved order across both runners.
+    let count_emails = |processes: &Processes| -> usize {
+        (1..=2)
+            .map(|r| {
+                processes
+                    .log(&format!("runner-{r}"))
+                    .matches("FAKE E-MAIL")
+                    .count()
+            })
+            .sum()
+    };
+    let want = approved.len();
+    let emails = saga::testing::eventually(Duration::from_secs(10), "fake e-mails", || {
+        let n = count_emails(&processes);
+        async move { (n >= want).then_some(n) }
+    })
+    .await;
+    assert_eq!(emails, approved.len(), "one e-mail per approved order");
+    for r in 1..=2 {
+        assert!(
+            processes
+                .log(&format!("scheduler-{r}"))
+                .contains("scheduler started")
+        );
+    }
     processes.assert_running();
 
     processes.stop().await;

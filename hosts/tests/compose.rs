@@ -33,7 +33,8 @@ use std::time::Duration;
 
 use common::{Api, Processes, free_port};
 use entity::saga_transitions;
-use saga::testing::{TestBroker, database_url, with_database};
+use saga::testing::{amqp_url, database_url, with_database};
+use saga::transport::rabbitmq::{QueueType, RabbitTransport, Topology};
 use sea_orm::{ColumnTrait, ConnectionTrait, Database, EntityTrait, QueryFilter};
 use serde_yaml::Value;
 
@@ -121,10 +122,18 @@ fn interpolate_all(value: &mut Value, vars: &HashMap<String, String>) {
 /// `docker-compose.yml` as `docker compose config` would see it with
 /// `.env.example` as `.env`.
 fn load_compose() -> Value {
+    load_compose_with(&[])
+}
+
+/// The same, with some `.env` variables changed (as a user would edit `.env`).
+fn load_compose_with(env_overrides: &[(&str, &str)]) -> Value {
     let text = std::fs::read_to_string(repo().join("docker-compose.yml")).expect("compose file");
     let mut compose: Value = serde_yaml::from_str(&text).expect("compose file is YAML");
     compose.apply_merge().expect("merge keys");
-    let vars = read_env_file(&repo().join(".env.example"));
+    let mut vars = read_env_file(&repo().join(".env.example"));
+    for (k, v) in env_overrides {
+        vars.insert((*k).to_owned(), (*v).to_owned());
+    }
     interpolate_all(&mut compose, &vars);
     compose
 }
@@ -346,7 +355,48 @@ fn the_compose_file_is_safe_to_scale_and_waits_for_healthy_dependencies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_compose_services_run_the_order_flow_with_exactly_their_environment() {
-    let compose = load_compose();
+    run_compose_flow(&[], QueueType::Classic).await;
+}
+
+/// `RABBITMQ_QUEUE_TYPE=quorum` in `.env` (what a RabbitMQ cluster wants):
+/// the hosts declare quorum queues and the flow is unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_compose_services_run_the_order_flow_on_quorum_queues() {
+    run_compose_flow(&[("RABBITMQ_QUEUE_TYPE", "quorum")], QueueType::Quorum).await;
+}
+
+/// This test's own exchange and queues, of the type the compose file asks for.
+struct Broker {
+    transport: RabbitTransport,
+    topology: Topology,
+    exchange: String,
+    prefix: String,
+}
+
+async fn create_broker(queue_type: QueueType) -> Broker {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let exchange = format!("test.{id}.events");
+    let prefix = format!("test.{id}");
+    let transport = RabbitTransport::connect(
+        &amqp_url(),
+        &exchange,
+        Duration::from_secs(5),
+        "order-saga compose test",
+    )
+    .await
+    .expect("RabbitMQ at AMQP_URL (see README, 'Services')");
+    let topology = saga::topology::topology(&exchange, &prefix, queue_type);
+    transport.declare(&topology).await.expect("test topology");
+    Broker {
+        transport,
+        topology,
+        exchange,
+        prefix,
+    }
+}
+
+async fn run_compose_flow(env_overrides: &[(&str, &str)], queue_type: QueueType) {
+    let compose = load_compose_with(env_overrides);
     let id = uuid::Uuid::new_v4().simple().to_string();
 
     // PostgreSQL: the role the compose file connects as, and a fresh database
@@ -388,7 +438,15 @@ async fn the_compose_services_run_the_order_flow_with_exactly_their_environment(
         .expect("userinfo in APP__RABBITMQ__URL");
     let (mq_user, mq_password) = userinfo.split_once(':').expect("user:password");
     provision_rabbitmq_user(mq_user, mq_password);
-    let broker = TestBroker::create().await;
+    let broker = create_broker(queue_type).await;
+    let want_type = match queue_type {
+        QueueType::Classic => "classic",
+        QueueType::Quorum => "quorum",
+    };
+    assert_eq!(
+        api_env["APP__RABBITMQ__QUEUE_TYPE"], want_type,
+        "the compose file passes RABBITMQ_QUEUE_TYPE through"
+    );
 
     let subs = Substitutions {
         database: database.clone(),
@@ -540,7 +598,21 @@ async fn the_compose_services_run_the_order_flow_with_exactly_their_environment(
 
     processes.stop().await;
     let _ = db.close().await;
-    broker.delete().await;
+    // The hosts' queues are of the configured type.
+    let listed = rabbitmqctl(&["list_queues", "-q", "--no-table-headers", "name", "type"]);
+    let listed = String::from_utf8_lossy(&listed.stdout).to_string();
+    let ours: Vec<&str> = listed
+        .lines()
+        .filter(|l| l.starts_with(&broker.prefix))
+        .collect();
+    assert_eq!(ours.len(), 4, "two queues and their error queues: {listed}");
+    assert!(
+        ours.iter()
+            .all(|l| l.split_whitespace().nth(1) == Some(want_type)),
+        "queues are {want_type}: {ours:?}"
+    );
+    let _ = broker.transport.delete(&broker.topology).await;
+    broker.transport.close().await;
     let _ = admin
         .execute_unprepared(&format!(
             "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"

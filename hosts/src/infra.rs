@@ -11,6 +11,7 @@ use saga::consumer::RetryPolicy;
 use saga::engine::{EngineSettings, OrderSagaEngine};
 use saga::outbox::{OutboxRelay, RelaySettings};
 use saga::payment::RandomPayment;
+use saga::transport::Transport;
 use saga::transport::rabbitmq::{QueueType, RabbitTransport, ReconnectPolicy, Topology};
 use sea_orm::{ConnectOptions, Database, DatabaseConnection};
 use tokio::sync::Notify;
@@ -196,6 +197,30 @@ pub fn relay(
     settings: &Settings,
     db: DatabaseConnection,
     transport: Arc<RabbitTransport>,
+    signal: Arc<Notify>,
+) -> OutboxRelay {
+    OutboxRelay::new(
+        db,
+        transport,
+        Arc::new(SystemClock),
+        RelaySettings {
+            batch_size: settings.outbox.batch_size,
+            lease: chrono::Duration::seconds(
+                i64::try_from(settings.outbox.lease_seconds).unwrap_or(i64::MAX),
+            ),
+            retry_after: chrono::Duration::seconds(1),
+            poll_interval: Duration::from_millis(settings.outbox.poll_interval_ms),
+        },
+        signal,
+    )
+}
+
+/// An outbox relay on any transport (the embedded mode passes the in-memory
+/// one); the same settings as [`relay`].
+pub fn relay_on(
+    settings: &Settings,
+    db: DatabaseConnection,
+    transport: Arc<dyn Transport>,
     signal: Arc<Notify>,
 ) -> OutboxRelay {
     OutboxRelay::new(

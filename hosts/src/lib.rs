@@ -2,6 +2,7 @@
 //! Each binary in `src/bin/` is telemetry -> settings -> run until stopped.
 
 pub mod api;
+pub mod embedded;
 pub mod infra;
 pub mod runner;
 pub mod scheduler;

@@ -45,6 +45,10 @@ pub struct Settings {
     pub seed: SeedSettings,
     pub logging: LoggingSettings,
     pub shutdown: ShutdownSettings,
+    /// The single-process embedded mode (`cargo run`): only its storage
+    /// differs; every other section applies unchanged.
+    #[serde(default)]
+    pub embedded: EmbeddedSettings,
     #[serde(default, rename = "_comment")]
     pub comment: Option<String>,
 }
@@ -192,6 +196,22 @@ pub struct SeedSettings {
 #[serde(deny_unknown_fields)]
 pub struct LoggingSettings {
     pub filter: String,
+}
+
+/// Where the embedded mode keeps its data.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddedSettings {
+    /// SQLite URL; a relative path is relative to the working directory.
+    pub database_url: String,
+}
+
+impl Default for EmbeddedSettings {
+    fn default() -> Self {
+        Self {
+            database_url: "sqlite://data/order-saga.db?mode=rwc".to_owned(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -406,6 +426,10 @@ mod tests {
         assert_eq!(s.retry.max_attempts, 3);
         assert!(s.database.url.starts_with("postgres://"));
         assert!(s.rabbitmq.url.starts_with("amqp://"));
+        assert_eq!(
+            s.embedded.database_url,
+            EmbeddedSettings::default().database_url
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ use uuid::Uuid;
 
 use crate::error::TransportError;
 
+pub mod memory;
 pub mod rabbitmq;
 
 /// A message to publish on the events exchange.

@@ -1,0 +1,68 @@
+# syntax=docker/dockerfile:1
+#
+# One image for every host: api, runner, scheduler (pick one with the
+# container command, e.g. `command: ["runner"]`). Built in two stages:
+#
+#   build    compiles the dependency graph first, from the manifests and stub
+#            sources only (cached until Cargo.toml/Cargo.lock change), then
+#            the workspace's own crates, once, for all host binaries;
+#   runtime  distroless (glibc, no shell, no package manager), non-root, with
+#            the binaries, the `healthcheck` probe and `configuration/`.
+#
+# Base images are pinned by tag; override them with build arguments, e.g.
+#   docker build --build-arg RUST_IMAGE=rust:1.95-slim-bookworm \
+#                --build-arg RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot .
+# (keep both on the same Debian release: the binaries link against its glibc).
+
+ARG RUST_IMAGE=rust:1.95-slim-bookworm
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
+
+FROM ${RUST_IMAGE} AS build
+WORKDIR /src
+ENV CARGO_TERM_COLOR=never CARGO_INCREMENTAL=0
+
+# 1. Dependencies only. Stub sources stand in for the workspace's crates so
+#    this layer depends on nothing but the manifests and the lock file.
+COPY Cargo.toml Cargo.lock ./
+COPY entity/Cargo.toml entity/
+COPY migration/Cargo.toml migration/
+COPY saga/Cargo.toml saga/
+COPY hosts/Cargo.toml hosts/
+RUN mkdir -p entity/src migration/src saga/src hosts/src/bin \
+ && for lib in entity migration saga hosts; do echo '' > "$lib/src/lib.rs"; done \
+ && for bin in migration/src/main.rs hosts/src/bin/api.rs hosts/src/bin/runner.rs \
+               hosts/src/bin/scheduler.rs hosts/src/bin/healthcheck.rs hosts/src/bin/embedded.rs; do \
+      echo 'fn main() {}' > "$bin"; \
+    done \
+ && cargo build --release --locked -p hosts --bins \
+ && rm -rf entity/src migration/src saga/src hosts/src
+
+# 2. The workspace's own crates. `touch` makes every real source newer than
+#    the stubs' build outputs, so cargo rebuilds exactly these crates.
+COPY entity/src entity/src
+COPY migration/src migration/src
+COPY saga/src saga/src
+COPY hosts/src hosts/src
+RUN find entity/src migration/src saga/src hosts/src -name '*.rs' -exec touch {} + \
+ && cargo build --release --locked -p hosts --bins \
+ && mkdir -p /out \
+ && cp target/release/api target/release/runner target/release/scheduler \
+       target/release/healthcheck /out/
+
+FROM ${RUNTIME_IMAGE} AS runtime
+LABEL org.opencontainers.image.title="order-saga" \
+      org.opencontainers.image.description="order-saga hosts: api, runner, scheduler"
+WORKDIR /app
+COPY --from=build /out/api /out/runner /out/scheduler /out/healthcheck /usr/local/bin/
+# instance.json and secrets.example.json (secrets.json never enters the
+# image: see .dockerignore). Mount your own folder over it or set APP__...
+COPY configuration/ /app/configuration/
+ENV APP_CONFIG_DIR=/app/configuration \
+    APP__API__LISTEN=0.0.0.0:8080
+# distroless's "nonroot" user (uid 65532); numeric so Kubernetes can verify it.
+USER 65532:65532
+EXPOSE 8080
+# For the api; the runner and scheduler serve no HTTP (compose disables it).
+HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
+  CMD ["/usr/local/bin/healthcheck", "http://127.0.0.1:8080/health"]
+CMD ["api"]

@@ -1,0 +1,206 @@
+//! The embedded default: the whole system in one process, for a first look
+//! with nothing but the Rust toolchain (`cargo run --release`).
+//!
+//! The API, the runner (both consumers, the durable timers, the outbox relay)
+//! and the scheduler run here on the same `saga` engine as the separate
+//! hosts, with the same `instance.json` timings and probabilities. Only two
+//! things differ:
+//!
+//! - storage: the same migrations on a SQLite file (`embedded.database_url`,
+//!   by default `data/order-saga.db` under the working directory), through a
+//!   pool of one connection, so SQLite never reports "database is locked";
+//! - transport: [`MemoryTransport`] instead of RabbitMQ (same queues, routing
+//!   keys, prefetch, retries and error queues).
+//!
+//! Single process only: two embedded processes on one SQLite file would
+//! each have their own in-memory queues and miss each other's events.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use migration::{Migrator, MigratorTrait};
+use poem::Server;
+use poem::listener::TcpListener;
+use saga::clock::SystemClock;
+use saga::consumer::Consumer;
+use saga::notifications::{NotificationHandler, OrderCreatedHandler};
+use saga::topology::{self, NOTIFICATIONS_CONSUMER, ORDER_SAGA_CONSUMER};
+use saga::transport::Transport;
+use saga::transport::memory::MemoryTransport;
+use sea_orm::{ConnectOptions, Database, DatabaseConnection};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, AppState, auth};
+use crate::settings::Settings;
+use crate::{infra, runner, scheduler};
+
+/// The file behind a `sqlite:` URL, if it names one (not `:memory:`).
+pub fn sqlite_file(url: &str) -> Option<PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or(rest);
+    if path.is_empty() || path.starts_with(":memory:") {
+        return None;
+    }
+    Some(PathBuf::from(path))
+}
+
+/// Opens the SQLite database (creating its folder and file), with one pooled
+/// connection, WAL and a busy timeout.
+pub async fn connect_sqlite(settings: &Settings) -> anyhow::Result<DatabaseConnection> {
+    let url = &settings.embedded.database_url;
+    if !url.starts_with("sqlite:") {
+        anyhow::bail!(
+            "configuration key `embedded.database_url`: must be a sqlite: URL, got `{url}`"
+        );
+    }
+    if let Some(file) = sqlite_file(url)
+        && let Some(dir) = file.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("Failed to create the data folder {}", dir.display()))?;
+    }
+    let mut options = ConnectOptions::new(url.clone());
+    options
+        // One connection: SQLite has one writer anyway, and a single
+        // connection can never be refused with "database is locked".
+        .max_connections(1)
+        .min_connections(1)
+        .acquire_timeout(Duration::from_secs(
+            settings.database.acquire_timeout_seconds,
+        ))
+        .sqlx_logging(false)
+        .map_sqlx_sqlite_opts(|o| {
+            o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
+                .busy_timeout(Duration::from_secs(5))
+                .foreign_keys(true)
+                .create_if_missing(true)
+        });
+    Database::connect(options)
+        .await
+        .with_context(|| format!("Failed to open the SQLite database {url}"))
+}
+
+/// Runs the whole system in this process until `shutdown` fires.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let db = connect_sqlite(&settings).await?;
+    Migrator::up(&db, None)
+        .await
+        .context("Failed to apply database migrations")?;
+    tracing::info!(database = %settings.embedded.database_url, "database schema is up to date");
+    api::seed_admin(&db, &settings).await?;
+
+    let memory = MemoryTransport::new();
+    memory.declare(&infra::topology(&settings));
+    let transport: Arc<dyn Transport> = Arc::new(memory.clone());
+    let signal = Arc::new(Notify::new());
+    let engine = infra::engine(&settings, db.clone(), signal.clone());
+    // One relay for the whole process: the API, the timers and the sweep all
+    // write to the same outbox and wake it through the same signal.
+    let relay = infra::relay_on(&settings, db.clone(), transport.clone(), signal.clone());
+
+    let prefix = &settings.rabbitmq.queue_prefix;
+    let saga_consumer = Consumer::new(
+        transport.clone(),
+        topology::saga_queue(prefix),
+        ORDER_SAGA_CONSUMER,
+        Arc::new(OrderCreatedHandler::new(
+            engine.clone(),
+            ORDER_SAGA_CONSUMER,
+        )),
+        runner::retry_policy(&settings),
+        settings.rabbitmq.prefetch,
+    );
+    let notification_consumer = Consumer::new(
+        transport,
+        topology::notifications_queue(prefix),
+        NOTIFICATIONS_CONSUMER,
+        Arc::new(NotificationHandler::new(
+            db.clone(),
+            engine.clock().clone(),
+            NOTIFICATIONS_CONSUMER,
+        )),
+        runner::retry_policy(&settings),
+        settings.rabbitmq.prefetch,
+    );
+
+    let state = Arc::new(AppState {
+        db,
+        jwt: auth::JwtKeys::new(&settings.auth),
+        clock: Arc::new(SystemClock),
+        outbox_signal: signal,
+    });
+    let listener = TcpListener::bind(settings.api.listen.clone());
+    tracing::info!(
+        listen = %settings.api.listen,
+        payment_delay_ms = settings.payment.delay_ms,
+        success_rate = settings.payment.success_rate,
+        sweep_interval_seconds = settings.expiration.sweep_interval_seconds,
+        processing_timeout_seconds = settings.expiration.processing_timeout_seconds,
+        "order-saga (embedded: SQLite + in-process transport) is up; Swagger UI at {}/swagger",
+        settings.api.public_url
+    );
+
+    // Whatever part stops first (a signal, or the HTTP server failing to
+    // bind) stops the rest; in-flight work finishes before we return.
+    let stop = shutdown.child_token();
+    let timers_poll = Duration::from_millis(settings.timers.poll_interval_ms);
+    let sweep_interval = Duration::from_secs(settings.expiration.sweep_interval_seconds);
+    let (server, saga_result, notification_result, (), (), ()) = tokio::join!(
+        async {
+            let stopped = stop.clone();
+            let r = Server::new(listener)
+                .run_with_graceful_shutdown(
+                    api::app(state),
+                    async move { stopped.cancelled().await },
+                    Some(Duration::from_secs(10)),
+                )
+                .await;
+            stop.cancel();
+            r
+        },
+        async {
+            let r = saga_consumer.run_until_stopped(stop.clone()).await;
+            stop.cancel();
+            r
+        },
+        async {
+            let r = notification_consumer.run_until_stopped(stop.clone()).await;
+            stop.cancel();
+            r
+        },
+        runner::run_timers(&engine, timers_poll, stop.clone()),
+        scheduler::run_sweeps(&engine, sweep_interval, stop.clone()),
+        relay.run_until_stopped(stop.clone()),
+    );
+    memory.close();
+    server.context("HTTP server failed")?;
+    saga_result.context("order-saga consumer stopped")?;
+    notification_result.context("notifications consumer stopped")?;
+    tracing::info!("order-saga stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_urls_name_their_file() {
+        assert_eq!(
+            sqlite_file("sqlite://data/order-saga.db?mode=rwc"),
+            Some(PathBuf::from("data/order-saga.db"))
+        );
+        assert_eq!(
+            sqlite_file("sqlite:/tmp/x.db"),
+            Some(PathBuf::from("/tmp/x.db"))
+        );
+        assert_eq!(sqlite_file("sqlite::memory:"), None);
+        assert_eq!(sqlite_file("postgres://db/x"), None);
+    }
+}

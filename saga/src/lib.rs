@@ -84,8 +84,11 @@
 //! - [`topology`]: the queue names every host agrees on.
 //! - [`message`]: the JSON envelope and the typed order event contracts.
 //! - [`clock`], [`payment`]: time and randomness, injected.
-//! - `testing` (feature `testing`): per-test databases and broker
-//!   topologies, a TCP proxy for fault tests.
+//! - `testing` (feature `testing`): `testing::harness::SagaHarness` runs the
+//!   whole saga in-process (in-memory SQLite, in-memory transport, virtual
+//!   clock) and lets a test assert what was consumed and published and which
+//!   state each order is in, without waiting; plus per-test PostgreSQL
+//!   databases and RabbitMQ topologies, and a TCP proxy for fault tests.
 //!
 //! See `examples/` for another service using the crate.
 

@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+pub mod harness;
 pub mod proxy;
 pub use proxy::TcpProxy;
 

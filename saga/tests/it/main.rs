@@ -3,6 +3,7 @@
 
 mod broker;
 mod engine;
+mod harness;
 mod helpers;
 mod races;
 mod resilience;

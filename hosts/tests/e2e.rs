@@ -416,6 +416,77 @@ async fn the_runner_rides_out_a_broker_outage_without_exiting_or_losing_orders()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runner_rides_out_a_database_outage_without_exiting_or_losing_orders() {
+    let tdb = TestDatabase::create().await;
+    let broker = TestBroker::create().await;
+    let server = tdb
+        .url
+        .split_once('@')
+        .and_then(|(_, rest)| rest.split('/').next())
+        .unwrap_or("127.0.0.1:5432")
+        .replace("localhost", "127.0.0.1");
+    let proxy = TcpProxy::start(server.parse().expect("database address"))
+        .await
+        .expect("proxy");
+    let runner_env = [
+        ("APP__DATABASE__URL", proxy.url_for(&tdb.url)),
+        ("APP__DATABASE__ACQUIRE_TIMEOUT_SECONDS", "1".to_owned()),
+        ("APP__RETRY__MAX_BACKOFF_MS", "500".to_owned()),
+    ];
+    let mut stack = Stack::start_with(&tdb, &broker, "1", &runner_env).await;
+    let token = sign_up(&stack).await;
+    let before = more_orders(&stack, &token, 5).await;
+    wait_for_status(&mut stack, &token, &before, "completed").await;
+
+    // The runner loses PostgreSQL; the API (direct) keeps taking orders.
+    proxy.cut();
+    let during = more_orders(&stack, &token, 10).await;
+    eventually(
+        Duration::from_secs(20),
+        "the runner noticing the outage",
+        || async {
+            stack
+                .log("runner")
+                .contains("could not be recorded")
+                .then_some(())
+        },
+    )
+    .await;
+    stack.assert_running();
+
+    proxy.restore();
+    let mut all = before.clone();
+    all.extend(&during);
+    wait_for_status(&mut stack, &token, &all, "completed").await;
+    assert_one_notification_each(
+        &stack,
+        &tdb,
+        &token,
+        &all,
+        "OrderCompleted",
+        true,
+        "OrderExpired",
+    )
+    .await;
+    // Nothing was parked: an outage does not spend the retry budget.
+    let parked = tdb
+        .db
+        .query_one_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT count(*)::bigint AS n FROM saga_instances WHERE faulted",
+        ))
+        .await
+        .expect("query")
+        .expect("row")
+        .try_get::<i64>("", "n")
+        .expect("count");
+    assert_eq!(parked, 0);
+    stack.stop().await;
+    broker.delete().await;
+    tdb.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_every_host_with_exit_0_and_a_restarted_runner_finishes_the_work() {
     let tdb = TestDatabase::create().await;
     let broker = TestBroker::create().await;

@@ -375,22 +375,39 @@ impl OrderSagaEngine {
                 envelope.message_type
             )));
         }
+        self.apply_order_created(&envelope.correlation_id, Some((consumer, envelope)), None)
+            .await
+    }
+
+    /// Applies `OrderCreated` to the instance of `correlation_id`, retrying
+    /// lost optimistic-concurrency races. With `inbox`, the message is
+    /// recorded for its consumer in the same transaction (a duplicate changes
+    /// nothing) and a parked instance refuses it; without, it is the re-run of
+    /// a resumed saga.
+    async fn apply_order_created(
+        &self,
+        correlation_id: &str,
+        inbox: Option<(&str, &Envelope)>,
+        detail: Option<&str>,
+    ) -> Result<Handled, SagaError> {
         let mut conflicts = 0;
         loop {
             let txn = self.db.begin().await?;
-            if !inbox::record(&txn, consumer, envelope, self.clock.now()).await? {
+            if let Some((consumer, envelope)) = inbox
+                && !inbox::record(&txn, consumer, envelope, self.clock.now()).await?
+            {
                 txn.rollback().await?;
                 return Ok(Handled::Duplicate);
             }
-            let instance = load(&txn, &envelope.correlation_id).await?;
-            if instance.faulted {
+            let instance = load(&txn, correlation_id).await?;
+            if inbox.is_some() && instance.faulted {
                 txn.rollback().await?;
-                return Err(SagaError::Parked(envelope.correlation_id.clone()));
+                return Err(SagaError::Parked(correlation_id.to_owned()));
             }
             let trigger = Trigger {
-                message_id: Some(envelope.message_id),
+                message_id: inbox.map(|(_, envelope)| envelope.message_id),
                 attempt: instance.attempts + 1,
-                detail: None,
+                detail: detail.map(str::to_owned),
             };
             match self
                 .apply(&txn, instance, OrderInput::OrderCreated, trigger)
@@ -405,7 +422,7 @@ impl OrderSagaEngine {
                     txn.rollback().await?;
                     conflicts += 1;
                     if conflicts > self.settings.max_conflict_retries {
-                        return Err(SagaError::Contention(envelope.correlation_id.clone()));
+                        return Err(SagaError::Contention(correlation_id.to_owned()));
                     }
                 }
                 Err(ApplyError::Saga(e)) => {
@@ -766,46 +783,14 @@ impl OrderSagaEngine {
         txn.commit().await?;
         tracing::info!(order_id = %correlation_id, state = %state, "parked order saga resumed");
         let rerun = if state == OrderState::Pending {
-            Some(self.rerun_order_created(correlation_id).await?)
+            Some(
+                self.apply_order_created(correlation_id, None, Some("re-run after resume"))
+                    .await?,
+            )
         } else {
             None
         };
         Ok(Resumed { state, rerun })
-    }
-
-    /// Applies `OrderCreated` to a pending instance (resume of a saga whose
-    /// `OrderCreated` message was dead-lettered).
-    async fn rerun_order_created(&self, correlation_id: &str) -> Result<Handled, SagaError> {
-        let mut conflicts = 0;
-        loop {
-            let txn = self.db.begin().await?;
-            let instance = load(&txn, correlation_id).await?;
-            let trigger = Trigger {
-                message_id: None,
-                attempt: instance.attempts + 1,
-                detail: Some("re-run after resume".to_owned()),
-            };
-            match self
-                .apply(&txn, instance, OrderInput::OrderCreated, trigger)
-                .await
-            {
-                Ok(handled) => {
-                    txn.commit().await?;
-                    return Ok(handled);
-                }
-                Err(ApplyError::Conflict) => {
-                    txn.rollback().await?;
-                    conflicts += 1;
-                    if conflicts > self.settings.max_conflict_retries {
-                        return Err(SagaError::Contention(correlation_id.to_owned()));
-                    }
-                }
-                Err(ApplyError::Saga(e)) => {
-                    txn.rollback().await?;
-                    return Err(e);
-                }
-            }
-        }
     }
 
     fn signal_if_published(&self, handled: &Handled) {

@@ -10,7 +10,7 @@ use saga::clock::SystemClock;
 use saga::consumer::{ConsumeOutcome, Consumer, RetryPolicy};
 use saga::engine::{EngineSettings, OrderSagaEngine};
 use saga::notifications::{NotificationHandler, OrderCreatedHandler};
-use saga::outbox::{OutboxRelay, RelaySettings};
+use saga::outbox::OutboxRelay;
 use saga::payment::FixedPayment;
 use saga::testing::{TestBroker, TestDatabase, eventually};
 use saga::topology::{self, NOTIFICATIONS_CONSUMER, ORDER_SAGA_CONSUMER};
@@ -22,16 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::helpers::*;
 
 fn relay(tdb: &TestDatabase, broker: &Arc<TestBrokerTransport>) -> OutboxRelay {
-    OutboxRelay::new(
-        tdb.db.clone(),
-        broker.clone(),
-        Arc::new(SystemClock),
-        RelaySettings {
-            poll_interval: Duration::from_millis(50),
-            ..RelaySettings::default()
-        },
-        Arc::new(Notify::new()),
-    )
+    crate::helpers::relay(&tdb.db, broker.clone(), Arc::new(Notify::new()))
 }
 
 fn notification_consumer(
@@ -65,16 +56,7 @@ async fn depth(broker: &TestBroker, queue: &str) -> u32 {
 }
 
 async fn fresh_transport(broker: &TestBroker) -> Arc<TestBrokerTransport> {
-    Arc::new(
-        TestBrokerTransport::connect(
-            &broker.url,
-            &broker.exchange,
-            Duration::from_secs(5),
-            "test",
-        )
-        .await
-        .expect("connect"),
-    )
+    connect(broker).await
 }
 
 #[tokio::test]
@@ -138,16 +120,7 @@ async fn orders_flow_through_rabbitmq_to_completed_with_one_notification_per_eve
         },
     )
     .with_outbox_signal(signal.clone());
-    let relay = OutboxRelay::new(
-        tdb.db.clone(),
-        transport.clone(),
-        Arc::new(SystemClock),
-        RelaySettings {
-            poll_interval: Duration::from_millis(50),
-            ..RelaySettings::default()
-        },
-        signal,
-    );
+    let relay = crate::helpers::relay(&tdb.db, transport.clone(), signal);
     let dyn_transport: Arc<dyn Transport> = transport.clone();
     let saga_consumer = Consumer::new(
         dyn_transport.clone(),

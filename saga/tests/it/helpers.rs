@@ -123,3 +123,38 @@ pub async fn journal_of(db: &DatabaseConnection, order_id: i64) -> Vec<saga_tran
         .await
         .expect("journal")
 }
+
+/// A fresh connection to the test's broker (a second "process").
+pub async fn connect(
+    broker: &saga::testing::TestBroker,
+) -> Arc<saga::transport::rabbitmq::RabbitTransport> {
+    Arc::new(
+        saga::transport::rabbitmq::RabbitTransport::connect(
+            &broker.url,
+            &broker.exchange,
+            std::time::Duration::from_secs(5),
+            "test",
+        )
+        .await
+        .expect("connect"),
+    )
+}
+
+/// A relay on `db` publishing to `transport` (50 ms polls, real clock).
+pub fn relay(
+    db: &DatabaseConnection,
+    transport: Arc<dyn saga::transport::Transport>,
+    signal: Arc<tokio::sync::Notify>,
+) -> saga::outbox::OutboxRelay {
+    saga::outbox::OutboxRelay::new(
+        db.clone(),
+        transport,
+        Arc::new(saga::clock::SystemClock),
+        saga::outbox::RelaySettings {
+            poll_interval: std::time::Duration::from_millis(50),
+            retry_after: chrono::Duration::milliseconds(50),
+            ..saga::outbox::RelaySettings::default()
+        },
+        signal,
+    )
+}

@@ -14,10 +14,8 @@ use saga::engine::{ApplyHook, Customer, Handled};
 use saga::machine::{OrderInput, OrderState};
 use saga::message::OrderLine;
 use saga::notifications::NotificationHandler;
-use saga::outbox::{OutboxRelay, RelaySettings};
 use saga::testing::{TestBroker, TestDatabase, eventually};
 use saga::topology::{self, NOTIFICATIONS_CONSUMER};
-use saga::transport::rabbitmq::RabbitTransport;
 use saga::{OrderSagaEngine, SagaError};
 use sea_orm::{EntityTrait, PaginatorTrait, QueryOrder, TransactionTrait};
 use tokio::sync::{Barrier, Notify};
@@ -104,23 +102,8 @@ async fn expiry_and_payment_success_forced_to_collide_end_in_one_terminal_state(
 
     // Publish everything and let the notification consumer run: exactly one
     // terminal notification.
-    let transport = Arc::new(
-        RabbitTransport::connect(
-            &broker.url,
-            &broker.exchange,
-            StdDuration::from_secs(5),
-            "t",
-        )
-        .await
-        .expect("connect"),
-    );
-    let relay = OutboxRelay::new(
-        tdb.db.clone(),
-        transport.clone(),
-        Arc::new(SystemClock),
-        RelaySettings::default(),
-        Arc::new(Notify::new()),
-    );
+    let transport = connect(&broker).await;
+    let relay = relay(&tdb.db, transport.clone(), Arc::new(Notify::new()));
     assert_eq!(relay.try_relay_once().await.expect("relay").published, 2);
     let consumer = Consumer::new(
         transport.clone(),

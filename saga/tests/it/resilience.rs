@@ -6,10 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use entity::saga_instances;
-use saga::clock::SystemClock;
 use saga::consumer::{Consumer, RetryPolicy};
 use saga::notifications::OrderCreatedHandler;
-use saga::outbox::{OutboxRelay, RelaySettings};
 use saga::testing::{TcpProxy, TestBroker, TestDatabase, eventually};
 use saga::topology::{self, ORDER_SAGA_CONSUMER};
 use saga::transport::rabbitmq::{RabbitTransport, ReconnectPolicy};
@@ -58,17 +56,7 @@ async fn consumers_and_the_relay_resume_after_the_broker_connection_is_cut() {
     let clock = saga::clock::ManualClock::new(t0());
     let engine = engine(&tdb.db, &clock, true);
     let signal = Arc::new(Notify::new());
-    let relay = OutboxRelay::new(
-        tdb.db.clone(),
-        transport.clone(),
-        Arc::new(SystemClock),
-        RelaySettings {
-            poll_interval: Duration::from_millis(50),
-            retry_after: chrono::Duration::milliseconds(50),
-            ..RelaySettings::default()
-        },
-        signal.clone(),
-    );
+    let relay = relay(&tdb.db, transport.clone(), signal.clone());
     let consumer = Consumer::new(
         transport.clone(),
         topology::saga_queue(&broker.prefix),
@@ -151,22 +139,12 @@ async fn a_database_outage_is_waited_out_without_spending_the_retry_budget() {
     let proxied_db = Database::connect(options).await.expect("db via proxy");
     let clock = saga::clock::ManualClock::new(t0());
     let engine = engine(&proxied_db, &clock, true);
-    let transport = Arc::new(
-        RabbitTransport::connect(&broker.url, &broker.exchange, Duration::from_secs(5), "t")
-            .await
-            .expect("connect"),
-    );
+    let transport = connect(&broker).await;
     let (order, _) = place_order(&tdb.db, t0()).await;
 
     // PostgreSQL is unreachable for the consumer when the message arrives.
     proxy.cut();
-    let relay = OutboxRelay::new(
-        tdb.db.clone(),
-        transport.clone(),
-        Arc::new(SystemClock),
-        RelaySettings::default(),
-        Arc::new(Notify::new()),
-    );
+    let relay = relay(&tdb.db, transport.clone(), Arc::new(Notify::new()));
     assert_eq!(relay.try_relay_once().await.expect("relay").published, 1);
     let consumer = Consumer::new(
         transport.clone(),

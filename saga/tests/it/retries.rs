@@ -92,19 +92,6 @@ fn saga_consumer(
     )
 }
 
-async fn connect(broker: &TestBroker) -> Arc<RabbitTransport> {
-    Arc::new(
-        RabbitTransport::connect(
-            &broker.url,
-            &broker.exchange,
-            Duration::from_secs(5),
-            "test",
-        )
-        .await
-        .expect("connect"),
-    )
-}
-
 /// Places an order and relays its `OrderCreated` to the broker.
 async fn order_on_the_queue(db: &DatabaseConnection, transport: &Arc<RabbitTransport>) -> i64 {
     let (snapshot, _) = place_order(db, t0()).await;

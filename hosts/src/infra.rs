@@ -193,26 +193,14 @@ pub fn engine(settings: &Settings, db: DatabaseConnection, signal: Arc<Notify>) 
     .with_outbox_signal(signal)
 }
 
+/// The RabbitMQ host's outbox relay (see [`relay_on`]).
 pub fn relay(
     settings: &Settings,
     db: DatabaseConnection,
     transport: Arc<RabbitTransport>,
     signal: Arc<Notify>,
 ) -> OutboxRelay {
-    OutboxRelay::new(
-        db,
-        transport,
-        Arc::new(SystemClock),
-        RelaySettings {
-            batch_size: settings.outbox.batch_size,
-            lease: chrono::Duration::seconds(
-                i64::try_from(settings.outbox.lease_seconds).unwrap_or(i64::MAX),
-            ),
-            retry_after: chrono::Duration::seconds(1),
-            poll_interval: Duration::from_millis(settings.outbox.poll_interval_ms),
-        },
-        signal,
-    )
+    relay_on(settings, db, transport, signal)
 }
 
 /// An outbox relay on any transport (the embedded mode passes the in-memory

@@ -1,5 +1,5 @@
 //! Helpers shared by the tests that start host binaries as processes and
-//! drive them over HTTP (`embedded.rs`, `compose.rs`).
+//! drive them over HTTP (`e2e.rs`, `embedded.rs`, `compose.rs`).
 
 #![allow(dead_code)] // each test binary uses its own subset
 
@@ -41,8 +41,13 @@ impl Processes {
 
     /// Starts `exe args...` with exactly `env` on top of a cleared
     /// environment (plus `PATH`), logging to `<name>.log`.
+    /// A restarted process appends to the same log.
     pub fn spawn(&mut self, name: &str, exe: &str, args: &[String], env: &[(String, String)]) {
-        let log = std::fs::File::create(self.logs.join(format!("{name}.log"))).expect("log file");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.logs.join(format!("{name}.log")))
+            .expect("log file");
         let err = log.try_clone().expect("log file clone");
         let mut command = Command::new(exe);
         command
@@ -92,7 +97,27 @@ impl Processes {
         panic!("{what}\n{}", self.all_logs());
     }
 
-    /// Sends SIGTERM-equivalent kills and waits for every process.
+    /// Sends SIGTERM to `name` and waits (at most 30 s) for it to exit.
+    pub async fn terminate(&mut self, name: &str) -> std::process::ExitStatus {
+        let index = self
+            .children
+            .iter()
+            .position(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no process named {name}"));
+        let (_, mut child) = self.children.remove(index);
+        let pid = child.id().expect("running");
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(sent.success());
+        tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .unwrap_or_else(|_| self.fail(&format!("{name} still running 30 s after SIGTERM")))
+            .expect("exit status")
+    }
+
+    /// Kills every process (SIGKILL) and waits for it.
     pub async fn stop(mut self) {
         for (_, child) in &mut self.children {
             let _ = child.start_kill();

@@ -120,11 +120,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         transport,
         topology::notifications_queue(prefix),
         NOTIFICATIONS_CONSUMER,
-        Arc::new(NotificationHandler::new(
-            db.clone(),
-            engine.clock().clone(),
-            NOTIFICATIONS_CONSUMER,
-        )),
+        Arc::new(
+            NotificationHandler::new(db.clone(), engine.clock().clone(), NOTIFICATIONS_CONSUMER)
+                .with_retry_budget(settings.retry.max_attempts),
+        ),
         runner::retry_policy(&settings),
         settings.rabbitmq.prefetch,
     );
@@ -158,7 +157,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
                 .run_with_graceful_shutdown(
                     api::app(state),
                     async move { stopped.cancelled().await },
-                    Some(Duration::from_secs(10)),
+                    Some(Duration::from_secs(settings.shutdown.grace_seconds)),
                 )
                 .await;
             stop.cancel();

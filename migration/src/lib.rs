@@ -9,6 +9,7 @@ mod columns;
 mod m20261124_000001_create_domain_tables;
 mod m20261124_000002_create_saga_tables;
 mod m20261124_000003_seed_products;
+mod m20261124_000005_create_idempotency_keys;
 
 pub struct Migrator;
 
@@ -19,6 +20,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000001_create_domain_tables::Migration),
             Box::new(m20261124_000002_create_saga_tables::Migration),
             Box::new(m20261124_000003_seed_products::Migration),
+            Box::new(m20261124_000005_create_idempotency_keys::Migration),
         ]
     }
 }
@@ -34,4 +36,5 @@ pub mod constraints {
     pub const ORDER_ITEMS_QUANTITY_CHECK: &str = "ck_order_items_quantity_positive";
     pub const NOTIFICATIONS_EVENT_TYPE_CHECK: &str = "ck_notifications_event_type";
     pub const NOTIFICATIONS_ORDER_EVENT_KEY: &str = "uq_notifications_order_event";
+    pub const IDEMPOTENCY_KEYS_USER_KEY: &str = "uq_idempotency_keys_user_key";
 }

@@ -115,6 +115,13 @@ pub struct RabbitSettings {
 pub struct ApiSettings {
     pub listen: String,
     pub public_url: String,
+    /// Largest request body accepted (413 above it), chunked or not.
+    pub body_limit_bytes: usize,
+    /// Origins allowed to call the API from a browser (CORS). Empty: no CORS
+    /// headers at all (same-origin only, e.g. the bundled Swagger UI).
+    pub cors_allowed_origins: Vec<String>,
+    /// How long an `Idempotency-Key` of `POST /api/orders` is remembered.
+    pub idempotency_ttl_seconds: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -125,6 +132,12 @@ pub struct AuthSettings {
     pub token_ttl_seconds: u64,
     #[serde(default)]
     pub jwt_secret: Secret,
+    /// Login attempts are counted in fixed windows of this length.
+    pub login_window_seconds: u64,
+    /// Failed logins per account (e-mail) per window before 429.
+    pub login_max_failures_per_account: u32,
+    /// Login attempts per client address per window before 429.
+    pub login_max_attempts_per_address: u32,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -329,9 +342,36 @@ fn validate(s: &Settings) -> Result<(), SettingsError> {
             u64::from(s.database.max_connections),
         ),
         ("auth.token_ttl_seconds", s.auth.token_ttl_seconds),
+        ("auth.login_window_seconds", s.auth.login_window_seconds),
+        (
+            "auth.login_max_failures_per_account",
+            u64::from(s.auth.login_max_failures_per_account),
+        ),
+        (
+            "auth.login_max_attempts_per_address",
+            u64::from(s.auth.login_max_attempts_per_address),
+        ),
+        ("api.body_limit_bytes", s.api.body_limit_bytes as u64),
+        ("api.idempotency_ttl_seconds", s.api.idempotency_ttl_seconds),
     ] {
         if value == 0 {
             return Err(invalid(key, "must be greater than 0"));
+        }
+    }
+    if s.auth.token_ttl_seconds > 86_400 {
+        return Err(invalid(
+            "auth.token_ttl_seconds",
+            "must be at most 86400 (tokens are meant to be short-lived)",
+        ));
+    }
+    for origin in &s.api.cors_allowed_origins {
+        if !(origin.starts_with("http://") || origin.starts_with("https://"))
+            || origin.ends_with('/')
+        {
+            return Err(invalid(
+                "api.cors_allowed_origins",
+                format!("`{origin}` is not an origin like https://shop.example.com"),
+            ));
         }
     }
     if s.auth.jwt_secret.expose().len() < 32 {

@@ -9,7 +9,7 @@ use chrono::Utc;
 use entity::users as user_entity;
 use migration::{Migrator, MigratorTrait};
 use poem::listener::TcpListener;
-use poem::middleware::Tracing;
+use poem::middleware::{Cors, Tracing};
 use poem::{Endpoint, EndpointExt, Route, Server};
 use poem_openapi::{OpenApiService, Tags};
 use saga::clock::{Clock, SystemClock};
@@ -22,10 +22,15 @@ use crate::infra;
 use crate::settings::Settings;
 
 pub mod auth;
+pub mod guard;
 mod health;
+mod money;
+mod notifications;
 mod orders;
 pub mod problem;
 mod products;
+pub mod ratelimit;
+mod sagas;
 mod users;
 
 #[derive(Tags)]
@@ -34,8 +39,12 @@ pub enum ApiTags {
     Users,
     /// The product catalogue.
     Products,
-    /// Orders and their audit notifications.
+    /// Orders, their journal and their audit notifications.
     Orders,
+    /// The audit notifications written when orders change (read-only).
+    Notifications,
+    /// The order saga's state machine, as a diagram and a table.
+    Sagas,
     /// Liveness of the service.
     Health,
 }
@@ -47,24 +56,54 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     /// Wakes the outbox relay when an order commits.
     pub outbox_signal: Arc<Notify>,
+    pub login_limiter: ratelimit::LoginLimiter,
+    /// How long an `Idempotency-Key` is remembered.
+    pub idempotency_ttl: chrono::Duration,
+    /// Largest request body (bytes).
+    pub body_limit: usize,
+    /// CORS origins; empty means no CORS headers.
+    pub cors_allowed_origins: Vec<String>,
 }
+
+impl AppState {
+    /// The state for `settings`, on the system clock. Refuses a JWT signing
+    /// key shorter than 256 bits.
+    pub fn new(db: DatabaseConnection, settings: &Settings) -> anyhow::Result<Self> {
+        Ok(Self {
+            db,
+            jwt: auth::JwtKeys::new(&settings.auth)?,
+            clock: Arc::new(SystemClock),
+            outbox_signal: Arc::new(Notify::new()),
+            login_limiter: ratelimit::LoginLimiter::new(&settings.auth),
+            idempotency_ttl: chrono::Duration::seconds(
+                i64::try_from(settings.api.idempotency_ttl_seconds).unwrap_or(i64::MAX / 1000),
+            ),
+            body_limit: settings.api.body_limit_bytes,
+            cors_allowed_origins: settings.api.cors_allowed_origins.clone(),
+        })
+    }
+}
+
+/// Every API group, in the order the spec lists them.
+pub type Apis = (
+    users::UsersApi,
+    products::ProductsApi,
+    orders::OrdersApi,
+    notifications::NotificationsApi,
+    sagas::SagasApi,
+    health::HealthApi,
+);
 
 /// The OpenAPI service. No `servers` entry: Swagger UI calls the origin it
 /// was loaded from, whatever host name the user typed.
-pub fn openapi() -> OpenApiService<
-    (
-        users::UsersApi,
-        products::ProductsApi,
-        orders::OrdersApi,
-        health::HealthApi,
-    ),
-    (),
-> {
+pub fn openapi() -> OpenApiService<Apis, ()> {
     OpenApiService::new(
         (
             users::UsersApi,
             products::ProductsApi,
             orders::OrdersApi,
+            notifications::NotificationsApi,
+            sagas::SagasApi,
             health::HealthApi,
         ),
         "order-saga API",
@@ -73,8 +112,15 @@ pub fn openapi() -> OpenApiService<
     .description(
         "Create orders and watch them go pending -> processing -> completed | expired. \
          Register (`POST /api/users`), log in (`POST /api/auth/login`), press **Authorize** \
-         and paste the token.",
+         and paste the token.\n\n\
+         Errors are RFC 9457 problem details (`application/problem+json`). Request bodies \
+         are JSON, at most 64 KiB (413 above), and unknown fields are rejected (400).",
     )
+}
+
+/// The spec as pretty JSON (what `/openapi.json` serves).
+pub fn spec_json() -> String {
+    openapi().spec()
 }
 
 /// The whole HTTP application (used by the host and by in-process tests).
@@ -82,12 +128,30 @@ pub fn app(state: Arc<AppState>) -> impl Endpoint + 'static {
     let api = openapi();
     let spec = api.spec_endpoint();
     let ui = api.swagger_ui();
+    let guard_settings = Arc::new(guard::GuardSettings {
+        body_limit: state.body_limit,
+        allow: guard::AllowTable::from_spec(&api.spec()),
+    });
+    let cors = Cors::new()
+        .allow_origins(state.cors_allowed_origins.clone())
+        .allow_methods([
+            poem::http::Method::GET,
+            poem::http::Method::POST,
+            poem::http::Method::PUT,
+            poem::http::Method::DELETE,
+        ])
+        .allow_headers(["authorization", "content-type", "idempotency-key"])
+        .expose_headers(["retry-after", "location"])
+        .max_age(600);
+    let use_cors = !state.cors_allowed_origins.is_empty();
     Route::new()
         .nest("/", api)
         .at("/openapi.json", spec)
         .nest("/swagger", ui)
         .data(state)
         .catch_all_error(problem::render_error)
+        .around(move |next, req| guard::guard(next, req, guard_settings.clone()))
+        .with_if(use_cors, cors)
         .with(Tracing)
 }
 
@@ -124,13 +188,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     tracing::info!("database schema is up to date");
     seed_admin(&db, &settings).await?;
 
-    let signal = Arc::new(Notify::new());
-    let state = Arc::new(AppState {
-        db: db.clone(),
-        jwt: auth::JwtKeys::new(&settings.auth),
-        clock: Arc::new(SystemClock),
-        outbox_signal: signal.clone(),
-    });
+    let state = AppState::new(db.clone(), &settings)?;
+    let signal = state.outbox_signal.clone();
+    let state = Arc::new(state);
 
     // The relay publishes what orders wrote to the outbox. It connects in the
     // background: the API serves (and the outbox keeps events) while the

@@ -206,6 +206,27 @@ async fn bad_input_is_a_4xx_problem_never_a_500() {
             "email",
         ),
         (
+            "/api/users",
+            None,
+            json!({"name": "A\u{0}B", "email": "nul@example.com", "password": "password-1"}),
+            StatusCode::BAD_REQUEST,
+            "name",
+        ),
+        (
+            "/api/users",
+            None,
+            json!({"name": "A", "email": "n\u{0}l@example.com", "password": "password-1"}),
+            StatusCode::BAD_REQUEST,
+            "email",
+        ),
+        (
+            "/api/auth/login",
+            None,
+            json!({"email": "n\u{0}l@example.com", "password": "password-1"}),
+            StatusCode::BAD_REQUEST,
+            "email",
+        ),
+        (
             "/api/auth/login",
             None,
             json!({"email": "nobody@example.com", "password": "whatever1"}),
@@ -278,15 +299,8 @@ async fn bad_input_is_a_4xx_problem_never_a_500() {
         (
             "/api/orders",
             Some(&token),
-            json!({"items": [{"product_id": 999999, "quantity": 1}]}),
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "items[0].product_id",
-        ),
-        (
-            "/api/orders",
-            Some(&token),
-            json!({"items": [{"product_id": 1, "quantity": 1}, {"product_id": 1, "quantity": 2}]}),
-            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({"items": [{"product_id": 1, "quantity": 1}, {"product_id": 999999, "quantity": 1}]}),
+            StatusCode::CONFLICT,
             "items[1].product_id",
         ),
     ];
@@ -462,6 +476,18 @@ async fn the_spec_documents_every_operation_with_the_bearer_scheme_and_swagger_u
     assert_eq!(resp.status(), StatusCode::OK);
     let html = resp.into_body().into_string().await.expect("html");
     assert!(html.contains("swagger"), "Swagger UI page");
+    assert!(
+        html.contains("additionalProperties"),
+        "Swagger UI shows the completed spec"
+    );
+    let resp = api.client.get("/swagger").send().await.0;
+    assert_eq!(resp.status(), StatusCode::OK);
+    for name in api::CLOSED_SCHEMAS {
+        assert_eq!(
+            spec["components"]["schemas"][name]["additionalProperties"], false,
+            "{name} rejects unknown fields and says so"
+        );
+    }
     tdb.drop().await;
 }
 
@@ -586,6 +612,12 @@ async fn products_are_read_by_signed_in_users_and_written_by_admins_only() {
             json!({"name": "X", "price": "1.00", "stock": 1, "id": 5}),
             "id",
         ),
+        (json!({"name": false, "price": "1.00", "stock": 1}), "name"),
+        (
+            json!({"name": "X", "description": 5, "price": "1.00", "stock": 1}),
+            "description",
+        ),
+        (json!({"name": " \t ", "price": "1.00", "stock": 1}), "name"),
     ];
     for (body, field) in bad {
         let (status, ct, problem) = api
@@ -708,6 +740,33 @@ async fn not_enough_stock_is_409_naming_the_line_and_writes_nothing() {
 }
 
 #[tokio::test]
+async fn repeated_products_in_one_order_are_added_up_on_one_line() {
+    let tdb = TestDatabase::create().await;
+    let api = api(&tdb).await;
+    let (_, token) = api.user().await;
+    let stock = stock_of(&tdb, 1).await;
+    let (status, _, order) = api
+        .call(
+            "POST",
+            "/api/orders",
+            Some(&token),
+            Some(json!({"items": [
+                {"product_id": 1, "quantity": 2},
+                {"product_id": 2, "quantity": 1},
+                {"product_id": 1, "quantity": 3}
+            ]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{order}");
+    let items = order["items"].as_array().expect("items");
+    assert_eq!(items.len(), 2);
+    assert_eq!(items[0]["product_id"], 1);
+    assert_eq!(items[0]["quantity"], 5);
+    assert_eq!(stock_of(&tdb, 1).await, stock - 5);
+    tdb.drop().await;
+}
+
+#[tokio::test]
 async fn orders_are_listed_newest_first_with_pagination_and_a_status_filter() {
     let tdb = TestDatabase::create().await;
     let api = api(&tdb).await;
@@ -803,7 +862,7 @@ async fn an_idempotency_key_replays_the_first_response_and_places_nothing_new() 
             &key,
         )
         .await;
-    assert_problem(status, &ct, &problem, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_problem(status, &ct, &problem, StatusCode::CONFLICT);
     assert_eq!(
         problem["type"],
         "urn:order-saga:problem:idempotency-key-reused"
@@ -835,6 +894,22 @@ async fn an_idempotency_key_replays_the_first_response_and_places_nothing_new() 
         .await;
     assert_problem(status, &ct, &problem, StatusCode::BAD_REQUEST);
     assert!(problem.to_string().contains("Idempotency-Key"), "{problem}");
+    // Not visible ASCII: refused, never treated as "no key".
+    let long = "k".repeat(256);
+    for bad in ["caf\u{e9}", "a b", long.as_str()] {
+        let (status, ct, _, problem) = api
+            .send(
+                "POST",
+                "/api/orders",
+                Some(&alice),
+                Some(body.clone()),
+                &[("idempotency-key", bad)],
+            )
+            .await;
+        assert_problem(status, &ct, &problem, StatusCode::BAD_REQUEST);
+        assert_eq!(problem["field"], "Idempotency-Key", "{bad}: {problem}");
+    }
+    assert_eq!(count_orders(&tdb).await, 3);
     tdb.drop().await;
 }
 

@@ -8,9 +8,11 @@ use anyhow::Context;
 use chrono::Utc;
 use entity::users as user_entity;
 use migration::{Migrator, MigratorTrait};
+use poem::endpoint::make_sync;
 use poem::listener::TcpListener;
 use poem::middleware::{Cors, Tracing};
-use poem::{Endpoint, EndpointExt, Route, Server};
+use poem::web::Html;
+use poem::{Endpoint, EndpointExt, Response, Route, Server, get};
 use poem_openapi::{OpenApiService, Tags};
 use saga::clock::{Clock, SystemClock};
 use sea_orm::sea_query::{OnConflict, Query};
@@ -118,19 +120,54 @@ pub fn openapi() -> OpenApiService<Apis, ()> {
     )
 }
 
-/// The spec as pretty JSON (what `/openapi.json` serves).
+/// Request bodies declared `deny_unknown_fields`: the spec says so with
+/// `additionalProperties: false` (poem-openapi does not write it).
+pub const CLOSED_SCHEMAS: [&str; 5] = [
+    "RegisterRequest",
+    "LoginRequest",
+    "CreateOrderRequest",
+    "OrderItemRequest",
+    "ProductRequest",
+];
+
+/// The spec as JSON (what `/openapi.json` serves and Swagger UI shows).
 pub fn spec_json() -> String {
-    openapi().spec()
+    complete_spec(&openapi().spec())
+}
+
+fn complete_spec(generated: &str) -> String {
+    let Ok(mut spec) = serde_json::from_str::<serde_json::Value>(generated) else {
+        return generated.to_owned();
+    };
+    for name in CLOSED_SCHEMAS {
+        if let Some(schema) = spec["components"]["schemas"]
+            .get_mut(name)
+            .and_then(|s| s.as_object_mut())
+        {
+            schema.insert("additionalProperties".into(), false.into());
+        }
+    }
+    serde_json::to_string_pretty(&spec).unwrap_or_else(|_| generated.to_owned())
 }
 
 /// The whole HTTP application (used by the host and by in-process tests).
 pub fn app(state: Arc<AppState>) -> impl Endpoint + 'static {
     let api = openapi();
-    let spec = api.spec_endpoint();
-    let ui = api.swagger_ui();
+    let generated = api.spec();
+    let spec = Arc::new(complete_spec(&generated));
+    // Swagger UI embeds the spec: give it the completed one.
+    let ui_html = Arc::new(api.swagger_ui_html().replace(&generated, &spec));
+    let spec_endpoint = make_sync(move |_| {
+        Response::builder()
+            .content_type("application/json; charset=utf-8")
+            .body(spec.as_str().to_owned())
+    });
+    let ui_html_slash = ui_html.clone();
+    let ui = make_sync(move |_| Html(ui_html.as_str().to_owned()));
+    let ui_slash = make_sync(move |_| Html(ui_html_slash.as_str().to_owned()));
     let guard_settings = Arc::new(guard::GuardSettings {
         body_limit: state.body_limit,
-        allow: guard::AllowTable::from_spec(&api.spec()),
+        allow: guard::AllowTable::from_spec(&generated),
     });
     let cors = Cors::new()
         .allow_origins(state.cors_allowed_origins.clone())
@@ -146,8 +183,9 @@ pub fn app(state: Arc<AppState>) -> impl Endpoint + 'static {
     let use_cors = !state.cors_allowed_origins.is_empty();
     Route::new()
         .nest("/", api)
-        .at("/openapi.json", spec)
-        .nest("/swagger", ui)
+        .at("/openapi.json", get(spec_endpoint))
+        .at("/swagger", get(ui))
+        .at("/swagger/", get(ui_slash))
         .data(state)
         .catch_all_error(problem::render_error)
         .around(move |next, req| guard::guard(next, req, guard_settings.clone()))

@@ -1,4 +1,4 @@
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -150,7 +150,7 @@ impl poem_openapi::types::Example for OrderView {
 /// One row of an order's journal: an input the saga was given, applied or
 /// ignored.
 #[derive(Object)]
-#[oai(example)]
+#[oai(example, skip_serializing_if_is_none)]
 pub struct TransitionView {
     pub id: i64,
     /// The state before (none for the row that placed the order).
@@ -372,7 +372,7 @@ async fn claim_key(
         ));
     };
     if earlier.request_fingerprint != fingerprint {
-        return Err(ApiError::unprocessable_kind(
+        return Err(ApiError::conflict_kind(
             KEY_REUSED,
             "this Idempotency-Key was already used with a different request body; use a new key \
              for a new order",
@@ -402,8 +402,9 @@ impl OrdersApi {
     /// **Idempotency-Key** (optional, draft-ietf-httpapi-idempotency-key-header):
     /// a retry with the same key and the same body answers the first
     /// response and places nothing new, also when the two requests race.
-    /// The same key with a different body is a 422
-    /// (`urn:order-saga:problem:idempotency-key-reused`). Keys belong to the
+    /// The same key with a different body is a 409 with problem type
+    /// `urn:order-saga:problem:idempotency-key-reused` (the draft suggests
+    /// 422; 409 keeps 422 for bodies that break a rule). Keys belong to the
     /// caller and are forgotten after `api.idempotency_ttl_seconds` (24 h).
     /// Only successful requests are remembered: a request that failed can be
     /// retried with its key.
@@ -412,27 +413,42 @@ impl OrdersApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: BearerAuth,
-        /// Makes retries safe: any printable ASCII, 1-255 characters (for
-        /// example a UUID).
-        #[oai(
-            name = "Idempotency-Key",
-            validator(min_length = 1, max_length = 255, pattern = r"^[!-~]+$")
-        )]
+        req: &poem::Request,
+        /// Makes retries safe: 1-255 visible ASCII characters (for example
+        /// a UUID); trailing blanks are ignored.
+        #[oai(name = "Idempotency-Key", validator(pattern = r"^[!-~]{1,255}[ \t]*$"))]
         idempotency_key: Header<Option<String>>,
         body: Json<CreateOrderRequest>,
     ) -> Result<CreateOrderResponse, ApiError> {
         let caller = auth.0;
-        let items = body.0.items;
-        let mut seen = HashSet::new();
-        for (i, item) in items.iter().enumerate() {
-            if !seen.insert(item.product_id) {
-                return Err(ApiError::unprocessable(
-                    format!(
-                        "product {} appears more than once; put the whole quantity on one line",
-                        item.product_id
-                    ),
-                    &format!("items[{i}].product_id"),
+        // poem-openapi reads a header that is not visible ASCII as absent:
+        // refuse it instead of silently placing an order without a key.
+        if let Some(raw) = req.headers().get("idempotency-key") {
+            let visible = raw
+                .as_bytes()
+                .iter()
+                .all(|b| matches!(b, b'!'..=b'~' | b' ' | b'\t'));
+            if !visible {
+                return Err(ApiError::bad_request(
+                    "Idempotency-Key must be visible ASCII characters",
+                    "Idempotency-Key",
                 ));
+            }
+        }
+        let idempotency_key = Header(idempotency_key.0.map(|k| k.trim().to_owned()));
+        // One line per product: repeated products are added up.
+        // `origin[i]` is the request index of merged line `i` (for messages).
+        let mut items: Vec<OrderItemRequest> = Vec::with_capacity(body.0.items.len());
+        let mut origin: Vec<usize> = Vec::with_capacity(body.0.items.len());
+        let mut positions: HashMap<i64, usize> = HashMap::new();
+        for (index, item) in body.0.items.into_iter().enumerate() {
+            match positions.get(&item.product_id) {
+                Some(&at) => items[at].quantity += item.quantity,
+                None => {
+                    positions.insert(item.product_id, items.len());
+                    items.push(item);
+                    origin.push(index);
+                }
             }
         }
         let fingerprint = serde_json::to_string(
@@ -481,9 +497,10 @@ impl OrdersApi {
         let mut total = Decimal::ZERO;
         for (i, item) in items.iter().enumerate() {
             let Some(product) = catalogue.get(&item.product_id) else {
-                return Err(ApiError::unprocessable(
+                // The catalogue's current state, like stock: a conflict.
+                return Err(ApiError::conflict(
                     format!("product {} does not exist", item.product_id),
-                    &format!("items[{i}].product_id"),
+                    Some(&format!("items[{}].product_id", origin[i])),
                 ));
             };
             total += product.price * Decimal::from(item.quantity);
@@ -516,6 +533,7 @@ impl OrdersApi {
                 let index = items
                     .iter()
                     .position(|item| item.product_id == product_id)
+                    .map(|i| origin[i])
                     .unwrap_or_default();
                 return Err(ApiError::conflict(
                     format!(

@@ -29,11 +29,11 @@ pub struct Problem {
 impl poem_openapi::types::Example for Problem {
     fn example() -> Self {
         Problem {
-            kind: "urn:order-saga:problem:validation".into(),
-            title: "Unprocessable request".into(),
-            status: 422,
-            detail: "product 99 does not exist".into(),
-            field: Some("items[0].product_id".into()),
+            kind: "urn:order-saga:problem:bad-request".into(),
+            title: "Bad request".into(),
+            status: 400,
+            detail: "field `quantity`: verification failed. minimum(1, exclusive: false)".into(),
+            field: Some("items[0].quantity".into()),
         }
     }
 }
@@ -104,7 +104,8 @@ pub enum ApiError {
     #[oai(status = 404, content_type = "application/problem+json")]
     NotFound(Json<Problem>),
     /// The request conflicts with existing data (e.g. the e-mail is taken,
-    /// not enough stock, a product still referenced by orders).
+    /// not enough stock, an unknown product, a product still referenced by
+    /// orders, an `Idempotency-Key` reused with a different body).
     #[oai(status = 409, content_type = "application/problem+json")]
     Conflict(Json<Problem>),
     /// The request body is larger than `api.body_limit_bytes` (64 KiB).
@@ -113,8 +114,8 @@ pub enum ApiError {
     /// The body is not `application/json`.
     #[oai(status = 415, content_type = "application/problem+json")]
     UnsupportedMediaType(Json<Problem>),
-    /// Well-formed but breaks a rule (e.g. an unknown product, an
-    /// `Idempotency-Key` reused with a different body).
+    /// Well-formed but breaks a rule (e.g. an order total above the largest
+    /// amount, a database check).
     #[oai(status = 422, content_type = "application/problem+json")]
     Unprocessable(Json<Problem>),
     /// Too many login attempts; retry after `Retry-After` seconds.
@@ -157,11 +158,11 @@ impl ApiError {
             Some(field),
         )))
     }
-    /// A 422 with its own problem `type` (e.g. an idempotency key reused).
-    pub fn unprocessable_kind(kind: &str, detail: impl Into<String>, field: &str) -> Self {
-        let mut problem = Problem::new(StatusCode::UNPROCESSABLE_ENTITY, detail, Some(field));
+    /// A 409 with its own problem `type` (e.g. an idempotency key reused).
+    pub fn conflict_kind(kind: &str, detail: impl Into<String>, field: &str) -> Self {
+        let mut problem = Problem::new(StatusCode::CONFLICT, detail, Some(field));
         problem.kind = kind.to_owned();
-        Self::Unprocessable(Json(problem))
+        Self::Conflict(Json(problem))
     }
     pub fn too_many_requests(detail: impl Into<String>, retry_after_seconds: u64) -> Self {
         Self::TooManyRequests(
@@ -192,7 +193,7 @@ pub fn constraint_violation(e: &sea_orm::DbErr) -> Option<(String, String)> {
         return None;
     };
     let code = db.code()?.into_owned();
-    if !code.starts_with("23") {
+    if !(code.starts_with("23") || code.starts_with("22")) {
         return None;
     }
     Some((code, db.constraint().unwrap_or_default().to_owned()))
@@ -227,6 +228,15 @@ impl From<sea_orm::DbErr> for ApiError {
             } else {
                 format!("{message} (rule `{name}`)")
             };
+            if code.starts_with("22") {
+                // A data exception: text with a NUL character, a number out of
+                // range. The value is not echoed.
+                return ApiError::BadRequest(Json(Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("a value in the request cannot be stored (SQLSTATE {code})"),
+                    None,
+                )));
+            }
             match code.as_str() {
                 "23505" | "23503" => return ApiError::conflict(detail, field),
                 "23514" | "23502" => {
@@ -269,7 +279,10 @@ pub async fn render_error(err: poem::Error) -> Response {
     } else {
         err.to_string()
     };
-    let mut response = Problem::new(status, detail, None).into_response();
+    let field = err
+        .downcast_ref::<poem_openapi::error::ParseParamError>()
+        .map(|e| e.name);
+    let mut response = Problem::new(status, detail, field).into_response();
     if status == StatusCode::UNAUTHORIZED {
         response.headers_mut().insert(
             "www-authenticate",
@@ -289,6 +302,11 @@ pub fn auth_error(detail: &str) -> poem::Error {
     )
 }
 
+/// Whether `T` is sent as a JSON string.
+pub fn is_string_schema<T: poem_openapi::types::Type>() -> bool {
+    matches!(T::schema_ref(), poem_openapi::registry::MetaSchemaRef::Inline(s) if s.ty == "string")
+}
+
 /// Defines a parser for a required request field whose error names the field
 /// (poem-openapi's own message only names the enclosing object). Use with
 /// `#[oai(deserialize_with = "...")]`.
@@ -304,6 +322,17 @@ macro_rules! required_field {
                         "field `",
                         $field,
                         "` is required"
+                    )))
+                }
+                // poem-openapi would read `false` or `5` as the string "false"
+                // or "5"; a string field takes only a JSON string.
+                Some(ref v)
+                    if !v.is_string() && $crate::api::problem::is_string_schema::<$ty>() =>
+                {
+                    Err(poem_openapi::types::ParseError::custom(concat!(
+                        "field `",
+                        $field,
+                        "`: expected a string"
                     )))
                 }
                 value => <$ty as poem_openapi::types::ParseFromJSON>::parse_from_json(value)

@@ -19,6 +19,18 @@ crate::required_field!(parse_name, "name", String);
 crate::required_field!(parse_price, "price", Money);
 crate::required_field!(parse_stock, "stock", i32);
 
+fn parse_description(
+    value: Option<serde_json::Value>,
+) -> Result<Option<String>, poem_openapi::types::ParseError<Option<String>>> {
+    match value {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(text)) => Ok(Some(text)),
+        Some(_) => Err(poem_openapi::types::ParseError::custom(
+            "field `description`: expected a string",
+        )),
+    }
+}
+
 /// A product of the catalogue.
 #[derive(Object)]
 #[oai(example)]
@@ -70,15 +82,22 @@ impl From<products::Model> for ProductView {
 #[derive(Object)]
 #[oai(deny_unknown_fields, example)]
 pub struct ProductRequest {
-    /// Unique name.
+    /// Unique name; not blank, no NUL characters.
     #[oai(
         deserialize_with = "parse_name",
-        validator(min_length = 1, max_length = 200, pattern = r"\S")
+        validator(
+            min_length = 1,
+            max_length = 200,
+            pattern = r"^[^\x00]*[^\x00-\x20][^\x00]*$"
+        )
     )]
     pub name: String,
     /// Free text; empty when left out.
-    #[oai(default, validator(max_length = 2000))]
-    pub description: String,
+    #[oai(
+        deserialize_with = "parse_description",
+        validator(max_length = 2000, pattern = r"^[^\x00]*$")
+    )]
+    pub description: Option<String>,
     #[oai(deserialize_with = "parse_price")]
     pub price: Money,
     /// Units in stock, 0 or more.
@@ -93,7 +112,7 @@ impl poem_openapi::types::Example for ProductRequest {
     fn example() -> Self {
         ProductRequest {
             name: "Mechanical keyboard".into(),
-            description: "Tenkeyless, brown switches".into(),
+            description: Some("Tenkeyless, brown switches".into()),
             price: Money(Decimal::new(8999, 2)),
             stock: 25,
         }
@@ -262,8 +281,11 @@ fn active(
 ) -> products::ActiveModel {
     products::ActiveModel {
         id,
-        name: Set(body.name.trim().to_owned()),
-        description: Set(body.description),
+        name: Set(body
+            .name
+            .trim_matches(|c: char| c.is_ascii_whitespace())
+            .to_owned()),
+        description: Set(body.description.unwrap_or_default()),
         price: Set(body.price.0),
         stock: Set(body.stock),
         created_at: Set(now),

@@ -9,7 +9,7 @@ use super::ApiTags;
 
 /// How the machine answers one (state, input) pair.
 #[derive(Object)]
-#[oai(example)]
+#[oai(example, skip_serializing_if_is_none)]
 pub struct TransitionRuleView {
     /// The state the input arrives in.
     pub from: String,

@@ -28,13 +28,21 @@ pub struct RegisterRequest {
     /// Display name.
     #[oai(
         deserialize_with = "parse_name",
-        validator(min_length = 1, max_length = 200, pattern = r"\S")
+        validator(
+            min_length = 1,
+            max_length = 200,
+            pattern = r"^[^\x00]*[^\x00-\x20][^\x00]*$"
+        )
     )]
     pub name: String,
     /// E-mail address; used to log in. Case-insensitive.
     #[oai(
         deserialize_with = "parse_email",
-        validator(min_length = 3, max_length = 320, pattern = r"^[^@\s]+@[^@\s]+$")
+        validator(
+            min_length = 3,
+            max_length = 320,
+            pattern = r"^[^@\x00-\x20]+@[^@\x00-\x20]+$"
+        )
     )]
     pub email: String,
     /// At least 8 characters.
@@ -61,7 +69,7 @@ impl poem_openapi::types::Example for RegisterRequest {
 pub struct LoginRequest {
     #[oai(
         deserialize_with = "parse_email",
-        validator(min_length = 1, max_length = 320)
+        validator(min_length = 1, max_length = 320, pattern = r"^[^\x00]+$")
     )]
     pub email: String,
     #[oai(
@@ -197,11 +205,17 @@ impl UsersApi {
         body: Json<RegisterRequest>,
     ) -> Result<RegisterResponse, ApiError> {
         let body = body.0;
-        let name = body.name.trim().to_owned();
+        let name = body
+            .name
+            .trim_matches(|c: char| c.is_ascii_whitespace())
+            .to_owned();
         if name.is_empty() {
             return Err(ApiError::bad_request("name must not be blank", "name"));
         }
-        let email = body.email.trim().to_lowercase();
+        let email = body
+            .email
+            .trim_matches(|c: char| c.is_ascii_whitespace())
+            .to_lowercase();
         let hash = auth::hash_password(body.password)
             .await
             .map_err(|e| ApiError::internal("password hashing failed", e.as_ref()))?;
@@ -242,7 +256,11 @@ impl UsersApi {
         req: &poem::Request,
         body: Json<LoginRequest>,
     ) -> Result<LoginResponse, ApiError> {
-        let email = body.0.email.trim().to_lowercase();
+        let email = body
+            .0
+            .email
+            .trim_matches(|c: char| c.is_ascii_whitespace())
+            .to_lowercase();
         let address = client_address(req);
         if let Err(retry_after) = state.login_limiter.begin(&email, &address) {
             tracing::warn!(client = %address, "login rate limit reached");

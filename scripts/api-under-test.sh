@@ -36,6 +36,7 @@ APP__API__PUBLIC_URL="$BASE" \
 APP__DATABASE__URL="$DB_SERVER/$DB_NAME" \
 APP__RABBITMQ__URL="amqp://guest:guest@127.0.0.1:1/%2f" \
 APP__LOGGING__FILTER="warn,hosts=info" \
+APP__SEED__ADMIN_EMAIL=admin@example.com \
 APP__SEED__ADMIN_PASSWORD="$ADMIN_PASSWORD" \
   "$API_BIN" >"$OUT/api.log" 2>&1 &
 API_PID=$!

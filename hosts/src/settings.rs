@@ -501,6 +501,33 @@ mod tests {
     }
 
     #[test]
+    fn api_and_auth_limits_are_checked_and_named() {
+        let err = load_from(
+            &repo_config(),
+            env(&[("APP__AUTH__TOKEN_TTL_SECONDS", "90000")]),
+        )
+        .expect_err("a day at most");
+        assert!(err.to_string().contains("auth.token_ttl_seconds"), "{err}");
+        let err = load_from(&repo_config(), env(&[("APP__API__BODY_LIMIT_BYTES", "0")]))
+            .expect_err("zero");
+        assert!(err.to_string().contains("api.body_limit_bytes"), "{err}");
+
+        let mut s = load_from(&repo_config(), env(&[])).expect("loads").settings;
+        assert_eq!(s.api.body_limit_bytes, 64 * 1024);
+        assert!(s.api.cors_allowed_origins.is_empty());
+        s.api.cors_allowed_origins = vec!["https://shop.example.com".into()];
+        assert!(validate(&s).is_ok());
+        for bad in ["*", "shop.example.com", "https://shop.example.com/"] {
+            s.api.cors_allowed_origins = vec![bad.into()];
+            let err = validate(&s).expect_err(bad);
+            assert!(
+                err.to_string().contains("api.cors_allowed_origins"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
     fn secrets_never_show_in_debug_output() {
         let loaded = load_from(&repo_config(), env(&[])).expect("loads");
         let debug = format!("{:?}", loaded.settings);

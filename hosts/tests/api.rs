@@ -963,6 +963,39 @@ async fn an_expired_idempotency_key_is_forgotten() {
 }
 
 #[tokio::test]
+async fn a_stored_response_that_cannot_be_read_replays_the_order_itself() {
+    let tdb = TestDatabase::create().await;
+    let api = api(&tdb).await;
+    let (_, alice) = api.user().await;
+    let key = [("idempotency-key", "k-old-format")];
+    let body = json!({"items": [{"product_id": 1, "quantity": 1}]});
+    let (_, _, _, first) = api
+        .send(
+            "POST",
+            "/api/orders",
+            Some(&alice),
+            Some(body.clone()),
+            &key,
+        )
+        .await;
+    entity::idempotency_keys::Entity::update_many()
+        .col_expr(
+            entity::idempotency_keys::Column::ResponseBody,
+            sea_orm::sea_query::Expr::value(json!({"from": "an older version"})),
+        )
+        .exec(&tdb.db)
+        .await
+        .expect("update");
+    let (status, _, _, again) = api
+        .send("POST", "/api/orders", Some(&alice), Some(body), &key)
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{again}");
+    assert_eq!(again["id"], first["id"]);
+    assert_eq!(count_orders(&tdb).await, 1);
+    tdb.drop().await;
+}
+
+#[tokio::test]
 async fn two_racing_requests_with_one_idempotency_key_place_one_order() {
     let tdb = TestDatabase::create().await;
     let api = api(&tdb).await;

@@ -382,13 +382,19 @@ async fn claim_key(
     let stored = earlier
         .response_body
         .and_then(|body| OrderView::parse_from_json(Some(body)).ok());
-    match stored {
-        Some(view) => Ok(Claim::Replay(view)),
-        None => Err(ApiError::conflict(
-            "a request with this Idempotency-Key is being processed; retry",
-            Some("Idempotency-Key"),
-        )),
+    if let Some(view) = stored {
+        return Ok(Claim::Replay(view));
     }
+    // A stored response this version cannot read: answer the order itself.
+    if let Some(order_id) = earlier.order_id
+        && let Some(order) = orders::Entity::find_by_id(order_id).one(txn).await?
+    {
+        return Ok(Claim::Replay(view(txn, order).await?));
+    }
+    Err(ApiError::conflict(
+        "a request with this Idempotency-Key is being processed; retry",
+        Some("Idempotency-Key"),
+    ))
 }
 
 #[OpenApi(tag = "ApiTags::Orders")]

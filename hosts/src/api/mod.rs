@@ -237,7 +237,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let relay_shutdown = shutdown.clone();
     let relay_task = tokio::spawn(async move {
         loop {
-            match infra::connect_broker(&relay_settings, "order-saga api relay").await {
+            // Stop trying to connect as soon as the host is asked to stop.
+            let connected = tokio::select! {
+                _ = relay_shutdown.cancelled() => return,
+                connected = infra::connect_broker(&relay_settings, "order-saga api relay") => connected,
+            };
+            match connected {
                 Ok(transport) => {
                     let relay =
                         infra::relay(&relay_settings, db.clone(), transport.clone(), signal);

@@ -218,7 +218,8 @@ fn constraint_rule(name: &str) -> Option<(&'static str, &'static str)> {
 
 impl From<sea_orm::DbErr> for ApiError {
     /// Named constraint violations become 409 (unique, foreign key) or 422
-    /// (check); anything else is an opaque 500.
+    /// (check, not null); data exceptions (SQLSTATE class 22: NUL in text,
+    /// numeric overflow) 400; anything else is an opaque 500.
     fn from(e: sea_orm::DbErr) -> Self {
         if let Some((code, name)) = constraint_violation(&e) {
             let (field, message) = constraint_rule(&name).unwrap_or(("", ""));

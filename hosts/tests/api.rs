@@ -767,6 +767,36 @@ async fn repeated_products_in_one_order_are_added_up_on_one_line() {
 }
 
 #[tokio::test]
+async fn an_order_total_beyond_the_largest_amount_is_422_and_writes_nothing() {
+    let tdb = TestDatabase::create().await;
+    let api = api(&tdb).await;
+    let (_, token) = api.user().await;
+    let admin = api.admin().await;
+    let (status, _, dear) = api
+        .call(
+            "POST",
+            "/api/products",
+            Some(&admin),
+            Some(json!({"name": "Dear", "price": "9999999999.99", "stock": 10})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{dear}");
+    let (status, ct, problem) = api
+        .call(
+            "POST",
+            "/api/orders",
+            Some(&token),
+            Some(json!({"items": [{"product_id": dear["id"], "quantity": 2}]})),
+        )
+        .await;
+    assert_problem(status, &ct, &problem, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(problem["field"], "items");
+    assert_eq!(count_orders(&tdb).await, 0);
+    assert_eq!(stock_of(&tdb, dear["id"].as_i64().expect("id")).await, 10);
+    tdb.drop().await;
+}
+
+#[tokio::test]
 async fn orders_are_listed_newest_first_with_pagination_and_a_status_filter() {
     let tdb = TestDatabase::create().await;
     let api = api(&tdb).await;

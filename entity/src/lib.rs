@@ -3,6 +3,7 @@
 //! Generated-style data definitions only: no behaviour lives here. The schema
 //! itself is owned by the `migration` crate; these structs mirror it.
 
+pub mod idempotency_keys;
 pub mod notifications;
 pub mod order_items;
 pub mod orders;

@@ -23,7 +23,6 @@ use anyhow::Context;
 use migration::{Migrator, MigratorTrait};
 use poem::Server;
 use poem::listener::TcpListener;
-use saga::clock::SystemClock;
 use saga::consumer::Consumer;
 use saga::notifications::{NotificationHandler, OrderCreatedHandler};
 use saga::topology::{self, NOTIFICATIONS_CONSUMER, ORDER_SAGA_CONSUMER};
@@ -33,7 +32,7 @@ use sea_orm::{ConnectOptions, Database, DatabaseConnection};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{self, AppState, auth};
+use crate::api::{self, AppState};
 use crate::settings::Settings;
 use crate::{infra, runner, scheduler};
 
@@ -129,10 +128,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     );
 
     let state = Arc::new(AppState {
-        db,
-        jwt: auth::JwtKeys::new(&settings.auth),
-        clock: Arc::new(SystemClock),
         outbox_signal: signal,
+        ..AppState::new(db, &settings)?
     });
     let listener = TcpListener::bind(settings.api.listen.clone());
     tracing::info!(

@@ -132,6 +132,13 @@ pub struct ShutdownSettings {
 pub struct ApiSettings {
     pub listen: String,
     pub public_url: String,
+    /// Largest request body accepted (413 above it), chunked or not.
+    pub body_limit_bytes: usize,
+    /// Origins allowed to call the API from a browser (CORS). Empty: no CORS
+    /// headers at all (same-origin only, e.g. the bundled Swagger UI).
+    pub cors_allowed_origins: Vec<String>,
+    /// How long an `Idempotency-Key` of `POST /api/orders` is remembered.
+    pub idempotency_ttl_seconds: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -142,6 +149,12 @@ pub struct AuthSettings {
     pub token_ttl_seconds: u64,
     #[serde(default)]
     pub jwt_secret: Secret,
+    /// Login attempts are counted in fixed windows of this length.
+    pub login_window_seconds: u64,
+    /// Failed logins per account (e-mail) per window before 429.
+    pub login_max_failures_per_account: u32,
+    /// Login attempts per client address per window before 429.
+    pub login_max_attempts_per_address: u32,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -371,9 +384,36 @@ fn validate(s: &Settings) -> Result<(), SettingsError> {
             u64::from(s.database.max_connections),
         ),
         ("auth.token_ttl_seconds", s.auth.token_ttl_seconds),
+        ("auth.login_window_seconds", s.auth.login_window_seconds),
+        (
+            "auth.login_max_failures_per_account",
+            u64::from(s.auth.login_max_failures_per_account),
+        ),
+        (
+            "auth.login_max_attempts_per_address",
+            u64::from(s.auth.login_max_attempts_per_address),
+        ),
+        ("api.body_limit_bytes", s.api.body_limit_bytes as u64),
+        ("api.idempotency_ttl_seconds", s.api.idempotency_ttl_seconds),
     ] {
         if value == 0 {
             return Err(invalid(key, "must be greater than 0"));
+        }
+    }
+    if s.auth.token_ttl_seconds > 86_400 {
+        return Err(invalid(
+            "auth.token_ttl_seconds",
+            "must be at most 86400 (tokens are meant to be short-lived)",
+        ));
+    }
+    for origin in &s.api.cors_allowed_origins {
+        if !(origin.starts_with("http://") || origin.starts_with("https://"))
+            || origin.ends_with('/')
+        {
+            return Err(invalid(
+                "api.cors_allowed_origins",
+                format!("`{origin}` is not an origin like https://shop.example.com"),
+            ));
         }
     }
     if s.auth.jwt_secret.expose().len() < 32 {
@@ -504,6 +544,33 @@ mod tests {
             text.contains("payment") && text.contains("delay_ms"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn api_and_auth_limits_are_checked_and_named() {
+        let err = load_from(
+            &repo_config(),
+            env(&[("APP__AUTH__TOKEN_TTL_SECONDS", "90000")]),
+        )
+        .expect_err("a day at most");
+        assert!(err.to_string().contains("auth.token_ttl_seconds"), "{err}");
+        let err = load_from(&repo_config(), env(&[("APP__API__BODY_LIMIT_BYTES", "0")]))
+            .expect_err("zero");
+        assert!(err.to_string().contains("api.body_limit_bytes"), "{err}");
+
+        let mut s = load_from(&repo_config(), env(&[])).expect("loads").settings;
+        assert_eq!(s.api.body_limit_bytes, 64 * 1024);
+        assert!(s.api.cors_allowed_origins.is_empty());
+        s.api.cors_allowed_origins = vec!["https://shop.example.com".into()];
+        assert!(validate(&s).is_ok());
+        for bad in ["*", "shop.example.com", "https://shop.example.com/"] {
+            s.api.cors_allowed_origins = vec![bad.into()];
+            let err = validate(&s).expect_err(bad);
+            assert!(
+                err.to_string().contains("api.cors_allowed_origins"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -4,16 +4,14 @@ use std::path::Path;
 use std::sync::Arc;
 
 use entity::{order_items, orders, saga_instances, saga_outbox};
-use hosts::api::{self, AppState, auth::JwtKeys};
+use hosts::api::{self, AppState};
 use hosts::settings::{self, Settings};
 use poem::Endpoint;
 use poem::http::StatusCode;
 use poem::test::TestClient;
-use saga::clock::SystemClock;
 use saga::testing::TestDatabase;
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 use serde_json::{Value, json};
-use tokio::sync::Notify;
 
 fn settings() -> Settings {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configuration");
@@ -27,16 +25,14 @@ struct Api<E> {
 }
 
 async fn api(tdb: &TestDatabase) -> Api<impl Endpoint + use<>> {
-    let settings = settings();
+    api_with(tdb, settings()).await
+}
+
+async fn api_with(tdb: &TestDatabase, settings: Settings) -> Api<impl Endpoint + use<>> {
     api::seed_admin(&tdb.db, &settings)
         .await
         .expect("seed admin");
-    let state = Arc::new(AppState {
-        db: tdb.db.clone(),
-        jwt: JwtKeys::new(&settings.auth),
-        clock: Arc::new(SystemClock),
-        outbox_signal: Arc::new(Notify::new()),
-    });
+    let state = Arc::new(AppState::new(tdb.db.clone(), &settings).expect("state"));
     Api {
         client: TestClient::new(api::app(state)),
     }
@@ -50,6 +46,19 @@ impl<E: Endpoint> Api<E> {
         token: Option<&str>,
         body: Option<Value>,
     ) -> (StatusCode, String, Value) {
+        let (status, content_type, _, value) = self.send(method, path, token, body, &[]).await;
+        (status, content_type, value)
+    }
+
+    /// Like `call`, with extra request headers; also returns the headers.
+    async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, String, poem::http::HeaderMap, Value) {
         let mut req = match method {
             "GET" => self.client.get(path),
             "POST" => self.client.post(path),
@@ -60,11 +69,15 @@ impl<E: Endpoint> Api<E> {
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
         if let Some(b) = body {
             req = req.body_json(&b);
         }
         let resp = req.send().await.0;
         let status = resp.status();
+        let response_headers = resp.headers().clone();
         let content_type = resp
             .headers()
             .get("content-type")
@@ -73,7 +86,36 @@ impl<E: Endpoint> Api<E> {
             .to_owned();
         let bytes = resp.into_body().into_vec().await.expect("body");
         let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        (status, content_type, value)
+        (status, content_type, response_headers, value)
+    }
+
+    /// Logs in as the seeded admin and returns the token.
+    async fn admin(&self) -> String {
+        let s = settings();
+        let (status, _, login) = self
+            .call(
+                "POST",
+                "/api/auth/login",
+                None,
+                Some(json!({"email": s.seed.admin_email, "password": s.seed.admin_password.expose()})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{login}");
+        login["token"].as_str().expect("token").to_owned()
+    }
+
+    /// Places an order of `quantity` of product 1 and returns its id.
+    async fn order(&self, token: &str, quantity: i64) -> i64 {
+        let (status, _, order) = self
+            .call(
+                "POST",
+                "/api/orders",
+                Some(token),
+                Some(json!({"items": [{"product_id": 1, "quantity": quantity}]})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{order}");
+        order["id"].as_i64().expect("id")
     }
 
     /// Registers a fresh user and returns (id, token).
@@ -164,6 +206,27 @@ async fn bad_input_is_a_4xx_problem_never_a_500() {
             "email",
         ),
         (
+            "/api/users",
+            None,
+            json!({"name": "A\u{0}B", "email": "nul@example.com", "password": "password-1"}),
+            StatusCode::BAD_REQUEST,
+            "name",
+        ),
+        (
+            "/api/users",
+            None,
+            json!({"name": "A", "email": "n\u{0}l@example.com", "password": "password-1"}),
+            StatusCode::BAD_REQUEST,
+            "email",
+        ),
+        (
+            "/api/auth/login",
+            None,
+            json!({"email": "n\u{0}l@example.com", "password": "password-1"}),
+            StatusCode::BAD_REQUEST,
+            "email",
+        ),
+        (
             "/api/auth/login",
             None,
             json!({"email": "nobody@example.com", "password": "whatever1"}),
@@ -236,15 +299,8 @@ async fn bad_input_is_a_4xx_problem_never_a_500() {
         (
             "/api/orders",
             Some(&token),
-            json!({"items": [{"product_id": 999999, "quantity": 1}]}),
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "items[0].product_id",
-        ),
-        (
-            "/api/orders",
-            Some(&token),
-            json!({"items": [{"product_id": 1, "quantity": 1}, {"product_id": 1, "quantity": 2}]}),
-            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({"items": [{"product_id": 1, "quantity": 1}, {"product_id": 999999, "quantity": 1}]}),
+            StatusCode::CONFLICT,
             "items[1].product_id",
         ),
     ];
@@ -280,7 +336,7 @@ async fn placing_an_order_writes_order_items_saga_and_outbox_together_with_serve
     let tdb = TestDatabase::create().await;
     let api = api(&tdb).await;
     let (user_id, token) = api.user().await;
-    let (_, _, products) = api.call("GET", "/api/products", None, None).await;
+    let (_, _, products) = api.call("GET", "/api/products", Some(&token), None).await;
     let first = &products.as_array().expect("products")[0];
     let price: rust_decimal::Decimal = first["price"]
         .as_str()
@@ -357,6 +413,7 @@ async fn another_users_order_and_its_notifications_answer_404() {
     for path in [
         format!("/api/orders/{id}"),
         format!("/api/orders/{id}/notifications"),
+        format!("/api/orders/{id}/history"),
     ] {
         let (status, _, _) = api.call("GET", &path, Some(&alice), None).await;
         assert_eq!(status, StatusCode::OK, "{path} for the owner");
@@ -369,22 +426,16 @@ async fn another_users_order_and_its_notifications_answer_404() {
     assert_eq!(alices.as_array().expect("list").len(), 1);
     assert_eq!(alices[0]["id"], id);
     assert_eq!(alices[0]["items"].as_array().expect("items").len(), 1);
-    // The seeded admin sees every order.
-    let s = settings();
-    let (status, _, login) = api
-        .call(
-            "POST",
-            "/api/auth/login",
-            None,
-            Some(json!({"email": s.seed.admin_email, "password": s.seed.admin_password.expose()})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{login}");
-    let admin = login["token"].as_str().expect("token");
-    let (status, _, _) = api
-        .call("GET", &format!("/api/orders/{id}"), Some(admin), None)
-        .await;
-    assert_eq!(status, StatusCode::OK);
+    // The seeded admin sees every order, its journal and its notifications.
+    let admin = api.admin().await;
+    for path in [
+        format!("/api/orders/{id}"),
+        format!("/api/orders/{id}/notifications"),
+        format!("/api/orders/{id}/history"),
+    ] {
+        let (status, _, _) = api.call("GET", &path, Some(&admin), None).await;
+        assert_eq!(status, StatusCode::OK, "{path} for the admin");
+    }
     tdb.drop().await;
 }
 
@@ -406,6 +457,11 @@ async fn the_spec_documents_every_operation_with_the_bearer_scheme_and_swagger_u
         "/api/orders",
         "/api/orders/{id}",
         "/api/orders/{id}/notifications",
+        "/api/orders/{id}/history",
+        "/api/products/{id}",
+        "/api/notifications",
+        "/api/sagas/order/diagram",
+        "/api/sagas/order/transitions",
         "/health",
     ] {
         let item = &spec["paths"][path];
@@ -420,5 +476,1226 @@ async fn the_spec_documents_every_operation_with_the_bearer_scheme_and_swagger_u
     assert_eq!(resp.status(), StatusCode::OK);
     let html = resp.into_body().into_string().await.expect("html");
     assert!(html.contains("swagger"), "Swagger UI page");
+    assert!(
+        html.contains("additionalProperties"),
+        "Swagger UI shows the completed spec"
+    );
+    let resp = api.client.get("/swagger").send().await.0;
+    assert_eq!(resp.status(), StatusCode::OK);
+    for name in api::CLOSED_SCHEMAS {
+        assert_eq!(
+            spec["components"]["schemas"][name]["additionalProperties"], false,
+            "{name} rejects unknown fields and says so"
+        );
+    }
     tdb.drop().await;
+}
+
+async fn count_orders(tdb: &TestDatabase) -> u64 {
+    orders::Entity::find().count(&tdb.db).await.expect("count")
+}
+
+async fn stock_of(tdb: &TestDatabase, id: i64) -> i32 {
+    entity::products::Entity::find_by_id(id)
+        .one(&tdb.db)
+        .await
+        .expect("q")
+        .expect("product")
+        .stock
+}
+
+#[tokio::test]
+async fn passwords_are_stored_as_argon2id_with_owasp_parameters() {
+    let tdb = TestDatabase::create().await;
+    let api = api(&tdb).await;
+    let (id, _) = api.user().await;
+    let user = entity::users::Entity::find_by_id(id)
+        .one(&tdb.db)
+        .await
+        .expect("q")
+        .expect("user");
+    assert!(
+        user.password_hash
+            .starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+        "{}",
+        user.password_hash
+    );
+    assert!(!user.password_hash.contains("password-1"));
+    tdb.drop().await;
+}
+
+#[tokio::test]
+async fn admins_list_users_and_everyone_else_gets_403() {
+    let tdb = TestDatabase::create().await;
+    let api = api(&tdb).await;
+    let (alice_id, alice) = api.user().await;
+    let (status, ct, problem) = api.call("GET", "/api/users", Some(&alice), None).await;
+    assert_problem(status, &ct, &problem, StatusCode::FORBIDDEN);
+    let (status, ct, problem) = api.call("GET", "/api/users", None, None).await;
+    assert_problem(status, &ct, &problem, StatusCode::UNAUTHORIZED);
+    let admin = api.admin().await;
+    let (status, _, users) = api.call("GET", "/api/users", Some(&admin), None).await;
+    assert_eq!(status, StatusCode::OK, "{users}");
+    let users = users.as_array().expect("list");
+    assert_eq!(users.len(), 2);
+    assert_eq!(users[0]["role"], "admin");
+    assert_eq!(users[1]["id"], alice_id);
+    assert!(users.iter().all(|u| u.get("password_hash").is_none()));
+    let (_, _, page) = api
+        .call("GET", "/api/users?limit=1&offset=1", Some(&admin), None)
+        .await;
+    assert_eq!(page.as_array().expect("list").len(), 1);
+    assert_eq!(page[0]["id"], alice_id);
+    let (_, _, me) = api.call("GET", "/api/users/me", Some(&alice), None).await;
+    assert_eq!(me["id"], alice_id);
+    assert_eq!(me["role"], "user");
+    tdb.drop().await;
+}
+
+#[tokio::test]
+async fn products_are_read_by_signed_in_users_and_written_by_admins_only() {
+    let tdb = TestDatabase::create().await;
+    let api = api(&tdb).await;
+    let (_, user) = api.user().await;
+    let admin = api.admin().await;
+    let (status, ct, problem) = api.call("GET", "/api/products", None, None).await;
+    assert_problem(status, &ct, &problem, StatusCode::UNAUTHORIZED);
+    let (status, _, list) = api.call("GET", "/api/products", Some(&user), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(!list.as_array().expect("list").is_empty());
+    let (status, _, one) = api.call("GET", "/api/products/1", Some(&user), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(one["price"].is_string(), "price is a decimal string: {one}");
+    let (status, ct, problem) = api
+        .call("GET", "/api/products/999999", Some(&user), None)
+        .await;
+    assert_problem(status, &ct, &problem, StatusCode::NOT_FOUND);
+
+    let new = json!({"name": "Desk lamp", "description": "LED", "price": "12.50", "stock": 4});
+    for (method, path) in [
+        ("POST", "/api/products"),
+        ("PUT", "/api/products/1"),
+        ("DELETE", "/api/products/1"),
+    ] {
+        let body = (method != "DELETE").then(|| new.clone());
+        let (status, ct, problem) = api.call(method, path, Some(&user), body).await;
+        assert_problem(status, &ct, &problem, StatusCode::FORBIDDEN);
+    }
+    let (status, _, lamp) = api
+        .call("POST", "/api/products", Some(&admin), Some(new.clone()))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{lamp}");
+    assert_eq!(lamp["price"], "12.50");
+    assert_eq!(lamp["stock"], 4);
+    let lamp_id = lamp["id"].as_i64().expect("id");
+
+    // The unique name is a named database constraint: 409 naming the field.
+    let (status, ct, problem) = api
+        .call("POST", "/api/products", Some(&admin), Some(new.clone()))
+        .await;
+    assert_problem(status, &ct, &problem, StatusCode::CONFLICT);
+    assert_eq!(problem["field"], "name");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .expect("detail")
+            .contains("uq_products_name")
+    );
+
+    let bad: Vec<(Value, &str)> = vec![
+        (json!({"name": "X", "price": "1.00", "stock": -1}), "stock"),
+        (json!({"name": "X", "price": 1.5, "stock": 1}), "price"),
+        (json!({"name": "X", "price": "1.234", "stock": 1}), "price"),
+        (json!({"name": "X", "price": "-1.00", "stock": 1}), "price"),
+        (json!({"name": "X", "price": "1.00"}), "stock"),
+        (
+            json!({"name": "X", "price": "1.00", "stock": 1, "id": 5}),
+            "id",
+        ),
+        (json!({"name": false, "price": "1.00", "stock": 1}), "name"),
+        (
+            json!({"name": "X", "description": 5, "price": "1.00", "stock": 1}),
+            "description",
+        ),
+        (json!({"name": " \t ", "price": "1.00", "stock": 1}), "name"),
+    ];
+    for (body, field) in bad {
+        let (status, ct, problem) = api
+            .call("POST", "/api/products", Some(&admin), Some(body.clone()))
+            .await;
+        assert_problem(status, &ct, &problem, StatusCode::BAD_REQUEST);
+        assert!(problem.to_string().contains(field), "{body}: {problem}");
+    }
+
+    let (status, _, updated) = api
+        .call(
+            "PUT",
+            &format!("/api/products/{lamp_id}"),
+            Some(&admin),
+            Some(json!({"name": "Desk lamp", "price": "10", "stock": 7})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{updated}");
+    assert_eq!(updated["price"], "10.00");
+    assert_eq!(updated["stock"], 7);
+    assert_eq!(updated["created_at"], lamp["created_at"]);
+    let (status, _, _) = api
+        .call(
+            "PUT",
+            "/api/products/999999",
+            Some(&admin),
+            Some(json!({"name": "Nope", "price": "1", "stock": 1})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // A product that an order refers to cannot go: the foreign key is a 409.
+    api.order(&user, 1).await;
+    let (status, ct, problem) = api
+        .call("DELETE", "/api/products/1", Some(&admin), None)
+        .await;
+    assert_problem(status, &ct, &problem, StatusCode::CONFLICT);
+    let (status, _, _) = api
+        .call(
+            "DELETE",
+            &format!("/api/products/{lamp_id}"),
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _, _) = api
+        .call(
+            "GET",
+            &format!("/api/products/{lamp_id}"),
+            Some(&user),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _, _) = api
+        .call(
+            "DELETE",
+            &format!("/api/products/{lamp_id}"),
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    tdb.drop().await;
+}
+
+#[tokio::test]
+async fn not_enough_stock_is_409_naming_the_line_and_writes_nothing() {
+    let tdb = TestDatabase::create().await;
+    let api = api(&tdb).await;
+    let (_, token) = api.user().await;
+    let admin = api.admin().await;
+    let (status, _, _) = api
+        .call(
+            "PUT",
+            "/api/products/2",
+            Some(&admin),
+            Some(json!({"name": "Scarce", "price": "5.00", "stock": 2})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let stock_1 = stock_of(&tdb, 1).await;
+    let (status, ct, problem) = api
+        .call(
+            "POST",
+            "/api/orders",
+            Some(&token),
+            Some(json!({"items": [
+                {"product_id": 1, "quantity": 1},
+                {"product_id": 2, "quantity": 3}
+            ]})),
+        )
+        .await;
+    assert_problem(status, &ct, &problem, StatusCode::CONFLICT);
+    assert_eq!(problem["field"], "items[1].quantity");
+    assert_eq!(count_orders(&tdb).await, 0);
+    assert_eq!(
+        order_items::Entity::find().count(&tdb.db).await.expect("q"),
+        0
+    );
+    assert_eq!(
+        saga_outbox::Entity::find().count(&tdb.db).await.expect("q"),
+        0
+    );
+    assert_eq!(stock_of(&tdb, 1).await, stock_1, "line 1 not reserved");
+    assert_eq!(stock_of(&tdb, 2).await, 2, "line 2 not reserved");
+    // Exactly the stock there is succeeds and takes it.
+    let (status, _, _) = api
+        .call(
+            "POST",
+            "/api/orders",
+            Some(&token),
+            Some(json!({"items": [{"product_id": 2, "quantity": 2}]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(stock_of(&tdb, 2).await, 0);
+    tdb.drop().await;
+}
+
+#[tokio::test]
+async fn repeated_products_in_one_order_are_added_up_on_one_line() {
+    let tdb = TestDatabase::create().await;
+    let api = api(&tdb).await;
+    let (_, token) = api.user().await;
+    let stock = stock_of(&tdb, 1).await;
+    let (status, _, order) = api
+        .call(
+            "POST",
+            "/api/orders",
+            Some(&token),
+            Some(json!({"items": [
+                {"product_id": 1, "quantity": 2},
+                {"product_id": 2, "quantity": 1},
+                {"product_id": 1, "quantity": 3}
+            ]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{order}");
+    let items = order["items"].as_array().expect("items");
+    assert_eq!(items.len(), 2);
+    assert_eq!(items[0]["product_id"], 1);
+    assert_eq!(items[0]["quantity"], 5);
+    assert_eq!(stock_of(&tdb, 1).await, stock - 5);
+    tdb.drop().await;
+}
+
+#[tokio::test]
+async fn an_order_total_beyond_the_largest_amount_is_422_and_writes_nothing() {
+    let tdb = TestDatabase::create().await;
+    let api = api(&tdb).await;
+    let (_, token) = api.user().await;
+    let admin = api.admin().await;
+    let (status, _, dear) = api
+        .call(
+            "POST",
+            "/api/products",
+            Some(&admin),
+            Some(json!({"name": "Dear", "price": "9999999999.99", "stock": 10})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{dear}");
+    let (status, ct, problem) = api
+        .call(
+            "POST",
+            "/api/orders",
+            Some(&token),
+            Some(json!({"items": [{"product_id": dear["id"], "quantity": 2}]})),
+        )
+        .await;
+    assert_problem(status, &ct, &problem, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(problem["field"], "items");
+    assert_eq!(count_orders(&tdb).await, 0);
+    assert_eq!(stock_of(&tdb, dear["id"].as_i64().expect("id")).await, 10);
+    tdb.drop().await;
+}
+
+#[tokio::test]
+async fn orders_are_listed_newest_first_with_pagination_and_a_status_filter() {
+    let tdb = TestDatabase::create().await;
+    let api = api(&tdb).await;
+    let (_, alice) = api.user().await;
+    let (_, bob) = api.user().await;
+    let a1 = api.order(&alice, 1).await;
+    let a2 = api.order(&alice, 1).await;
+    let a3 = api.order(&alice, 1).await;
+    let b1 = api.order(&bob, 1).await;
+    orders::Entity::update_many()
+        .col_expr(
+            orders::Column::Status,
+            sea_orm::sea_query::Expr::value("completed"),
+        )
+        .filter(orders::Column::Id.eq(a2))
+        .exec(&tdb.db)
+        .await
+        .expect("update");
+    let ids = |v: &Value| -> Vec<i64> {
+        v.as_array()
+            .expect("list")
+            .iter()
+            .map(|o| o["id"].as_i64().expect("id"))
+            .collect()
+    };
+    let (_, _, all) = api.call("GET", "/api/orders", Some(&alice), None).await;
+    assert_eq!(ids(&all), vec![a3, a2, a1]);
+    let (_, _, page) = api
+        .call("GET", "/api/orders?limit=2&offset=1", Some(&alice), None)
+        .await;
+    assert_eq!(ids(&page), vec![a2, a1]);
+    let (_, _, done) = api
+        .call("GET", "/api/orders?status=completed", Some(&alice), None)
+        .await;
+    assert_eq!(ids(&done), vec![a2]);
+    assert_eq!(done[0]["status"], "completed");
+    let (_, _, pending) = api
+        .call("GET", "/api/orders?status=pending", Some(&bob), None)
+        .await;
+    assert_eq!(ids(&pending), vec![b1]);
+    let admin = api.admin().await;
+    let (_, _, everyone) = api.call("GET", "/api/orders", Some(&admin), None).await;
+    assert_eq!(ids(&everyone), vec![b1, a3, a2, a1]);
+    for bad in ["status=shipped", "limit=0", "limit=101", "offset=-1"] {
+        let (status, ct, problem) = api
+            .call("GET", &format!("/api/orders?{bad}"), Some(&alice), None)
+            .await;
+        assert_problem(status, &ct, &problem, StatusCode::BAD_REQUEST);
+    }
+    tdb.drop().await;
+}
+
+#[tokio::test]
+async fn an_idempotency_key_replays_the_first_response_and_places_nothing_new() {
+    let tdb = TestDatabase::create().await;
+    let api = api(&tdb).await;
+    let (_, alice) = api.user().await;
+    let (_, bob) = api.user().await;
+    let body = json!({"items": [{"product_id": 1, "quantity": 2}]});
+    let key = [("idempotency-key", "order-7f3a")];
+    let stock = stock_of(&tdb, 1).await;
+    let (s1, _, _, first) = api
+        .send(
+            "POST",
+            "/api/orders",
+            Some(&alice),
+            Some(body.clone()),
+            &key,
+        )
+        .await;
+    assert_eq!(s1, StatusCode::CREATED, "{first}");
+    let (s2, _, _, second) = api
+        .send(
+            "POST",
+            "/api/orders",
+            Some(&alice),
+            Some(body.clone()),
+            &key,
+        )
+        .await;
+    assert_eq!(s2, StatusCode::CREATED, "{second}");
+    assert_eq!(first, second, "the same response");
+    assert_eq!(count_orders(&tdb).await, 1);
+    assert_eq!(stock_of(&tdb, 1).await, stock - 2, "stock reserved once");
+
+    // The same key with another body is refused.
+    let (status, ct, _, problem) = api
+        .send(
+            "POST",
+            "/api/orders",
+            Some(&alice),
+            Some(json!({"items": [{"product_id": 1, "quantity": 3}]})),
+            &key,
+        )
+        .await;
+    assert_problem(status, &ct, &problem, StatusCode::CONFLICT);
+    assert_eq!(
+        problem["type"],
+        "urn:order-saga:problem:idempotency-key-reused"
+    );
+    assert_eq!(problem["field"], "Idempotency-Key");
+    assert_eq!(count_orders(&tdb).await, 1);
+
+    // Keys belong to their user: Bob's identical key is a new order.
+    let (status, _, _, bobs) = api
+        .send("POST", "/api/orders", Some(&bob), Some(body.clone()), &key)
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_ne!(bobs["id"], first["id"]);
+    assert_eq!(count_orders(&tdb).await, 2);
+
+    // Without a key every request is a new order.
+    api.order(&alice, 2).await;
+    assert_eq!(count_orders(&tdb).await, 3);
+
+    // An invalid key is a 400 naming the header.
+    let (status, ct, _, problem) = api
+        .send(
+            "POST",
+            "/api/orders",
+            Some(&alice),
+            Some(body.clone()),
+            &[("idempotency-key", "")],
+        )
+        .await;
+    assert_problem(status, &ct, &problem, StatusCode::BAD_REQUEST);
+    assert!(problem.to_string().contains("Idempotency-Key"), "{problem}");
+    // Not visible ASCII: refused, never treated as "no key".
+    let long = "k".repeat(256);
+    for bad in ["caf\u{e9}", "a b", long.as_str()] {
+        let (status, ct, _, problem) = api
+            .send(
+                "POST",
+                "/api/orders",
+                Some(&alice),
+                Some(body.clone()),
+                &[("idempotency-key", bad)],
+            )
+            .await;
+        assert_problem(status, &ct, &problem, StatusCode::BAD_REQUEST);
+        assert_eq!(problem["field"], "Idempotency-Key", "{bad}: {problem}");
+    }
+    assert_eq!(count_orders(&tdb).await, 3);
+    tdb.drop().await;
+}
+
+#[tokio::test]
+async fn an_expired_idempotency_key_is_forgotten() {
+    let tdb = TestDatabase::create().await;
+    let api = api(&tdb).await;
+    let (_, alice) = api.user().await;
+    let key = [("idempotency-key", "k-expiring")];
+    let body = json!({"items": [{"product_id": 1, "quantity": 1}]});
+    let (status, _, _, first) = api
+        .send(
+            "POST",
+            "/api/orders",
+            Some(&alice),
+            Some(body.clone()),
+            &key,
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let row = entity::idempotency_keys::Entity::find()
+        .one(&tdb.db)
+        .await
+        .expect("q")
+        .expect("key row");
+    assert_eq!(row.order_id, first["id"].as_i64());
+    let ttl = settings().api.idempotency_ttl_seconds as i64;
+    assert_eq!((row.expires_at - row.created_at).num_seconds(), ttl);
+    // Make it expire (the clock is real; move the row instead of waiting).
+    entity::idempotency_keys::Entity::update_many()
+        .col_expr(
+            entity::idempotency_keys::Column::ExpiresAt,
+            sea_orm::sea_query::Expr::value(chrono::Utc::now() - chrono::Duration::seconds(1)),
+        )
+        .exec(&tdb.db)
+        .await
+        .expect("update");
+    let (status, _, _, second) = api
+        .send(
+            "POST",
+            "/api/orders",
+            Some(&alice),
+            Some(json!({"items": [{"product_id": 1, "quantity": 2}]})),
+            &key,
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{second}");
+    assert_ne!(second["id"], first["id"]);
+    assert_eq!(count_orders(&tdb).await, 2);
+    tdb.drop().await;
+}
+
+#[tokio::test]
+async fn a_stored_response_that_cannot_be_read_replays_the_order_itself() {
+    let tdb = TestDatabase::create().await;
+    let api = api(&tdb).await;
+    let (_, alice) = api.user().await;
+    let key = [("idempotency-key", "k-old-format")];
+    let body = json!({"items": [{"product_id": 1, "quantity": 1}]});
+    let (_, _, _, first) = api
+        .send(
+            "POST",
+            "/api/orders",
+            Some(&alice),
+            Some(body.clone()),
+            &key,
+        )
+        .await;
+    entity::idempotency_keys::Entity::update_many()
+        .col_expr(
+            entity::idempotency_keys::Column::ResponseBody,
+            sea_orm::sea_query::Expr::value(json!({"from": "an older version"})),
+        )
+        .exec(&tdb.db)
+        .await
+        .expect("update");
+    let (status, _, _, again) = api
+        .send("POST", "/api/orders", Some(&alice), Some(body), &key)
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{again}");
+    assert_eq!(again["id"], first["id"]);
+    assert_eq!(count_orders(&tdb).await, 1);
+    tdb.drop().await;
+}
+
+#[tokio::test]
+async fn two_racing_requests_with_one_idempotency_key_place_one_order() {
+    let tdb = TestDatabase::create().await;
+    let api = api(&tdb).await;
+    let (_, alice) = api.user().await;
+    let body =
+        json!({"items": [{"product_id": 1, "quantity": 1}, {"product_id": 2, "quantity": 1}]});
+    for round in 0..5 {
+        let key = format!("race-{round}");
+        let headers = [("idempotency-key", key.as_str())];
+        let (a, b) = tokio::join!(
+            api.send(
+                "POST",
+                "/api/orders",
+                Some(&alice),
+                Some(body.clone()),
+                &headers
+            ),
+            api.send(
+                "POST",
+                "/api/orders",
+                Some(&alice),
+                Some(body.clone()),
+                &headers
+            ),
+        );
+        assert_eq!(a.0, StatusCode::CREATED, "{}", a.3);
+        assert_eq!(b.0, StatusCode::CREATED, "{}", b.3);
+        assert_eq!(a.3["id"], b.3["id"], "round {round}: one order");
+        assert_eq!(count_orders(&tdb).await, round + 1);
+    }
+    tdb.drop().await;
+}
+
+#[tokio::test]
+async fn notifications_are_read_only_filtered_and_scoped_to_their_owner() {
+    let tdb = TestDatabase::create().await;
+    let api = api(&tdb).await;
+    let (alice_id, alice) = api.user().await;
+    let (bob_id, bob) = api.user().await;
+    let a1 = api.order(&alice, 1).await;
+    let a2 = api.order(&alice, 1).await;
+    let b1 = api.order(&bob, 1).await;
+    let now = chrono::Utc::now();
+    for (order_id, user_id, event) in [
+        (a1, alice_id, "OrderCreated"),
+        (a1, alice_id, "OrderCompleted"),
+        (a2, alice_id, "OrderCreated"),
+        (b1, bob_id, "OrderCreated"),
+    ] {
+        entity::notifications::Entity::insert(entity::notifications::ActiveModel {
+            order_id: sea_orm::Set(order_id),
+            user_id: sea_orm::Set(user_id),
+            event_type: sea_orm::Set(event.into()),
+            message: sea_orm::Set(format!("{event} {order_id}")),
+            is_email_sent: sea_orm::Set(event == "OrderCompleted"),
+            created_at: sea_orm::Set(now),
+            metadata: sea_orm::Set(json!({})),
+            ..Default::default()
+        })
+        .exec(&tdb.db)
+        .await
+        .expect("insert");
+    }
+    let pairs = |v: &Value| -> Vec<(i64, String)> {
+        v.as_array()
+            .expect("list")
+            .iter()
+            .map(|n| {
+                (
+                    n["order_id"].as_i64().expect("order"),
+                    n["event_type"].as_str().expect("type").to_owned(),
+                )
+            })
+            .collect()
+    };
+    let (status, _, mine) = api
+        .call("GET", "/api/notifications", Some(&alice), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        pairs(&mine),
+        vec![
+            (a2, "OrderCreated".into()),
+            (a1, "OrderCompleted".into()),
+            (a1, "OrderCreated".into())
+        ]
+    );
+    let (_, _, by_order) = api
+        .call(
+            "GET",
+            &format!("/api/notifications?order_id={a1}"),
+            Some(&alice),
+            None,
+        )
+        .await;
+    assert_eq!(by_order.as_array().expect("list").len(), 2);
+    let (_, _, by_type) = api
+        .call(
+            "GET",
+            &format!("/api/notifications?order_id={a1}&event_type=OrderCompleted"),
+            Some(&alice),
+            None,
+        )
+        .await;
+    assert_eq!(pairs(&by_type), vec![(a1, "OrderCompleted".into())]);
+    // Bob asking for Alice's order sees nothing of it.
+    let (_, _, bobs) = api
+        .call(
+            "GET",
+            &format!("/api/notifications?order_id={a1}"),
+            Some(&bob),
+            None,
+        )
+        .await;
+    assert_eq!(bobs.as_array().expect("list").len(), 0);
+    let (_, _, bobs) = api
+        .call("GET", "/api/notifications", Some(&bob), None)
+        .await;
+    assert_eq!(pairs(&bobs), vec![(b1, "OrderCreated".into())]);
+    let admin = api.admin().await;
+    let (_, _, all) = api
+        .call("GET", "/api/notifications", Some(&admin), None)
+        .await;
+    assert_eq!(all.as_array().expect("list").len(), 4);
+    let (status, ct, problem) = api
+        .call(
+            "GET",
+            "/api/notifications?event_type=OrderShipped",
+            Some(&alice),
+            None,
+        )
+        .await;
+    assert_problem(status, &ct, &problem, StatusCode::BAD_REQUEST);
+    // Read-only: no method writes notifications.
+    let (status, _, headers, _) = api
+        .send(
+            "POST",
+            "/api/notifications",
+            Some(&alice),
+            Some(json!({})),
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(headers.get("allow").expect("allow header"), "GET");
+    tdb.drop().await;
+}
+
+#[tokio::test]
+async fn an_orders_history_is_its_journal_in_order() {
+    let tdb = TestDatabase::create().await;
+    let api = api(&tdb).await;
+    let (_, alice) = api.user().await;
+    let id = api.order(&alice, 1).await;
+    let (status, _, history) = api
+        .call(
+            "GET",
+            &format!("/api/orders/{id}/history"),
+            Some(&alice),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{history}");
+    let rows = history.as_array().expect("list");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["from_state"], Value::Null);
+    assert_eq!(rows[0]["to_state"], "pending");
+    assert_eq!(rows[0]["trigger"], "OrderPlaced");
+    assert_eq!(rows[0]["outcome"], "applied");
+    assert!(rows[0]["message_id"].is_string());
+    assert_eq!(rows[0]["attempt"], 1);
+    let (status, _, _) = api
+        .call("GET", "/api/orders/999999/history", Some(&alice), None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    tdb.drop().await;
+}
+
+#[tokio::test]
+async fn the_saga_diagram_and_transition_table_are_public() {
+    let tdb = TestDatabase::create().await;
+    let api = api(&tdb).await;
+    let resp = api.client.get("/api/sagas/order/diagram").send().await.0;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(
+        resp.headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/plain"))
+    );
+    let text = resp.into_body().into_string().await.expect("text");
+    assert_eq!(text, saga::machine::mermaid());
+    assert!(text.starts_with("stateDiagram-v2"));
+    let (status, _, table) = api
+        .call("GET", "/api/sagas/order/transitions", None, None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        table.as_array().expect("rows").len(),
+        saga::machine::describe().len()
+    );
+    assert!(table.as_array().expect("rows").iter().any(|r| {
+        r["from"] == "processing"
+            && r["input"] == "PaymentDecided(approved)"
+            && r["to"] == "completed"
+    }));
+    tdb.drop().await;
+}
+
+#[tokio::test]
+async fn bodies_over_64_kib_are_413_with_or_without_content_length() {
+    let tdb = TestDatabase::create().await;
+    let api = api(&tdb).await;
+    let (_, token) = api.user().await;
+    let big = format!(
+        "{{\"items\": [{{\"product_id\": 1, \"quantity\": 1}}], \"pad\": \"{}\"}}",
+        "x".repeat(70 * 1024)
+    );
+    // With Content-Length.
+    let resp = api
+        .client
+        .post("/api/orders")
+        .header("authorization", format!("Bearer {token}"))
+        .content_type("application/json")
+        .header("content-length", big.len().to_string())
+        .body(big.clone())
+        .send()
+        .await
+        .0;
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // Chunked: a stream without Content-Length.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = big
+        .as_bytes()
+        .chunks(8 * 1024)
+        .map(|c| Ok(c.to_vec()))
+        .collect();
+    let resp = api
+        .client
+        .post("/api/orders")
+        .header("authorization", format!("Bearer {token}"))
+        .content_type("application/json")
+        .body(poem::Body::from_bytes_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .0;
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        resp.headers().get("content-type").expect("type"),
+        "application/problem+json"
+    );
+    let problem: Value =
+        serde_json::from_slice(&resp.into_body().into_vec().await.expect("body")).expect("json");
+    assert_eq!(problem["status"], 413);
+    assert_eq!(count_orders(&tdb).await, 0);
+    // Just under the cap is read (and rejected for its unknown field).
+    let small = "{\"items\": [{\"product_id\": 1, \"quantity\": 1}]}".to_owned();
+    let resp = api
+        .client
+        .post("/api/orders")
+        .header("authorization", format!("Bearer {token}"))
+        .content_type("application/json")
+        .body(small)
+        .send()
+        .await
+        .0;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    tdb.drop().await;
+}
+
+#[tokio::test]
+async fn a_body_that_is_not_json_is_415() {
+    let tdb = TestDatabase::create().await;
+    let api = api(&tdb).await;
+    let (_, token) = api.user().await;
+    for content_type in [
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+        None,
+    ] {
+        let mut req = api
+            .client
+            .post("/api/orders")
+            .header("authorization", format!("Bearer {token}"));
+        if let Some(ct) = content_type {
+            req = req.content_type(ct);
+        }
+        let resp = req.body("items=1").send().await.0;
+        let status = resp.status();
+        let ct = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let body: Value = serde_json::from_slice(&resp.into_body().into_vec().await.expect("body"))
+            .unwrap_or(Value::Null);
+        assert_problem(status, &ct, &body, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    }
+    tdb.drop().await;
+}
+
+#[tokio::test]
+async fn failed_logins_per_account_and_attempts_per_address_are_limited_with_429() {
+    let tdb = TestDatabase::create().await;
+    let mut s = settings();
+    s.auth.login_max_failures_per_account = 3;
+    s.auth.login_max_attempts_per_address = 8;
+    let api = api_with(&tdb, s).await;
+    let email = "limited@example.com";
+    let (status, _, _) = api
+        .call(
+            "POST",
+            "/api/users",
+            None,
+            Some(json!({"name": "L", "email": email, "password": "password-1"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let login = |password: &'static str| json!({"email": email, "password": password});
+    for _ in 0..3 {
+        let (status, _, problem) = api
+            .call(
+                "POST",
+                "/api/auth/login",
+                None,
+                Some(login("wrong-password")),
+            )
+            .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert!(
+            !problem.to_string().contains("wrong-password"),
+            "no secret echoed"
+        );
+    }
+    // The account is locked for the window, even with the right password.
+    let (status, ct, headers, problem) = api
+        .send(
+            "POST",
+            "/api/auth/login",
+            None,
+            Some(login("password-1")),
+            &[],
+        )
+        .await;
+    assert_problem(status, &ct, &problem, StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = headers
+        .get("retry-after")
+        .expect("Retry-After")
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!((1..=60).contains(&retry), "{retry}");
+    // Other accounts from this address still log in, until the address's
+    // budget (8 attempts, 4 used) is spent.
+    for i in 0..4 {
+        let (status, _, _) = api
+            .call(
+                "POST",
+                "/api/auth/login",
+                None,
+                Some(json!({"email": format!("nobody-{i}@example.com"), "password": "whatever-1"})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "attempt {i}");
+    }
+    let (status, ct, headers, problem) = api
+        .send(
+            "POST",
+            "/api/auth/login",
+            None,
+            Some(json!({"email": "someone-else@example.com", "password": "whatever-1"})),
+            &[],
+        )
+        .await;
+    assert_problem(status, &ct, &problem, StatusCode::TOO_MANY_REQUESTS);
+    assert!(headers.get("retry-after").is_some());
+    tdb.drop().await;
+}
+
+#[tokio::test]
+async fn a_successful_login_clears_the_accounts_failures() {
+    let tdb = TestDatabase::create().await;
+    let mut s = settings();
+    s.auth.login_max_failures_per_account = 2;
+    let api = api_with(&tdb, s).await;
+    let (_, _) = api.user().await;
+    let email = "again@example.com";
+    api.call(
+        "POST",
+        "/api/users",
+        None,
+        Some(json!({"name": "A", "email": email, "password": "password-1"})),
+    )
+    .await;
+    for password in ["bad-one-1", "password-1", "bad-two-2", "password-1"] {
+        let (status, _, _) = api
+            .call(
+                "POST",
+                "/api/auth/login",
+                None,
+                Some(json!({"email": email, "password": password})),
+            )
+            .await;
+        let want = if password == "password-1" {
+            StatusCode::OK
+        } else {
+            StatusCode::UNAUTHORIZED
+        };
+        assert_eq!(status, want, "{password}");
+    }
+    tdb.drop().await;
+}
+
+#[tokio::test]
+async fn tokens_are_checked_for_algorithm_issuer_audience_and_lifetime() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+    let tdb = TestDatabase::create().await;
+    let s = settings();
+    let api = api(&tdb).await;
+    let (id, good) = api.user().await;
+    let (status, _, _) = api.call("GET", "/api/users/me", Some(&good), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let key = EncodingKey::from_secret(s.auth.jwt_secret.expose().as_bytes());
+    let now = chrono::Utc::now().timestamp();
+    let claims = |iss: &str, aud: &str, iat: i64, exp: i64| json!({"sub": id.to_string(), "role": "admin", "iss": iss, "aud": aud, "iat": iat, "exp": exp});
+    let (iss, aud) = (s.auth.issuer.as_str(), s.auth.audience.as_str());
+    let ttl = s.auth.token_ttl_seconds as i64;
+    let cases = vec![
+        (
+            "another issuer",
+            Algorithm::HS256,
+            claims("evil", aud, now, now + 60),
+        ),
+        (
+            "another audience",
+            Algorithm::HS256,
+            claims(iss, "evil", now, now + 60),
+        ),
+        (
+            "expired",
+            Algorithm::HS256,
+            claims(iss, aud, now - 600, now - 60),
+        ),
+        (
+            "longer than the configured lifetime",
+            Algorithm::HS256,
+            claims(iss, aud, now, now + ttl + 3600),
+        ),
+        (
+            "another algorithm",
+            Algorithm::HS512,
+            claims(iss, aud, now, now + 60),
+        ),
+        (
+            "no expiry",
+            Algorithm::HS256,
+            json!({"sub": id.to_string(), "role": "admin", "iss": iss, "aud": aud, "iat": now}),
+        ),
+    ];
+    for (what, alg, claims) in cases {
+        let token = encode(&Header::new(alg), &claims, &key).expect("encode");
+        let (status, ct, problem) = api.call("GET", "/api/users/me", Some(&token), None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}");
+        assert_problem(status, &ct, &problem, StatusCode::UNAUTHORIZED);
+    }
+    // alg "none": header {"alg":"none"} and no signature.
+    let b64 = |v: Value| {
+        use std::fmt::Write;
+        let bytes = v.to_string().into_bytes();
+        // base64url without padding, by hand to avoid a dependency.
+        const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let n = chunk
+                .iter()
+                .enumerate()
+                .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
+            for i in 0..=chunk.len() {
+                let _ = write!(out, "{}", A[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            }
+        }
+        out
+    };
+    let none = format!(
+        "{}.{}.",
+        b64(json!({"alg": "none", "typ": "JWT"})),
+        b64(claims(iss, aud, now, now + 60))
+    );
+    let (status, _, _) = api.call("GET", "/api/users/me", Some(&none), None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "alg none");
+    tdb.drop().await;
+}
+
+#[test]
+fn a_signing_key_shorter_than_256_bits_is_refused() {
+    let mut s = settings();
+    s.auth.jwt_secret = settings::Secret::new("x".repeat(31));
+    let err = hosts::api::auth::JwtKeys::new(&s.auth)
+        .err()
+        .expect("short key refused");
+    assert!(err.to_string().contains("256 bits"), "{err}");
+    assert!(
+        !err.to_string().contains(&"x".repeat(31)),
+        "no secret in the error"
+    );
+    s.auth.jwt_secret = settings::Secret::new("x".repeat(32));
+    assert!(hosts::api::auth::JwtKeys::new(&s.auth).is_ok());
+}
+
+#[tokio::test]
+async fn cors_headers_are_sent_only_for_configured_origins() {
+    let tdb = TestDatabase::create().await;
+    let mut s = settings();
+    s.api.cors_allowed_origins = vec!["https://shop.example.com".into()];
+    let api = api_with(&tdb, s).await;
+    let preflight = |origin: &'static str| {
+        api.client
+            .options("/api/orders")
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization, content-type, idempotency-key",
+            )
+            .send()
+    };
+    let ok = preflight("https://shop.example.com").await.0;
+    assert!(ok.status().is_success(), "{}", ok.status());
+    assert_eq!(
+        ok.headers()
+            .get("access-control-allow-origin")
+            .expect("allow-origin"),
+        "https://shop.example.com"
+    );
+    let other = preflight("https://evil.example.com").await.0;
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+    // Without configured origins there are no CORS headers at all.
+    let plain = api_with(&tdb, settings()).await;
+    let resp = plain
+        .client
+        .get("/health")
+        .header("origin", "https://shop.example.com")
+        .send()
+        .await
+        .0;
+    assert!(resp.headers().get("access-control-allow-origin").is_none());
+    tdb.drop().await;
+}
+
+#[tokio::test]
+async fn an_unsupported_method_is_405_with_an_allow_header() {
+    let tdb = TestDatabase::create().await;
+    let api = api(&tdb).await;
+    for (method, path, allow) in [
+        ("DELETE", "/api/orders", "GET, POST"),
+        ("PUT", "/api/orders/1", "GET"),
+        ("POST", "/api/products/1", "DELETE, GET, PUT"),
+        ("DELETE", "/api/users/me", "GET"),
+    ] {
+        let (status, ct, headers, problem) = api.send(method, path, None, None, &[]).await;
+        assert_problem(status, &ct, &problem, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(
+            headers.get("allow").expect("Allow"),
+            allow,
+            "{method} {path}"
+        );
+    }
+    tdb.drop().await;
+}
+
+fn snapshot_path() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots/openapi.json")
+}
+
+/// The spec is committed: a change to the API shows up as a diff to review.
+/// `UPDATE_SNAPSHOTS=1 cargo test -p hosts --test api` rewrites it.
+#[test]
+fn the_openapi_spec_matches_the_committed_snapshot() {
+    let spec = api::spec_json();
+    let path = snapshot_path();
+    if std::env::var("UPDATE_SNAPSHOTS").is_ok_and(|v| v == "1") {
+        std::fs::create_dir_all(path.parent().expect("dir")).expect("mkdir");
+        std::fs::write(&path, format!("{spec}\n")).expect("write snapshot");
+        return;
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{} is missing ({e}); create it with UPDATE_SNAPSHOTS=1 cargo test -p hosts --test api",
+            path.display()
+        )
+    });
+    let want: Value = serde_json::from_str(&committed).expect("snapshot is JSON");
+    let got: Value = serde_json::from_str(&spec).expect("spec is JSON");
+    assert!(
+        want == got,
+        "the OpenAPI spec changed; review the change and rerun with UPDATE_SNAPSHOTS=1 to accept it"
+    );
+}
+
+#[test]
+fn every_operation_has_a_summary_a_tag_documented_errors_and_examples() {
+    let spec: Value = serde_json::from_str(&api::spec_json()).expect("json");
+    let public = [
+        "post /api/users",
+        "post /api/auth/login",
+        "get /api/sagas/order/diagram",
+        "get /api/sagas/order/transitions",
+        "get /health",
+    ];
+    let mut failures = Vec::new();
+    for (path, item) in spec["paths"].as_object().expect("paths") {
+        for (method, op) in item.as_object().expect("ops") {
+            let name = format!("{method} {path}");
+            if op["summary"].as_str().is_none_or(str::is_empty) {
+                failures.push(format!("{name}: no summary"));
+            }
+            if op["tags"].as_array().is_none_or(Vec::is_empty) {
+                failures.push(format!("{name}: no tag"));
+            }
+            let responses = op["responses"].as_object().expect("responses");
+            if !responses.keys().any(|s| s.starts_with('2')) {
+                failures.push(format!("{name}: no success response"));
+            }
+            let secured = op["security"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|r| r.get("BearerAuth").is_some()));
+            if secured == public.contains(&name.as_str()) {
+                failures.push(format!("{name}: security is {secured}"));
+            }
+            if secured && !responses.contains_key("401") {
+                failures.push(format!("{name}: 401 not documented"));
+            }
+        }
+    }
+    // Each operation lists the errors it can answer, not every error.
+    let statuses = |method: &str, path: &str| -> Vec<String> {
+        spec["paths"][path][method]["responses"]
+            .as_object()
+            .expect("responses")
+            .keys()
+            .cloned()
+            .collect()
+    };
+    assert_eq!(
+        statuses("post", "/api/auth/login"),
+        ["200", "400", "401", "413", "415", "429", "500"]
+    );
+    assert_eq!(
+        statuses("get", "/api/orders/{id}"),
+        ["200", "400", "401", "404", "500"]
+    );
+    assert_eq!(
+        statuses("post", "/api/orders"),
+        ["201", "400", "401", "409", "413", "415", "422", "500"]
+    );
+    assert_eq!(
+        statuses("delete", "/api/products/{id}"),
+        ["204", "400", "401", "403", "404", "409", "500"]
+    );
+    // Every object schema that a response returns has an example.
+    for (name, schema) in spec["components"]["schemas"].as_object().expect("schemas") {
+        if schema["type"] == "object" && schema.get("example").is_none() {
+            let is_request_part = name == "OrderItemRequest" || name == "OrderItemView";
+            if !is_request_part {
+                failures.push(format!("schema {name}: no example"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -10,6 +10,7 @@ mod m20261124_000001_create_domain_tables;
 mod m20261124_000002_create_saga_tables;
 mod m20261124_000003_seed_products;
 mod m20261124_000004_create_message_failures;
+mod m20261124_000005_create_idempotency_keys;
 
 pub struct Migrator;
 
@@ -21,6 +22,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000002_create_saga_tables::Migration),
             Box::new(m20261124_000003_seed_products::Migration),
             Box::new(m20261124_000004_create_message_failures::Migration),
+            Box::new(m20261124_000005_create_idempotency_keys::Migration),
         ]
     }
 }
@@ -36,4 +38,5 @@ pub mod constraints {
     pub const ORDER_ITEMS_QUANTITY_CHECK: &str = "ck_order_items_quantity_positive";
     pub const NOTIFICATIONS_EVENT_TYPE_CHECK: &str = "ck_notifications_event_type";
     pub const NOTIFICATIONS_ORDER_EVENT_KEY: &str = "uq_notifications_order_event";
+    pub const IDEMPOTENCY_KEYS_USER_KEY: &str = "uq_idempotency_keys_user_key";
 }

@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
-use argon2::Argon2;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier, phc::PasswordHash};
+use argon2::{Argon2, Params, Version};
 use chrono::{DateTime, Utc};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use poem::Request;
@@ -37,6 +37,17 @@ impl Caller {
     pub fn is_admin(&self) -> bool {
         self.role == "admin"
     }
+
+    /// 403 unless the caller is an admin.
+    pub fn require_admin(&self) -> Result<(), super::problem::ApiError> {
+        if self.is_admin() {
+            Ok(())
+        } else {
+            Err(super::problem::ApiError::forbidden(
+                "this operation needs the admin role",
+            ))
+        }
+    }
 }
 
 pub struct JwtKeys {
@@ -48,22 +59,34 @@ pub struct JwtKeys {
     ttl_seconds: i64,
 }
 
+/// Shortest accepted signing key: 256 bits.
+pub const MIN_SECRET_BYTES: usize = 32;
+
 impl JwtKeys {
-    pub fn new(settings: &AuthSettings) -> Self {
+    /// Refuses a signing key shorter than 256 bits.
+    pub fn new(settings: &AuthSettings) -> anyhow::Result<Self> {
         let secret = settings.jwt_secret.expose().as_bytes();
+        if secret.len() < MIN_SECRET_BYTES {
+            anyhow::bail!(
+                "auth.jwt_secret must be at least {MIN_SECRET_BYTES} bytes (256 bits), got {}",
+                secret.len()
+            );
+        }
         let mut validation = Validation::new(Algorithm::HS256);
         validation.algorithms = vec![Algorithm::HS256];
         validation.set_issuer(&[settings.issuer.as_str()]);
         validation.set_audience(&[settings.audience.as_str()]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.validate_exp = true;
         validation.leeway = 5;
-        Self {
+        Ok(Self {
             encoding: EncodingKey::from_secret(secret),
             decoding: DecodingKey::from_secret(secret),
             validation,
             issuer: settings.issuer.clone(),
             audience: settings.audience.clone(),
             ttl_seconds: i64::try_from(settings.token_ttl_seconds).unwrap_or(3600),
-        }
+        })
     }
 
     pub fn ttl_seconds(&self) -> i64 {
@@ -87,8 +110,13 @@ impl JwtKeys {
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
     }
 
+    /// The caller of a valid token: HS256 only, our issuer and audience, not
+    /// expired, and not issued for longer than `auth.token_ttl_seconds`.
     pub fn verify(&self, token: &str) -> Option<Caller> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).ok()?;
+        if data.claims.exp - data.claims.iat > self.ttl_seconds {
+            return None;
+        }
         Some(Caller {
             user_id: data.claims.sub.parse().ok()?,
             role: data.claims.role,
@@ -112,11 +140,21 @@ async fn check_bearer(req: &Request, bearer: Bearer) -> poem::Result<Caller> {
         .ok_or_else(|| auth_error("the bearer token is invalid or expired; log in again"))
 }
 
-/// Argon2id with the crate defaults (m = 19 MiB, t = 2, p = 1: OWASP's
-/// recommended minimum), run off the async worker threads.
+/// Argon2id, m = 19 MiB, t = 2, p = 1: OWASP's recommended minimum.
+fn hasher() -> anyhow::Result<Argon2<'static>> {
+    let params = Params::new(19 * 1024, 2, 1, None)
+        .map_err(|e| anyhow::anyhow!("argon2 parameters: {e}"))?;
+    Ok(Argon2::new(
+        argon2::Algorithm::Argon2id,
+        Version::V0x13,
+        params,
+    ))
+}
+
+/// Hashes with [`hasher`] on a blocking thread (never on the async workers).
 pub async fn hash_password(password: String) -> anyhow::Result<String> {
     tokio::task::spawn_blocking(move || {
-        Argon2::default()
+        hasher()?
             .hash_password(password.as_bytes())
             .map(|h| h.to_string())
             .map_err(|e| anyhow::anyhow!("hashing failed: {e}"))
@@ -128,7 +166,7 @@ pub async fn verify_password(password: String, hash: String) -> anyhow::Result<b
     tokio::task::spawn_blocking(move || {
         let parsed =
             PasswordHash::new(&hash).map_err(|e| anyhow::anyhow!("stored hash unreadable: {e}"))?;
-        Ok(Argon2::default()
+        Ok(hasher()?
             .verify_password(password.as_bytes(), &parsed)
             .is_ok())
     })

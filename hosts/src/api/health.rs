@@ -8,11 +8,21 @@ use sea_orm::ConnectionTrait;
 use super::{ApiTags, AppState};
 
 #[derive(Object)]
+#[oai(example)]
 pub struct HealthView {
     /// `ok` or `unavailable`.
     pub status: String,
     /// `ok` or the reason the database check failed.
     pub database: String,
+}
+
+impl poem_openapi::types::Example for HealthView {
+    fn example() -> Self {
+        HealthView {
+            status: "ok".into(),
+            database: "ok".into(),
+        }
+    }
 }
 
 #[derive(ApiResponse)]

@@ -8,9 +8,11 @@ use anyhow::Context;
 use chrono::Utc;
 use entity::users as user_entity;
 use migration::{Migrator, MigratorTrait};
+use poem::endpoint::make_sync;
 use poem::listener::TcpListener;
-use poem::middleware::Tracing;
-use poem::{Endpoint, EndpointExt, Route, Server};
+use poem::middleware::{Cors, Tracing};
+use poem::web::Html;
+use poem::{Endpoint, EndpointExt, Response, Route, Server, get};
 use poem_openapi::{OpenApiService, Tags};
 use saga::clock::{Clock, SystemClock};
 use sea_orm::sea_query::{OnConflict, Query};
@@ -22,10 +24,15 @@ use crate::infra;
 use crate::settings::Settings;
 
 pub mod auth;
+pub mod guard;
 mod health;
+mod money;
+mod notifications;
 mod orders;
 pub mod problem;
 mod products;
+pub mod ratelimit;
+mod sagas;
 mod users;
 
 #[derive(Tags)]
@@ -34,8 +41,12 @@ pub enum ApiTags {
     Users,
     /// The product catalogue.
     Products,
-    /// Orders and their audit notifications.
+    /// Orders, their journal and their audit notifications.
     Orders,
+    /// The audit notifications written when orders change (read-only).
+    Notifications,
+    /// The order saga's state machine, as a diagram and a table.
+    Sagas,
     /// Liveness of the service.
     Health,
 }
@@ -47,24 +58,54 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     /// Wakes the outbox relay when an order commits.
     pub outbox_signal: Arc<Notify>,
+    pub login_limiter: ratelimit::LoginLimiter,
+    /// How long an `Idempotency-Key` is remembered.
+    pub idempotency_ttl: chrono::Duration,
+    /// Largest request body (bytes).
+    pub body_limit: usize,
+    /// CORS origins; empty means no CORS headers.
+    pub cors_allowed_origins: Vec<String>,
 }
+
+impl AppState {
+    /// The state for `settings`, on the system clock. Refuses a JWT signing
+    /// key shorter than 256 bits.
+    pub fn new(db: DatabaseConnection, settings: &Settings) -> anyhow::Result<Self> {
+        Ok(Self {
+            db,
+            jwt: auth::JwtKeys::new(&settings.auth)?,
+            clock: Arc::new(SystemClock),
+            outbox_signal: Arc::new(Notify::new()),
+            login_limiter: ratelimit::LoginLimiter::new(&settings.auth),
+            idempotency_ttl: chrono::Duration::seconds(
+                i64::try_from(settings.api.idempotency_ttl_seconds).unwrap_or(i64::MAX / 1000),
+            ),
+            body_limit: settings.api.body_limit_bytes,
+            cors_allowed_origins: settings.api.cors_allowed_origins.clone(),
+        })
+    }
+}
+
+/// Every API group, in the order the spec lists them.
+pub type Apis = (
+    users::UsersApi,
+    products::ProductsApi,
+    orders::OrdersApi,
+    notifications::NotificationsApi,
+    sagas::SagasApi,
+    health::HealthApi,
+);
 
 /// The OpenAPI service. No `servers` entry: Swagger UI calls the origin it
 /// was loaded from, whatever host name the user typed.
-pub fn openapi() -> OpenApiService<
-    (
-        users::UsersApi,
-        products::ProductsApi,
-        orders::OrdersApi,
-        health::HealthApi,
-    ),
-    (),
-> {
+pub fn openapi() -> OpenApiService<Apis, ()> {
     OpenApiService::new(
         (
             users::UsersApi,
             products::ProductsApi,
             orders::OrdersApi,
+            notifications::NotificationsApi,
+            sagas::SagasApi,
             health::HealthApi,
         ),
         "order-saga API",
@@ -73,21 +114,121 @@ pub fn openapi() -> OpenApiService<
     .description(
         "Create orders and watch them go pending -> processing -> completed | expired. \
          Register (`POST /api/users`), log in (`POST /api/auth/login`), press **Authorize** \
-         and paste the token.",
+         and paste the token.\n\n\
+         Errors are RFC 9457 problem details (`application/problem+json`). Request bodies \
+         are JSON, at most 64 KiB (413 above), and unknown fields are rejected (400).",
     )
+}
+
+/// Request bodies declared `deny_unknown_fields`: the spec says so with
+/// `additionalProperties: false` (poem-openapi does not write it).
+pub const CLOSED_SCHEMAS: [&str; 5] = [
+    "RegisterRequest",
+    "LoginRequest",
+    "CreateOrderRequest",
+    "OrderItemRequest",
+    "ProductRequest",
+];
+
+/// The spec as JSON (what `/openapi.json` serves and Swagger UI shows).
+pub fn spec_json() -> String {
+    complete_spec(&openapi().spec())
+}
+
+/// Operations only admins may call (403 for everyone else).
+pub const ADMIN_OPERATIONS: [(&str, &str); 4] = [
+    ("get", "/api/users"),
+    ("post", "/api/products"),
+    ("put", "/api/products/{id}"),
+    ("delete", "/api/products/{id}"),
+];
+
+/// Whether an operation can answer an error `status`. Every operation
+/// shares one error type; the spec lists only the statuses that can occur.
+fn answers(method: &str, path: &str, op: &serde_json::Value, status: &str) -> bool {
+    let has_body = op.get("requestBody").is_some();
+    let secured = op.get("security").is_some();
+    let login = (method, path) == ("post", "/api/auth/login");
+    match status {
+        "401" => secured || login,
+        "403" => ADMIN_OPERATIONS.contains(&(method, path)),
+        "404" => path.contains('{'),
+        "409" => (has_body && !login) || method == "delete",
+        "413" | "415" => has_body,
+        "422" => has_body && (path.starts_with("/api/orders") || path.starts_with("/api/products")),
+        "429" => login,
+        _ => true,
+    }
+}
+
+fn complete_spec(generated: &str) -> String {
+    let Ok(mut spec) = serde_json::from_str::<serde_json::Value>(generated) else {
+        return generated.to_owned();
+    };
+    if let Some(paths) = spec.get_mut("paths").and_then(|p| p.as_object_mut()) {
+        for (path, item) in paths.iter_mut() {
+            let Some(ops) = item.as_object_mut() else {
+                continue;
+            };
+            for (method, op) in ops.iter_mut() {
+                let snapshot = op.clone();
+                if let Some(responses) = op.get_mut("responses").and_then(|r| r.as_object_mut()) {
+                    responses.retain(|status, _| answers(method, path, &snapshot, status));
+                }
+            }
+        }
+    }
+    for name in CLOSED_SCHEMAS {
+        if let Some(schema) = spec["components"]["schemas"]
+            .get_mut(name)
+            .and_then(|s| s.as_object_mut())
+        {
+            schema.insert("additionalProperties".into(), false.into());
+        }
+    }
+    serde_json::to_string_pretty(&spec).unwrap_or_else(|_| generated.to_owned())
 }
 
 /// The whole HTTP application (used by the host and by in-process tests).
 pub fn app(state: Arc<AppState>) -> impl Endpoint + 'static {
     let api = openapi();
-    let spec = api.spec_endpoint();
-    let ui = api.swagger_ui();
+    let generated = api.spec();
+    let spec = Arc::new(complete_spec(&generated));
+    // Swagger UI embeds the spec: give it the completed one.
+    let ui_html = Arc::new(api.swagger_ui_html().replace(&generated, &spec));
+    let spec_endpoint = make_sync(move |_| {
+        Response::builder()
+            .content_type("application/json; charset=utf-8")
+            .body(spec.as_str().to_owned())
+    });
+    let ui_html_slash = ui_html.clone();
+    let ui = make_sync(move |_| Html(ui_html.as_str().to_owned()));
+    let ui_slash = make_sync(move |_| Html(ui_html_slash.as_str().to_owned()));
+    let guard_settings = Arc::new(guard::GuardSettings {
+        body_limit: state.body_limit,
+        allow: guard::AllowTable::from_spec(&generated),
+    });
+    let cors = Cors::new()
+        .allow_origins(state.cors_allowed_origins.clone())
+        .allow_methods([
+            poem::http::Method::GET,
+            poem::http::Method::POST,
+            poem::http::Method::PUT,
+            poem::http::Method::DELETE,
+        ])
+        .allow_headers(["authorization", "content-type", "idempotency-key"])
+        .expose_headers(["retry-after", "location"])
+        .max_age(600);
+    let use_cors = !state.cors_allowed_origins.is_empty();
     Route::new()
         .nest("/", api)
-        .at("/openapi.json", spec)
-        .nest("/swagger", ui)
+        .at("/openapi.json", get(spec_endpoint))
+        .at("/swagger", get(ui))
+        .at("/swagger/", get(ui_slash))
         .data(state)
         .catch_all_error(problem::render_error)
+        .around(move |next, req| guard::guard(next, req, guard_settings.clone()))
+        .with_if(use_cors, cors)
         .with(Tracing)
 }
 
@@ -124,13 +265,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     tracing::info!("database schema is up to date");
     seed_admin(&db, &settings).await?;
 
-    let signal = Arc::new(Notify::new());
-    let state = Arc::new(AppState {
-        db: db.clone(),
-        jwt: auth::JwtKeys::new(&settings.auth),
-        clock: Arc::new(SystemClock),
-        outbox_signal: signal.clone(),
-    });
+    let state = AppState::new(db.clone(), &settings)?;
+    let signal = state.outbox_signal.clone();
+    let state = Arc::new(state);
 
     // The relay publishes what orders wrote to the outbox. It connects in the
     // background: the API serves (and the outbox keeps events) while the
@@ -139,7 +276,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let relay_shutdown = shutdown.clone();
     let relay_task = tokio::spawn(async move {
         loop {
-            match infra::connect_broker(&relay_settings, "order-saga api relay").await {
+            // Stop trying to connect as soon as the host is asked to stop.
+            let connected = tokio::select! {
+                _ = relay_shutdown.cancelled() => return,
+                connected = infra::connect_broker(&relay_settings, "order-saga api relay") => connected,
+            };
+            match connected {
                 Ok(transport) => {
                     let relay =
                         infra::relay(&relay_settings, db.clone(), transport.clone(), signal);

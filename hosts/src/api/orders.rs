@@ -1,18 +1,27 @@
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use chrono::{DateTime, Utc};
-use entity::{notifications, order_items, orders, products, users};
+use chrono::{DateTime, TimeZone, Utc};
+use entity::{
+    idempotency_keys, notifications, order_items, orders, products, saga_transitions, users,
+};
 use poem::web::Data;
-use poem_openapi::param::{Path, Query};
+use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::Json;
+use poem_openapi::types::{ParseFromJSON, ToJSON};
 use poem_openapi::{ApiResponse, Object, OpenApi};
 use rust_decimal::Decimal;
 use saga::message::OrderLine;
 use saga::{Customer, OrderSagaEngine};
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait};
+use sea_orm::sea_query::{Expr, OnConflict, Query as SqlQuery};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, TransactionTrait,
+};
 
 use super::auth::{BearerAuth, Caller};
+use super::money::Money;
+use super::notifications::NotificationView;
 use super::problem::ApiError;
 use super::{ApiTags, AppState};
 
@@ -57,46 +66,146 @@ impl poem_openapi::types::Example for CreateOrderRequest {
     }
 }
 
-#[derive(Object)]
+/// An order's status.
+#[derive(poem_openapi::Enum, Clone, Copy, Debug, PartialEq, Eq)]
+#[oai(rename_all = "lowercase")]
+pub enum OrderStatus {
+    Pending,
+    Processing,
+    Completed,
+    Expired,
+}
+
+impl OrderStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            OrderStatus::Pending => "pending",
+            OrderStatus::Processing => "processing",
+            OrderStatus::Completed => "completed",
+            OrderStatus::Expired => "expired",
+        }
+    }
+
+    fn from_db(s: &str) -> Result<Self, ApiError> {
+        Ok(match s {
+            "pending" => OrderStatus::Pending,
+            "processing" => OrderStatus::Processing,
+            "completed" => OrderStatus::Completed,
+            "expired" => OrderStatus::Expired,
+            other => {
+                return Err(ApiError::internal(
+                    "order has an unknown status",
+                    &std::io::Error::other(other.to_owned()),
+                ));
+            }
+        })
+    }
+}
+
+#[derive(Object, Clone)]
 pub struct OrderItemView {
     pub product_id: i64,
     pub quantity: i32,
     /// Price of one unit when the order was placed.
-    pub unit_price: Decimal,
+    pub unit_price: Money,
 }
 
-#[derive(Object)]
+/// An order; everything in it is decided by the server.
+#[derive(Object, Clone)]
+#[oai(example)]
 pub struct OrderView {
     pub id: i64,
     pub user_id: i64,
-    /// `pending`, `processing`, `completed` or `expired`.
-    pub status: String,
-    pub total: Decimal,
+    pub status: OrderStatus,
+    pub total: Money,
     pub items: Vec<OrderItemView>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
 
-#[derive(Object)]
-pub struct NotificationView {
-    pub id: i64,
-    pub order_id: i64,
-    /// `OrderCreated`, `OrderCompleted` or `OrderExpired`.
-    pub event_type: String,
-    pub message: String,
-    pub is_email_sent: bool,
-    pub created_at: DateTime<Utc>,
+fn example_time() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 24, 9, 0, 0)
+        .single()
+        .unwrap_or_default()
 }
 
-impl From<notifications::Model> for NotificationView {
-    fn from(n: notifications::Model) -> Self {
+impl poem_openapi::types::Example for OrderView {
+    fn example() -> Self {
+        OrderView {
+            id: 42,
+            user_id: 2,
+            status: OrderStatus::Pending,
+            total: Money(Decimal::new(17998, 2)),
+            items: vec![OrderItemView {
+                product_id: 1,
+                quantity: 2,
+                unit_price: Money(Decimal::new(8999, 2)),
+            }],
+            created_at: example_time(),
+            updated_at: example_time(),
+        }
+    }
+}
+
+/// One row of an order's journal: an input the saga was given, applied or
+/// ignored.
+#[derive(Object)]
+#[oai(example, skip_serializing_if_is_none)]
+pub struct TransitionView {
+    pub id: i64,
+    /// The state before (none for the row that placed the order).
+    pub from_state: Option<String>,
+    pub to_state: String,
+    /// What was applied: `OrderPlaced`, `OrderCreated`, `PaymentDecided`,
+    /// `ExpirationDue`, ...
+    pub trigger: String,
+    /// `applied` or `ignored`.
+    pub outcome: String,
+    /// The message that carried the input, when there was one.
+    pub message_id: Option<String>,
+    pub attempt: i32,
+    /// The simulated payment's random draw, for payment decisions.
+    pub payment_draw: Option<f64>,
+    pub payment_approved: Option<bool>,
+    pub detail: Option<String>,
+    pub error: Option<String>,
+    pub occurred_at: DateTime<Utc>,
+}
+
+impl poem_openapi::types::Example for TransitionView {
+    fn example() -> Self {
+        TransitionView {
+            id: 3,
+            from_state: Some("processing".into()),
+            to_state: "completed".into(),
+            trigger: "PaymentDecided".into(),
+            outcome: "applied".into(),
+            message_id: None,
+            attempt: 1,
+            payment_draw: Some(0.27),
+            payment_approved: Some(true),
+            detail: Some("payment approved".into()),
+            error: None,
+            occurred_at: example_time(),
+        }
+    }
+}
+
+impl From<saga_transitions::Model> for TransitionView {
+    fn from(t: saga_transitions::Model) -> Self {
         Self {
-            id: n.id,
-            order_id: n.order_id,
-            event_type: n.event_type,
-            message: n.message,
-            is_email_sent: n.is_email_sent,
-            created_at: n.created_at,
+            id: t.id,
+            from_state: t.from_state,
+            to_state: t.to_state,
+            trigger: t.trigger,
+            outcome: t.outcome,
+            message_id: t.message_id.map(|m| m.to_string()),
+            attempt: t.attempt,
+            payment_draw: t.payment_draw,
+            payment_approved: t.payment_approved,
+            detail: t.detail,
+            error: t.error,
+            occurred_at: t.occurred_at,
         }
     }
 }
@@ -104,19 +213,22 @@ impl From<notifications::Model> for NotificationView {
 #[derive(ApiResponse)]
 pub enum CreateOrderResponse {
     /// The order was placed (`pending`); processing starts asynchronously.
+    /// A retry with the same `Idempotency-Key` and body gets this same
+    /// response again and places nothing new.
     #[oai(status = 201)]
     Created(Json<OrderView>),
 }
 
 #[derive(ApiResponse)]
 pub enum OrderResponse {
+    /// The order.
     #[oai(status = 200)]
     Ok(Json<OrderView>),
 }
 
 #[derive(ApiResponse)]
 pub enum OrderListResponse {
-    /// The caller's orders, newest first.
+    /// The orders, newest first.
     #[oai(status = 200)]
     Ok(Json<Vec<OrderView>>),
 }
@@ -128,39 +240,51 @@ pub enum NotificationListResponse {
     Ok(Json<Vec<NotificationView>>),
 }
 
+#[derive(ApiResponse)]
+pub enum HistoryResponse {
+    /// The order's journal, oldest first.
+    #[oai(status = 200)]
+    Ok(Json<Vec<TransitionView>>),
+}
+
 pub struct OrdersApi;
 
 /// Views of `orders` with their items, read in one query.
-async fn views(state: &AppState, orders: Vec<orders::Model>) -> Result<Vec<OrderView>, ApiError> {
+async fn views<C: ConnectionTrait>(
+    db: &C,
+    orders: Vec<orders::Model>,
+) -> Result<Vec<OrderView>, ApiError> {
     let mut items: HashMap<i64, Vec<OrderItemView>> = HashMap::new();
     for i in order_items::Entity::find()
         .filter(order_items::Column::OrderId.is_in(orders.iter().map(|o| o.id)))
         .order_by_asc(order_items::Column::Id)
-        .all(&state.db)
+        .all(db)
         .await?
     {
         items.entry(i.order_id).or_default().push(OrderItemView {
             product_id: i.product_id,
             quantity: i.quantity,
-            unit_price: i.unit_price,
+            unit_price: Money(i.unit_price),
         });
     }
-    Ok(orders
+    orders
         .into_iter()
-        .map(|order| OrderView {
-            id: order.id,
-            user_id: order.user_id,
-            status: order.status,
-            total: order.total,
-            items: items.remove(&order.id).unwrap_or_default(),
-            created_at: order.created_at,
-            updated_at: order.updated_at,
+        .map(|order| {
+            Ok(OrderView {
+                id: order.id,
+                user_id: order.user_id,
+                status: OrderStatus::from_db(&order.status)?,
+                total: Money(order.total),
+                items: items.remove(&order.id).unwrap_or_default(),
+                created_at: order.created_at,
+                updated_at: order.updated_at,
+            })
         })
-        .collect())
+        .collect()
 }
 
-async fn view(state: &AppState, order: orders::Model) -> Result<OrderView, ApiError> {
-    views(state, vec![order])
+async fn view<C: ConnectionTrait>(db: &C, order: orders::Model) -> Result<OrderView, ApiError> {
+    views(db, vec![order])
         .await?
         .pop()
         .ok_or_else(|| ApiError::not_found("order not found"))
@@ -179,35 +303,189 @@ async fn visible_order(
     }
 }
 
-#[OpenApi]
+/// Problem type of an `Idempotency-Key` reused with a different body.
+pub const KEY_REUSED: &str = "urn:order-saga:problem:idempotency-key-reused";
+
+/// What an `Idempotency-Key` says about this request.
+enum Claim {
+    /// First use (or the earlier use expired): go ahead, inside this
+    /// transaction, and record the response.
+    New,
+    /// Used before with the same body: answer what that request got.
+    Replay(OrderView),
+}
+
+/// Claims `key` for `user_id` inside `txn`: `INSERT ... ON CONFLICT DO
+/// NOTHING`. A concurrent request holding the same key makes the insert wait
+/// until that request commits (then this one replays its response) or rolls
+/// back (then this one goes ahead).
+async fn claim_key(
+    txn: &DatabaseTransaction,
+    user_id: i64,
+    key: &str,
+    fingerprint: &str,
+    now: DateTime<Utc>,
+    ttl: chrono::Duration,
+) -> Result<Claim, ApiError> {
+    use idempotency_keys::Column as K;
+    idempotency_keys::Entity::delete_many()
+        .filter(K::UserId.eq(user_id))
+        .filter(K::Key.eq(key))
+        .filter(K::ExpiresAt.lte(now))
+        .exec(txn)
+        .await?;
+    let mut insert = SqlQuery::insert();
+    insert
+        .into_table(idempotency_keys::Entity)
+        .columns([
+            K::UserId,
+            K::Key,
+            K::RequestFingerprint,
+            K::CreatedAt,
+            K::ExpiresAt,
+        ])
+        .values([
+            user_id.into(),
+            key.into(),
+            fingerprint.into(),
+            now.into(),
+            (now + ttl).into(),
+        ])
+        .map_err(|e| ApiError::internal("idempotency key row", &e))?
+        .on_conflict(
+            OnConflict::columns([K::UserId, K::Key])
+                .do_nothing()
+                .to_owned(),
+        );
+    if txn.execute(&insert).await?.rows_affected() == 1 {
+        return Ok(Claim::New);
+    }
+    let earlier = idempotency_keys::Entity::find()
+        .filter(K::UserId.eq(user_id))
+        .filter(K::Key.eq(key))
+        .one(txn)
+        .await?;
+    let Some(earlier) = earlier else {
+        return Err(ApiError::conflict(
+            "a request with this Idempotency-Key is being processed; retry",
+            Some("Idempotency-Key"),
+        ));
+    };
+    if earlier.request_fingerprint != fingerprint {
+        return Err(ApiError::conflict_kind(
+            KEY_REUSED,
+            "this Idempotency-Key was already used with a different request body; use a new key \
+             for a new order",
+            "Idempotency-Key",
+        ));
+    }
+    let stored = earlier
+        .response_body
+        .and_then(|body| OrderView::parse_from_json(Some(body)).ok());
+    if let Some(view) = stored {
+        return Ok(Claim::Replay(view));
+    }
+    // A stored response this version cannot read: answer the order itself.
+    if let Some(order_id) = earlier.order_id
+        && let Some(order) = orders::Entity::find_by_id(order_id).one(txn).await?
+    {
+        return Ok(Claim::Replay(view(txn, order).await?));
+    }
+    Err(ApiError::conflict(
+        "a request with this Idempotency-Key is being processed; retry",
+        Some("Idempotency-Key"),
+    ))
+}
+
+#[OpenApi(tag = "ApiTags::Orders")]
 impl OrdersApi {
     /// Place an order
     ///
-    /// Stores the order as `pending` and queues `OrderCreated` in the same
-    /// transaction. Prices come from the catalogue; the owner is the caller.
-    #[oai(path = "/api/orders", method = "post", tag = "ApiTags::Orders")]
+    /// Stores the order as `pending`, reserves its stock and queues
+    /// `OrderCreated` in one transaction. Prices come from the catalogue; the
+    /// owner is the caller. Not enough stock is a 409 naming the line.
+    ///
+    /// **Idempotency-Key** (optional, draft-ietf-httpapi-idempotency-key-header):
+    /// a retry with the same key and the same body answers the first
+    /// response and places nothing new, also when the two requests race.
+    /// The same key with a different body is a 409 with problem type
+    /// `urn:order-saga:problem:idempotency-key-reused` (the draft suggests
+    /// 422; 409 keeps 422 for bodies that break a rule). Keys belong to the
+    /// caller and are forgotten after `api.idempotency_ttl_seconds` (24 h).
+    /// Only successful requests are remembered: a request that failed can be
+    /// retried with its key.
+    #[oai(path = "/api/orders", method = "post")]
     async fn create(
         &self,
         state: Data<&Arc<AppState>>,
         auth: BearerAuth,
+        req: &poem::Request,
+        /// Makes retries safe: 1-255 visible ASCII characters (for example
+        /// a UUID); trailing blanks are ignored.
+        #[oai(name = "Idempotency-Key", validator(pattern = r"^[!-~]{1,255}[ \t]*$"))]
+        idempotency_key: Header<Option<String>>,
         body: Json<CreateOrderRequest>,
     ) -> Result<CreateOrderResponse, ApiError> {
         let caller = auth.0;
-        let items = body.0.items;
-        let mut seen = HashSet::new();
-        for (i, item) in items.iter().enumerate() {
-            if !seen.insert(item.product_id) {
-                return Err(ApiError::unprocessable(
-                    format!(
-                        "product {} appears more than once; put the whole quantity on one line",
-                        item.product_id
-                    ),
-                    &format!("items[{i}].product_id"),
+        // poem-openapi reads a header that is not visible ASCII as absent:
+        // refuse it instead of silently placing an order without a key.
+        if let Some(raw) = req.headers().get("idempotency-key") {
+            let visible = raw
+                .as_bytes()
+                .iter()
+                .all(|b| matches!(b, b'!'..=b'~' | b' ' | b'\t'));
+            if !visible {
+                return Err(ApiError::bad_request(
+                    "Idempotency-Key must be visible ASCII characters",
+                    "Idempotency-Key",
                 ));
             }
         }
+        let idempotency_key = Header(idempotency_key.0.map(|k| k.trim().to_owned()));
+        // One line per product: repeated products are added up.
+        // `origin[i]` is the request index of merged line `i` (for messages).
+        let mut items: Vec<OrderItemRequest> = Vec::with_capacity(body.0.items.len());
+        let mut origin: Vec<usize> = Vec::with_capacity(body.0.items.len());
+        let mut positions: HashMap<i64, usize> = HashMap::new();
+        for (index, item) in body.0.items.into_iter().enumerate() {
+            match positions.get(&item.product_id) {
+                Some(&at) => items[at].quantity += item.quantity,
+                None => {
+                    positions.insert(item.product_id, items.len());
+                    items.push(item);
+                    origin.push(index);
+                }
+            }
+        }
+        let fingerprint = serde_json::to_string(
+            &items
+                .iter()
+                .map(|i| (i.product_id, i.quantity))
+                .collect::<Vec<_>>(),
+        )
+        .map_err(|e| ApiError::internal("request fingerprint", &e))?;
         let now = state.clock.now();
         let txn = state.db.begin().await?;
+        let key = idempotency_key.0;
+        if let Some(key) = &key {
+            match claim_key(
+                &txn,
+                caller.user_id,
+                key,
+                &fingerprint,
+                now,
+                state.idempotency_ttl,
+            )
+            .await?
+            {
+                Claim::New => {}
+                Claim::Replay(view) => {
+                    txn.rollback().await?;
+                    tracing::info!(order_id = view.id, "idempotent replay of an order");
+                    return Ok(CreateOrderResponse::Created(Json(view)));
+                }
+            }
+        }
         let user = users::Entity::find_by_id(caller.user_id)
             .one(&txn)
             .await?
@@ -222,19 +500,28 @@ impl OrdersApi {
             .map(|p| (p.id, p))
             .collect();
         let mut lines = Vec::with_capacity(items.len());
+        let mut total = Decimal::ZERO;
         for (i, item) in items.iter().enumerate() {
             let Some(product) = catalogue.get(&item.product_id) else {
-                return Err(ApiError::unprocessable(
+                // The catalogue's current state, like stock: a conflict.
+                return Err(ApiError::conflict(
                     format!("product {} does not exist", item.product_id),
-                    &format!("items[{i}].product_id"),
+                    Some(&format!("items[{}].product_id", origin[i])),
                 ));
             };
+            total += product.price * Decimal::from(item.quantity);
             lines.push(OrderLine {
                 product_id: product.id,
                 product_name: product.name.clone(),
                 quantity: item.quantity,
                 unit_price: product.price,
             });
+        }
+        if total > Money::max() {
+            return Err(ApiError::unprocessable(
+                format!("the order total {total} is more than {}", Money::max()),
+                "items",
+            ));
         }
         let customer = Customer {
             user_id: user.id,
@@ -252,6 +539,7 @@ impl OrdersApi {
                 let index = items
                     .iter()
                     .position(|item| item.product_id == product_id)
+                    .map(|i| origin[i])
                     .unwrap_or_default();
                 return Err(ApiError::conflict(
                     format!(
@@ -263,69 +551,125 @@ impl OrdersApi {
             }
             Err(e) => return Err(e.into()),
         };
-        let (order, message_id, total) = (placed.order, placed.message_id, placed.snapshot.total);
+        let (order, message_id) = (placed.order, placed.message_id);
+        let view = view(&txn, order).await?;
+        if let Some(key) = &key {
+            use idempotency_keys::Column as K;
+            idempotency_keys::Entity::update_many()
+                .col_expr(K::ResponseStatus, Expr::value(201))
+                .col_expr(K::ResponseBody, Expr::value(view.to_json()))
+                .col_expr(K::OrderId, Expr::value(view.id))
+                .filter(K::UserId.eq(caller.user_id))
+                .filter(K::Key.eq(key.as_str()))
+                .exec(&txn)
+                .await?;
+        }
         txn.commit().await?;
         state.outbox_signal.notify_one();
         tracing::info!(
-            order_id = order.id,
+            order_id = view.id,
             message_id = %message_id,
             user_id = customer.user_id,
             total = %total,
             "order placed"
         );
-        Ok(CreateOrderResponse::Created(Json(
-            view(&state, order).await?,
-        )))
+        if key.is_some() {
+            // Best effort: forget the caller's other expired keys.
+            if let Err(e) = idempotency_keys::Entity::delete_many()
+                .filter(idempotency_keys::Column::UserId.eq(caller.user_id))
+                .filter(idempotency_keys::Column::ExpiresAt.lte(now))
+                .exec(&state.db)
+                .await
+            {
+                tracing::warn!(error = %e, "could not purge expired idempotency keys");
+            }
+        }
+        Ok(CreateOrderResponse::Created(Json(view)))
     }
 
-    /// List the caller's orders
+    /// List orders
     ///
-    /// Newest first, at most `limit` (default 50, at most 100).
-    #[oai(path = "/api/orders", method = "get", tag = "ApiTags::Orders")]
+    /// The caller's orders (admins: everyone's), newest first, optionally
+    /// only those in one `status`; `limit` (1-100, default 50) from `offset`.
+    #[oai(path = "/api/orders", method = "get")]
     async fn list(
         &self,
         state: Data<&Arc<AppState>>,
         auth: BearerAuth,
-        #[oai(validator(minimum(value = "1"), maximum(value = "100")))] limit: Query<Option<u64>>,
+        /// Only orders in this status.
+        status: Query<Option<OrderStatus>>,
+        /// How many orders to return (1-100, default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "100")))]
+        limit: Query<Option<u64>>,
+        /// How many orders to skip (default 0).
+        #[oai(validator(minimum(value = "0"), maximum(value = "1000000")))]
+        offset: Query<Option<u64>>,
     ) -> Result<OrderListResponse, ApiError> {
         let mut query = orders::Entity::find();
         if !auth.0.is_admin() {
             query = query.filter(orders::Column::UserId.eq(auth.0.user_id));
         }
+        if let Some(status) = status.0 {
+            query = query.filter(orders::Column::Status.eq(status.as_str()));
+        }
         let found = query
             .order_by_desc(orders::Column::Id)
             .limit(limit.0.unwrap_or(50))
+            .offset(offset.0.unwrap_or(0))
             .all(&state.db)
             .await?;
-        Ok(OrderListResponse::Ok(Json(views(&state, found).await?)))
+        Ok(OrderListResponse::Ok(Json(views(&state.db, found).await?)))
     }
 
     /// Get an order
     ///
     /// The caller's own order (admins: any order). Anything else is 404.
-    #[oai(path = "/api/orders/:id", method = "get", tag = "ApiTags::Orders")]
+    #[oai(path = "/api/orders/:id", method = "get")]
     async fn get(
         &self,
         state: Data<&Arc<AppState>>,
         auth: BearerAuth,
+        /// The order id.
         id: Path<i64>,
     ) -> Result<OrderResponse, ApiError> {
         let order = visible_order(&state, &auth.0, id.0).await?;
-        Ok(OrderResponse::Ok(Json(view(&state, order).await?)))
+        Ok(OrderResponse::Ok(Json(view(&state.db, order).await?)))
+    }
+
+    /// An order's journal
+    ///
+    /// Every input the order's saga was given, oldest first, with the states
+    /// before and after, whether it was applied or ignored, and the payment
+    /// draw. The caller's own order (admins: any); anything else is 404.
+    #[oai(path = "/api/orders/:id/history", method = "get")]
+    async fn history(
+        &self,
+        state: Data<&Arc<AppState>>,
+        auth: BearerAuth,
+        /// The order id.
+        id: Path<i64>,
+    ) -> Result<HistoryResponse, ApiError> {
+        let order = visible_order(&state, &auth.0, id.0).await?;
+        let rows = saga_transitions::Entity::find()
+            .filter(saga_transitions::Column::CorrelationId.eq(order.id.to_string()))
+            .order_by_asc(saga_transitions::Column::Id)
+            .all(&state.db)
+            .await?;
+        Ok(HistoryResponse::Ok(Json(
+            rows.into_iter().map(TransitionView::from).collect(),
+        )))
     }
 
     /// An order's notifications
     ///
     /// The audit trail written by the notification consumers, oldest first.
-    #[oai(
-        path = "/api/orders/:id/notifications",
-        method = "get",
-        tag = "ApiTags::Orders"
-    )]
+    /// The caller's own order (admins: any); anything else is 404.
+    #[oai(path = "/api/orders/:id/notifications", method = "get")]
     async fn notifications(
         &self,
         state: Data<&Arc<AppState>>,
         auth: BearerAuth,
+        /// The order id.
         id: Path<i64>,
     ) -> Result<NotificationListResponse, ApiError> {
         let order = visible_order(&state, &auth.0, id.0).await?;

@@ -29,11 +29,11 @@ pub struct Problem {
 impl poem_openapi::types::Example for Problem {
     fn example() -> Self {
         Problem {
-            kind: "urn:order-saga:problem:validation".into(),
-            title: "Unprocessable request".into(),
-            status: 422,
-            detail: "product 99 does not exist".into(),
-            field: Some("items[0].product_id".into()),
+            kind: "urn:order-saga:problem:bad-request".into(),
+            title: "Bad request".into(),
+            status: 400,
+            detail: "field `quantity`: verification failed. minimum(1, exclusive: false)".into(),
+            field: Some("items[0].quantity".into()),
         }
     }
 }
@@ -97,15 +97,35 @@ pub enum ApiError {
     /// Missing, invalid or expired bearer token, or wrong credentials.
     #[oai(status = 401, content_type = "application/problem+json")]
     Unauthorized(Json<Problem>),
+    /// Signed in, but the operation needs the `admin` role.
+    #[oai(status = 403, content_type = "application/problem+json")]
+    Forbidden(Json<Problem>),
     /// No such resource visible to the caller.
     #[oai(status = 404, content_type = "application/problem+json")]
     NotFound(Json<Problem>),
-    /// The request conflicts with existing data (e.g. the e-mail is taken).
+    /// The request conflicts with existing data (e.g. the e-mail is taken,
+    /// not enough stock, an unknown product, a product still referenced by
+    /// orders, an `Idempotency-Key` reused with a different body).
     #[oai(status = 409, content_type = "application/problem+json")]
     Conflict(Json<Problem>),
-    /// Well-formed but breaks a rule (e.g. an unknown product).
+    /// The request body is larger than `api.body_limit_bytes` (64 KiB).
+    #[oai(status = 413, content_type = "application/problem+json")]
+    PayloadTooLarge(Json<Problem>),
+    /// The body is not `application/json`.
+    #[oai(status = 415, content_type = "application/problem+json")]
+    UnsupportedMediaType(Json<Problem>),
+    /// Well-formed but breaks a rule (e.g. an order total above the largest
+    /// amount, a database check).
     #[oai(status = 422, content_type = "application/problem+json")]
     Unprocessable(Json<Problem>),
+    /// Too many login attempts; retry after `Retry-After` seconds.
+    #[oai(status = 429, content_type = "application/problem+json")]
+    TooManyRequests(
+        Json<Problem>,
+        /// Seconds to wait before trying again.
+        #[oai(header = "Retry-After")]
+        u64,
+    ),
     /// Something failed on our side; the detail is deliberately vague.
     #[oai(status = 500, content_type = "application/problem+json")]
     Internal(Json<Problem>),
@@ -122,6 +142,9 @@ impl ApiError {
     pub fn unauthorized(detail: impl Into<String>) -> Self {
         Self::Unauthorized(Json(Problem::new(StatusCode::UNAUTHORIZED, detail, None)))
     }
+    pub fn forbidden(detail: impl Into<String>) -> Self {
+        Self::Forbidden(Json(Problem::new(StatusCode::FORBIDDEN, detail, None)))
+    }
     pub fn not_found(detail: impl Into<String>) -> Self {
         Self::NotFound(Json(Problem::new(StatusCode::NOT_FOUND, detail, None)))
     }
@@ -135,6 +158,18 @@ impl ApiError {
             Some(field),
         )))
     }
+    /// A 409 with its own problem `type` (e.g. an idempotency key reused).
+    pub fn conflict_kind(kind: &str, detail: impl Into<String>, field: &str) -> Self {
+        let mut problem = Problem::new(StatusCode::CONFLICT, detail, Some(field));
+        problem.kind = kind.to_owned();
+        Self::Conflict(Json(problem))
+    }
+    pub fn too_many_requests(detail: impl Into<String>, retry_after_seconds: u64) -> Self {
+        Self::TooManyRequests(
+            Json(Problem::new(StatusCode::TOO_MANY_REQUESTS, detail, None)),
+            retry_after_seconds,
+        )
+    }
     /// Logs the cause with its chain; answers an opaque 500.
     pub fn internal(context: &str, error: &dyn std::error::Error) -> Self {
         tracing::error!(error = %error, source = ?error.source(), "{context}");
@@ -146,15 +181,85 @@ impl ApiError {
     }
 }
 
+/// A constraint violation reported by PostgreSQL: its SQLSTATE and name.
+pub fn constraint_violation(e: &sea_orm::DbErr) -> Option<(String, String)> {
+    use sea_orm::{DbErr, RuntimeErr};
+    let (DbErr::Exec(RuntimeErr::SqlxError(inner)) | DbErr::Query(RuntimeErr::SqlxError(inner))) =
+        e
+    else {
+        return None;
+    };
+    let sea_orm::sqlx::Error::Database(db) = inner.as_ref() else {
+        return None;
+    };
+    let code = db.code()?.into_owned();
+    if !(code.starts_with("23") || code.starts_with("22")) {
+        return None;
+    }
+    Some((code, db.constraint().unwrap_or_default().to_owned()))
+}
+
+/// Named constraints and the request field and message they stand for.
+fn constraint_rule(name: &str) -> Option<(&'static str, &'static str)> {
+    use migration::constraints as c;
+    Some(match name {
+        c::USERS_EMAIL_KEY => ("email", "a user with this e-mail already exists"),
+        c::PRODUCTS_NAME_KEY => ("name", "a product with this name already exists"),
+        c::PRODUCTS_STOCK_CHECK => ("stock", "stock must not be negative"),
+        c::PRODUCTS_PRICE_CHECK => ("price", "price must not be negative"),
+        c::ORDER_ITEMS_QUANTITY_CHECK => ("quantity", "quantity must be positive"),
+        "fk_order_items_product" => (
+            "id",
+            "the product is referenced by orders and cannot be deleted",
+        ),
+        _ => return None,
+    })
+}
+
 impl From<sea_orm::DbErr> for ApiError {
+    /// Named constraint violations become 409 (unique, foreign key) or 422
+    /// (check, not null); data exceptions (SQLSTATE class 22: NUL in text,
+    /// numeric overflow) 400; anything else is an opaque 500.
     fn from(e: sea_orm::DbErr) -> Self {
+        if let Some((code, name)) = constraint_violation(&e) {
+            let (field, message) = constraint_rule(&name).unwrap_or(("", ""));
+            let field = (!field.is_empty()).then_some(field);
+            let detail = if message.is_empty() {
+                format!("the request breaks the rule `{name}`")
+            } else {
+                format!("{message} (rule `{name}`)")
+            };
+            if code.starts_with("22") {
+                // A data exception: text with a NUL character, a number out of
+                // range. The value is not echoed.
+                return ApiError::BadRequest(Json(Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("a value in the request cannot be stored (SQLSTATE {code})"),
+                    None,
+                )));
+            }
+            match code.as_str() {
+                "23505" | "23503" => return ApiError::conflict(detail, field),
+                "23514" | "23502" => {
+                    return ApiError::Unprocessable(Json(Problem::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        detail,
+                        field,
+                    )));
+                }
+                _ => {}
+            }
+        }
         ApiError::internal("database error", &e)
     }
 }
 
 impl From<saga::SagaError> for ApiError {
     fn from(e: saga::SagaError) -> Self {
-        ApiError::internal("saga error", &e)
+        match e {
+            saga::SagaError::Db(db) => db.into(),
+            e => ApiError::internal("saga error", &e),
+        }
     }
 }
 
@@ -175,7 +280,10 @@ pub async fn render_error(err: poem::Error) -> Response {
     } else {
         err.to_string()
     };
-    let mut response = Problem::new(status, detail, None).into_response();
+    let field = err
+        .downcast_ref::<poem_openapi::error::ParseParamError>()
+        .map(|e| e.name);
+    let mut response = Problem::new(status, detail, field).into_response();
     if status == StatusCode::UNAUTHORIZED {
         response.headers_mut().insert(
             "www-authenticate",
@@ -195,6 +303,11 @@ pub fn auth_error(detail: &str) -> poem::Error {
     )
 }
 
+/// Whether `T` is sent as a JSON string.
+pub fn is_string_schema<T: poem_openapi::types::Type>() -> bool {
+    matches!(T::schema_ref(), poem_openapi::registry::MetaSchemaRef::Inline(s) if s.ty == "string")
+}
+
 /// Defines a parser for a required request field whose error names the field
 /// (poem-openapi's own message only names the enclosing object). Use with
 /// `#[oai(deserialize_with = "...")]`.
@@ -210,6 +323,17 @@ macro_rules! required_field {
                         "field `",
                         $field,
                         "` is required"
+                    )))
+                }
+                // poem-openapi would read `false` or `5` as the string "false"
+                // or "5"; a string field takes only a JSON string.
+                Some(ref v)
+                    if !v.is_string() && $crate::api::problem::is_string_schema::<$ty>() =>
+                {
+                    Err(poem_openapi::types::ParseError::custom(concat!(
+                        "field `",
+                        $field,
+                        "`: expected a string"
                     )))
                 }
                 value => <$ty as poem_openapi::types::ParseFromJSON>::parse_from_json(value)

@@ -1,11 +1,14 @@
 use std::sync::Arc;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeZone, Utc};
 use entity::users;
 use poem::web::Data;
+use poem_openapi::param::Query;
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi};
-use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, SqlErr};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, SqlErr,
+};
 
 use super::auth::{self, BearerAuth};
 use super::problem::ApiError;
@@ -25,13 +28,21 @@ pub struct RegisterRequest {
     /// Display name.
     #[oai(
         deserialize_with = "parse_name",
-        validator(min_length = 1, max_length = 200)
+        validator(
+            min_length = 1,
+            max_length = 200,
+            pattern = r"^[^\x00]*[^\x00-\x20][^\x00]*$"
+        )
     )]
     pub name: String,
     /// E-mail address; used to log in. Case-insensitive.
     #[oai(
         deserialize_with = "parse_email",
-        validator(min_length = 3, max_length = 320, pattern = r"^[^@\s]+@[^@\s]+$")
+        validator(
+            min_length = 3,
+            max_length = 320,
+            pattern = r"^[^@\x00-\x20]+@[^@\x00-\x20]+$"
+        )
     )]
     pub email: String,
     /// At least 8 characters.
@@ -58,7 +69,7 @@ impl poem_openapi::types::Example for RegisterRequest {
 pub struct LoginRequest {
     #[oai(
         deserialize_with = "parse_email",
-        validator(min_length = 1, max_length = 320)
+        validator(min_length = 1, max_length = 320, pattern = r"^[^\x00]+$")
     )]
     pub email: String,
     #[oai(
@@ -79,6 +90,7 @@ impl poem_openapi::types::Example for LoginRequest {
 
 /// A user account (never includes the password hash).
 #[derive(Object)]
+#[oai(example)]
 pub struct UserView {
     pub id: i64,
     pub name: String,
@@ -86,6 +98,24 @@ pub struct UserView {
     /// `user` or `admin`.
     pub role: String,
     pub created_at: DateTime<Utc>,
+}
+
+fn example_time() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 24, 9, 0, 0)
+        .single()
+        .unwrap_or_default()
+}
+
+impl poem_openapi::types::Example for UserView {
+    fn example() -> Self {
+        UserView {
+            id: 2,
+            name: "Ada Lovelace".into(),
+            email: "ada@example.com".into(),
+            role: "user".into(),
+            created_at: example_time(),
+        }
+    }
 }
 
 impl From<users::Model> for UserView {
@@ -102,6 +132,7 @@ impl From<users::Model> for UserView {
 
 /// A bearer token for the `Authorization` header.
 #[derive(Object)]
+#[oai(example)]
 pub struct TokenView {
     /// The JWT; send it as `Authorization: Bearer <token>`.
     pub token: String,
@@ -110,6 +141,24 @@ pub struct TokenView {
     /// Seconds until the token expires.
     pub expires_in: i64,
     pub user: UserView,
+}
+
+impl poem_openapi::types::Example for TokenView {
+    fn example() -> Self {
+        TokenView {
+            token: "eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIyIn0.c2lnbmF0dXJl".into(),
+            token_type: "Bearer".into(),
+            expires_in: 900,
+            user: UserView::example(),
+        }
+    }
+}
+
+#[derive(ApiResponse)]
+pub enum UserListResponse {
+    /// Users by id.
+    #[oai(status = 200)]
+    Ok(Json<Vec<UserView>>),
 }
 
 #[derive(ApiResponse)]
@@ -135,6 +184,15 @@ pub enum MeResponse {
 
 pub struct UsersApi;
 
+/// The client's address for rate limiting (the TCP peer; proxies' headers
+/// are not trusted).
+fn client_address(req: &poem::Request) -> String {
+    match req.remote_addr().as_socket_addr() {
+        Some(addr) => addr.ip().to_string(),
+        None => req.remote_addr().to_string(),
+    }
+}
+
 #[OpenApi]
 impl UsersApi {
     /// Register a new user
@@ -147,11 +205,17 @@ impl UsersApi {
         body: Json<RegisterRequest>,
     ) -> Result<RegisterResponse, ApiError> {
         let body = body.0;
-        let name = body.name.trim().to_owned();
+        let name = body
+            .name
+            .trim_matches(|c: char| c.is_ascii_whitespace())
+            .to_owned();
         if name.is_empty() {
             return Err(ApiError::bad_request("name must not be blank", "name"));
         }
-        let email = body.email.trim().to_lowercase();
+        let email = body
+            .email
+            .trim_matches(|c: char| c.is_ascii_whitespace())
+            .to_lowercase();
         let hash = auth::hash_password(body.password)
             .await
             .map_err(|e| ApiError::internal("password hashing failed", e.as_ref()))?;
@@ -182,19 +246,37 @@ impl UsersApi {
 
     /// Log in
     ///
-    /// Exchanges e-mail and password for a bearer token (JWT, HS256).
+    /// Exchanges e-mail and password for a bearer token (JWT, HS256, short
+    /// expiry). Failed logins per account and attempts per client address
+    /// are limited per window (429 with `Retry-After`).
     #[oai(path = "/api/auth/login", method = "post", tag = "ApiTags::Users")]
     async fn login(
         &self,
         state: Data<&Arc<AppState>>,
+        req: &poem::Request,
         body: Json<LoginRequest>,
     ) -> Result<LoginResponse, ApiError> {
-        let email = body.0.email.trim().to_lowercase();
+        let email = body
+            .0
+            .email
+            .trim_matches(|c: char| c.is_ascii_whitespace())
+            .to_lowercase();
+        let address = client_address(req);
+        if let Err(retry_after) = state.login_limiter.begin(&email, &address) {
+            tracing::warn!(client = %address, "login rate limit reached");
+            return Err(ApiError::too_many_requests(
+                format!("too many login attempts; try again in {retry_after} s"),
+                retry_after,
+            ));
+        }
         let user = users::Entity::find()
-            .filter(users::Column::Email.eq(email))
+            .filter(users::Column::Email.eq(email.clone()))
             .one(&state.db)
             .await?;
-        let wrong = || ApiError::unauthorized("e-mail or password is wrong");
+        let wrong = || {
+            state.login_limiter.failed(&email);
+            ApiError::unauthorized("e-mail or password is wrong")
+        };
         let Some(user) = user else {
             // Spend the same time as a real check, so response times do not
             // tell which e-mails have accounts.
@@ -211,6 +293,7 @@ impl UsersApi {
         if !ok {
             return Err(wrong());
         }
+        state.login_limiter.succeeded(&email);
         let token = state
             .jwt
             .issue(user.id, &user.role, state.clock.now())
@@ -224,6 +307,8 @@ impl UsersApi {
     }
 
     /// The caller's account
+    ///
+    /// Who the bearer token belongs to, with the role.
     #[oai(path = "/api/users/me", method = "get", tag = "ApiTags::Users")]
     async fn me(
         &self,
@@ -235,5 +320,33 @@ impl UsersApi {
             .await?
             .ok_or_else(|| ApiError::unauthorized("the account no longer exists"))?;
         Ok(MeResponse::Ok(Json(user.into())))
+    }
+
+    /// List users
+    ///
+    /// Admins only (403 otherwise). By id, `limit` (1-100, default 50) from
+    /// `offset`.
+    #[oai(path = "/api/users", method = "get", tag = "ApiTags::Users")]
+    async fn list(
+        &self,
+        state: Data<&Arc<AppState>>,
+        auth: BearerAuth,
+        /// How many users to return (1-100, default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "100")))]
+        limit: Query<Option<u64>>,
+        /// How many users to skip (default 0).
+        #[oai(validator(minimum(value = "0"), maximum(value = "1000000")))]
+        offset: Query<Option<u64>>,
+    ) -> Result<UserListResponse, ApiError> {
+        auth.0.require_admin()?;
+        let found = users::Entity::find()
+            .order_by_asc(users::Column::Id)
+            .limit(limit.0.unwrap_or(50))
+            .offset(offset.0.unwrap_or(0))
+            .all(&state.db)
+            .await?;
+        Ok(UserListResponse::Ok(Json(
+            found.into_iter().map(UserView::from).collect(),
+        )))
     }
 }

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Runs schemathesis (from PyPI, in a cached venv) against a freshly started
+# api binary on a fresh database and a free port, with its default checks:
+# as a registered user over every operation, then as the admin over the
+# admin-only operations. Exits non-zero on any server error or schema
+# violation. Reports and the api log: target/schemathesis/.
+#
+#   scripts/schemathesis.sh                         # about 1-2 minutes
+#   ST_MAX_EXAMPLES=100 ST_SEED=7 scripts/schemathesis.sh
+#
+# Needs PostgreSQL, python3 (with venv), curl and cargo; see
+# scripts/api-under-test.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SCHEMATHESIS_VERSION=${SCHEMATHESIS_VERSION:-4.32.5}
+VENV=${SCHEMATHESIS_VENV:-$HOME/.cache/order-saga/schemathesis-venv}
+MAX_EXAMPLES=${ST_MAX_EXAMPLES:-40}
+OUT=$PWD/target/schemathesis
+mkdir -p "$OUT"
+log() { echo "schemathesis.sh: $*" >&2; }
+
+# 1. schemathesis, installed once into a cached venv.
+if ! "$VENV/bin/st" --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; then
+  log "installing schemathesis $SCHEMATHESIS_VERSION into $VENV"
+  if ! python3 -m venv "$VENV"; then
+    log "python3 venv is missing; installing python3-venv"
+    if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; else SUDO=; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+    python3 -m venv "$VENV"
+  fi
+  "$VENV/bin/pip" install --quiet --upgrade pip
+  "$VENV/bin/pip" install --quiet "schemathesis==$SCHEMATHESIS_VERSION"
+fi
+"$VENV/bin/st" --version
+
+# 2. the api on a fresh database, a user and the admin.
+# shellcheck source=scripts/api-under-test.sh
+source scripts/api-under-test.sh
+
+# 3. two runs with the default checks, every phase, bounded examples.
+# --workers 1: with several workers, hypothesis on Python 3.11 sometimes
+# crashes in ast.parse ("AST constructor recursion depth mismatch").
+run() { # run <name> <token> [st options...]
+  local name=$1 token=$2
+  shift 2
+  log "run '$name' (max $MAX_EXAMPLES examples per operation)"
+  # Run inside $OUT so schemathesis' own cache stays out of the repository.
+  (cd "$OUT" && "$VENV/bin/st" run "$BASE/openapi.json" \
+    --header "Authorization: Bearer $token" \
+    --max-examples "$MAX_EXAMPLES" \
+    --seed "${ST_SEED:-20261124}" \
+    --workers 1 \
+    --request-timeout 10 \
+    --report junit --report-junit-path "$OUT/junit-$name.xml" \
+    "$@") 2>&1 | tee "$OUT/run-$name.log"
+  return "${PIPESTATUS[0]}"
+}
+status=0
+run user "$USER_TOKEN" || status=1
+run admin "$ADMIN_TOKEN" --include-tag Products --include-tag Users || status=1
+if grep -q "panicked" "$OUT/api.log"; then
+  log "the api panicked; see $OUT/api.log"
+  status=1
+fi
+for name in user admin; do
+  log "$name: $(grep -E '^ +[0-9]+ generated' "$OUT/run-$name.log" | tail -n1 | sed 's/^ *//')"
+done
+log "exit status $status"
+exit "$status"

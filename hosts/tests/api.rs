@@ -1059,6 +1059,36 @@ async fn two_racing_requests_with_one_idempotency_key_place_one_order() {
     tdb.drop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_orders_for_the_same_products_all_succeed_and_reserve_their_stock() {
+    let tdb = TestDatabase::create().await;
+    let api = api(&tdb).await;
+    let (_, alice) = api.user().await;
+    let (_, bob) = api.user().await;
+    let (one, two) = (stock_of(&tdb, 1).await, stock_of(&tdb, 2).await);
+    // Opposite line orders, many at once: no deadlock, no lost update.
+    let forward =
+        json!({"items": [{"product_id": 1, "quantity": 1}, {"product_id": 2, "quantity": 2}]});
+    let backward =
+        json!({"items": [{"product_id": 2, "quantity": 2}, {"product_id": 1, "quantity": 1}]});
+    let requests = (0..16).map(|i| {
+        let (token, body) = if i % 2 == 0 {
+            (&alice, &forward)
+        } else {
+            (&bob, &backward)
+        };
+        api.send("POST", "/api/orders", Some(token), Some(body.clone()), &[])
+    });
+    let answers = futures_util::future::join_all(requests).await;
+    for (status, _, _, body) in &answers {
+        assert_eq!(*status, StatusCode::CREATED, "{body}");
+    }
+    assert_eq!(count_orders(&tdb).await, 16);
+    assert_eq!(stock_of(&tdb, 1).await, one - 16);
+    assert_eq!(stock_of(&tdb, 2).await, two - 32);
+    tdb.drop().await;
+}
+
 #[tokio::test]
 async fn notifications_are_read_only_filtered_and_scoped_to_their_owner() {
     let tdb = TestDatabase::create().await;

@@ -491,9 +491,11 @@ impl OrdersApi {
             .await?
             .ok_or_else(|| ApiError::unauthorized("the account no longer exists"))?;
         let ids: Vec<i64> = items.iter().map(|i| i.product_id).collect();
+        // No row lock here: `place_order` takes the products' row locks (in
+        // id order) when it reserves stock; a shared lock taken first would
+        // deadlock two orders of the same product upgrading it.
         let catalogue: HashMap<i64, products::Model> = products::Entity::find()
             .filter(products::Column::Id.is_in(ids))
-            .lock_shared()
             .all(&txn)
             .await?
             .into_iter()

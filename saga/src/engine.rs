@@ -562,6 +562,32 @@ impl OrderSagaEngine {
             .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
             .all(&txn)
             .await?;
+        // Expiring releases stock. Lock every product this batch will give
+        // stock back to now, in id order (the order in which placing an order
+        // reserves), so the batch and concurrent orders cannot deadlock.
+        let order_ids: Vec<i64> = stale
+            .iter()
+            .filter_map(|i| i.correlation_id.parse().ok())
+            .collect();
+        if !order_ids.is_empty() {
+            products::Entity::find()
+                .select_only()
+                .column(products::Column::Id)
+                .filter(
+                    products::Column::Id.in_subquery(
+                        Query::select()
+                            .column(order_items::Column::ProductId)
+                            .from(order_items::Entity)
+                            .and_where(order_items::Column::OrderId.is_in(order_ids))
+                            .to_owned(),
+                    ),
+                )
+                .order_by_asc(products::Column::Id)
+                .lock(LockType::Update)
+                .into_tuple::<i64>()
+                .all(&txn)
+                .await?;
+        }
         let mut outcome = SweepOutcome {
             examined: stale.len(),
             expired: 0,

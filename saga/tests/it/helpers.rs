@@ -40,6 +40,22 @@ pub fn engine(db: &DatabaseConnection, clock: &ManualClock, approved: bool) -> O
 /// Places an order the way the API does: user, order, items, saga start, in
 /// one transaction. Returns the snapshot and the queued `OrderCreated`.
 pub async fn place_order(db: &DatabaseConnection, now: DateTime<Utc>) -> (OrderSnapshot, Envelope) {
+    let first = products::Entity::find()
+        .order_by_asc(products::Column::Id)
+        .one(db)
+        .await
+        .expect("product query")
+        .expect("seeded product");
+    place_order_of(db, now, first.id, 2).await
+}
+
+/// Like [`place_order`], for `quantity` of product `product_id`.
+pub async fn place_order_of(
+    db: &DatabaseConnection,
+    now: DateTime<Utc>,
+    product_id: i64,
+    quantity: i32,
+) -> (OrderSnapshot, Envelope) {
     let txn = db.begin().await.expect("begin");
     let user = users::Entity::insert(users::ActiveModel {
         name: Set("Test User".into()),
@@ -52,8 +68,7 @@ pub async fn place_order(db: &DatabaseConnection, now: DateTime<Utc>) -> (OrderS
     .exec_with_returning(&txn)
     .await
     .expect("user");
-    let product = products::Entity::find()
-        .order_by_asc(products::Column::Id)
+    let product = products::Entity::find_by_id(product_id)
         .one(&txn)
         .await
         .expect("product query")
@@ -69,7 +84,7 @@ pub async fn place_order(db: &DatabaseConnection, now: DateTime<Utc>) -> (OrderS
         vec![OrderLine {
             product_id: product.id,
             product_name: product.name.clone(),
-            quantity: 2,
+            quantity,
             unit_price: product.price,
         }],
     )

@@ -17,7 +17,7 @@ use saga::notifications::NotificationHandler;
 use saga::testing::{TestBroker, TestDatabase, eventually};
 use saga::topology::{self, NOTIFICATIONS_CONSUMER};
 use saga::{OrderSagaEngine, SagaError};
-use sea_orm::{EntityTrait, PaginatorTrait, QueryOrder, TransactionTrait};
+use sea_orm::{ConnectionTrait, EntityTrait, PaginatorTrait, QueryOrder, TransactionTrait};
 use tokio::sync::{Barrier, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -233,5 +233,77 @@ async fn an_order_larger_than_the_stock_is_refused_and_writes_nothing() {
         orders::Entity::find().count(&tdb.db).await.expect("count"),
         orders_before
     );
+    tdb.drop().await;
+}
+
+#[tokio::test]
+async fn a_sweep_releasing_stock_does_not_deadlock_with_an_order_reserving_it() {
+    let tdb = TestDatabase::create().await;
+    let clock = ManualClock::new(t0());
+    let engine = engine(&tdb.db, &clock, false);
+    // Order A (product 3) went stale first, order B (product 2) later: the
+    // sweep expires A before B.
+    let (a, created_a) = place_order_of(&tdb.db, t0(), 3, 1).await;
+    engine
+        .handle_order_created("order-saga", &created_a)
+        .await
+        .expect("A");
+    clock.advance(Duration::seconds(1));
+    let (b, created_b) = place_order_of(&tdb.db, t0(), 2, 1).await;
+    engine
+        .handle_order_created("order-saga", &created_b)
+        .await
+        .expect("B");
+    clock.advance(Duration::seconds(700));
+    let (stock2, stock3) = (stock_of(&tdb, 2).await, stock_of(&tdb, 3).await);
+
+    // A customer's transaction reserves product 2, then (below) product 3,
+    // in id order as placing an order does.
+    let customer = tdb.db.begin().await.expect("begin");
+    customer
+        .execute_unprepared("UPDATE products SET stock = stock - 1 WHERE id = 2")
+        .await
+        .expect("reserve 2");
+    let sweep = {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.try_expire_once().await })
+    };
+    // Wait until the sweep is blocked on a row lock the customer holds.
+    eventually(
+        StdDuration::from_secs(10),
+        "the sweep waiting for a lock",
+        || async {
+            let waiting = tdb
+                .db
+                .query_one_raw(sea_orm::Statement::from_string(
+                    sea_orm::DbBackend::Postgres,
+                    "SELECT count(*) AS n FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                ))
+                .await
+                .ok()??
+                .try_get::<i64>("", "n")
+                .ok()?;
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
+    // Had the sweep locked product 3 first (releasing A's stock), this would
+    // deadlock and PostgreSQL would abort one of the two.
+    customer
+        .execute_unprepared("UPDATE products SET stock = stock - 1 WHERE id = 3")
+        .await
+        .expect("reserve 3 without a deadlock");
+    customer.commit().await.expect("commit");
+    let swept = sweep
+        .await
+        .expect("join")
+        .expect("sweep without a deadlock");
+    assert_eq!(swept.expired, 2);
+    assert_eq!(order_status(&tdb.db, a.order_id).await, "expired");
+    assert_eq!(order_status(&tdb.db, b.order_id).await, "expired");
+    // Each order gave its unit back; the customer took one of each.
+    assert_eq!(stock_of(&tdb, 2).await, stock2 + 1 - 1);
+    assert_eq!(stock_of(&tdb, 3).await, stock3 + 1 - 1);
     tdb.drop().await;
 }

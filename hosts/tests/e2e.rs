@@ -299,9 +299,11 @@ async fn sigterm_stops_every_host_with_exit_0_and_a_restarted_runner_finishes_th
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn runner_operator_commands_list_parked_sagas_and_reject_bad_arguments() {
+async fn runner_operator_commands_list_parked_sagas_redrive_dead_letters_and_reject_bad_arguments()
+{
     use sea_orm::ConnectionTrait;
     let tdb = TestDatabase::create().await;
+    let broker = TestBroker::create().await;
     let config_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configuration");
     // The api would migrate; here the test database is migrated already.
     tdb.db
@@ -317,6 +319,9 @@ async fn runner_operator_commands_list_parked_sagas_and_reject_bad_arguments() {
             .args(args)
             .env("APP_CONFIG_DIR", &config_dir)
             .env("APP__DATABASE__URL", &tdb.url)
+            .env("APP__RABBITMQ__URL", amqp_url())
+            .env("APP__RABBITMQ__EXCHANGE", &broker.exchange)
+            .env("APP__RABBITMQ__QUEUE_PREFIX", &broker.prefix)
             .env("NO_COLOR", "1")
             .output()
             .expect("runner runs")
@@ -334,5 +339,31 @@ async fn runner_operator_commands_list_parked_sagas_and_reject_bad_arguments() {
     let unknown = run(&["resume", "999"]);
     assert_eq!(unknown.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("no order saga instance"));
+
+    // Two dead letters in the saga's error queue; re-drive one, then the rest.
+    let queue = saga::topology::saga_queue(&broker.prefix);
+    for body in [&b"{first"[..], &b"{second"[..]] {
+        broker
+            .transport
+            .publish_to_queue(&queue.error_queue(), body, Default::default())
+            .await
+            .expect("a dead letter");
+    }
+    let one = run(&["redrive", "saga", "1"]);
+    assert!(one.status.success(), "{one:?}");
+    assert!(String::from_utf8_lossy(&one.stderr).contains("moved=1"));
+    let depth = |name: String| {
+        let transport = &broker.transport;
+        async move { transport.queue_depth(&name).await.expect("depth") }
+    };
+    assert_eq!(depth(queue.name.clone()).await, 1);
+    assert_eq!(depth(queue.error_queue()).await, 1);
+    let rest = run(&["redrive", "saga"]);
+    assert!(rest.status.success(), "{rest:?}");
+    assert_eq!(depth(queue.name.clone()).await, 2);
+    assert_eq!(depth(queue.error_queue()).await, 0);
+    let bad_queue = run(&["redrive", "orders"]);
+    assert_eq!(bad_queue.status.code(), Some(2));
+    broker.delete().await;
     tdb.drop().await;
 }

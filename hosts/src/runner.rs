@@ -127,19 +127,33 @@ pub async fn main(
         Command::Redrive { queue, limit } => {
             let transport = infra::connect_broker(&settings, "order-saga redrive").await?;
             let prefix = &settings.rabbitmq.queue_prefix;
-            let spec = if queue == "saga" {
-                topology::saga_queue(prefix)
+            let (spec, consumer) = if queue == "saga" {
+                (topology::saga_queue(prefix), ORDER_SAGA_CONSUMER)
             } else {
-                topology::notifications_queue(prefix)
+                (
+                    topology::notifications_queue(prefix),
+                    NOTIFICATIONS_CONSUMER,
+                )
             };
             let moved = transport.redrive(&spec, limit).await?;
+            transport.close().await;
+            // Messages without a saga instance keep their budget per message:
+            // a re-driven one starts afresh. (A saga's budget is reset by
+            // `resume`, which should come first.)
+            let ids: Vec<uuid::Uuid> = moved
+                .iter()
+                .flatten()
+                .filter_map(|id| id.parse().ok())
+                .collect();
+            let db = infra::connect_database(&settings).await?;
+            let forgotten = saga::failures::forget(&db, consumer, &ids).await?;
             tracing::info!(
-                moved,
+                moved = moved.len(),
+                budgets_reset = forgotten,
                 from = %spec.error_queue(),
                 to = %spec.name,
                 "re-drove dead letters"
             );
-            transport.close().await;
             Ok(())
         }
     }

@@ -6,7 +6,7 @@
 use chrono::{DateTime, Utc};
 use entity::saga_message_failures as failures;
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Query};
-use sea_orm::{ConnectionTrait, EntityTrait};
+use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter};
 
 use crate::engine::Attempts;
 use crate::error::SagaError;
@@ -70,4 +70,22 @@ pub async fn record<C: ConnectionTrait>(
         spent: row.attempts,
         exhausted: row.attempts >= budget,
     })
+}
+
+/// Forgets the failed attempts of `message_ids` at `consumer`: re-driven
+/// messages start with a fresh budget. Returns how many records went.
+pub async fn forget<C: ConnectionTrait>(
+    conn: &C,
+    consumer: &str,
+    message_ids: &[uuid::Uuid],
+) -> Result<u64, SagaError> {
+    if message_ids.is_empty() {
+        return Ok(0);
+    }
+    let deleted = failures::Entity::delete_many()
+        .filter(failures::Column::Consumer.eq(consumer))
+        .filter(failures::Column::MessageId.is_in(message_ids.iter().copied()))
+        .exec(conn)
+        .await?;
+    Ok(deleted.rows_affected)
 }

@@ -286,12 +286,17 @@ impl RabbitTransport {
     /// keeping their message id and type and dropping the error headers.
     /// Each message is acknowledged on the error queue only after the broker
     /// confirmed its copy, so a crash in between duplicates rather than
-    /// loses it (and the inbox absorbs the duplicate). Returns how many moved.
-    pub async fn redrive(&self, queue: &QueueSpec, limit: u32) -> Result<u32, TransportError> {
+    /// loses it (and the inbox absorbs the duplicate). Returns the message id
+    /// of each message moved.
+    pub async fn redrive(
+        &self,
+        queue: &QueueSpec,
+        limit: u32,
+    ) -> Result<Vec<Option<String>>, TransportError> {
         let live = self.inner.live().await?;
         let channel = live.connection.create_channel().await?;
-        let mut moved = 0;
-        while moved < limit {
+        let mut moved = Vec::new();
+        while moved.len() < limit as usize {
             let Some(message) = channel
                 .basic_get(
                     ShortString::from(queue.error_queue()),
@@ -316,7 +321,13 @@ impl RabbitTransport {
             self.publish_to_queue(&queue.name, &delivery.data, properties)
                 .await?;
             delivery.acker.ack(BasicAckOptions::default()).await?;
-            moved += 1;
+            moved.push(
+                delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|id| id.to_string()),
+            );
         }
         let _ = channel.close(200, ShortString::from("redriven")).await;
         Ok(moved)

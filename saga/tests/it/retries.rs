@@ -245,7 +245,7 @@ async fn the_retry_budget_is_persisted_shared_across_runners_and_parks_when_spen
         .redrive(&queue, 100)
         .await
         .expect("redrive");
-    assert_eq!(moved, 1);
+    assert_eq!(moved.len(), 1);
     eventually(
         Duration::from_secs(10),
         "the re-driven message consumed",
@@ -396,6 +396,81 @@ async fn an_unknown_message_type_goes_to_the_error_queue_at_once() {
         .await
         .expect("inspect");
     assert_eq!(letters.len(), 1);
+    drop(stream);
+    transport.close().await;
+    broker.delete().await;
+    tdb.drop().await;
+}
+
+#[tokio::test]
+async fn a_notification_that_keeps_failing_is_dead_lettered_and_redriven_with_a_fresh_budget() {
+    use entity::saga_message_failures;
+    use saga::notifications::NotificationHandler;
+    use saga::topology::NOTIFICATIONS_CONSUMER;
+
+    let tdb = TestDatabase::create().await;
+    let broker = TestBroker::create().await;
+    let transport = connect(&broker).await;
+    let order_id = order_on_the_queue(&tdb.db, &transport).await;
+    let queue = topology::notifications_queue(&broker.prefix);
+    let consumer = Consumer::new(
+        transport.clone(),
+        queue.clone(),
+        NOTIFICATIONS_CONSUMER,
+        Arc::new(
+            NotificationHandler::new(
+                tdb.db.clone(),
+                Arc::new(ManualClock::new(t0())),
+                NOTIFICATIONS_CONSUMER,
+            )
+            .with_retry_budget(3),
+        ),
+        quick_retries(),
+        1,
+    );
+    // A database error on every attempt (the table is away).
+    tdb.db
+        .execute_unprepared("ALTER TABLE notifications RENAME TO notifications_away")
+        .await
+        .expect("rename");
+    let mut stream = transport
+        .subscribe(&queue, "t", 1)
+        .await
+        .expect("subscribe");
+    let delivery = stream.next().await.expect("delivery").expect("ok");
+    let outcome = consumer.process(delivery).await.expect("settled");
+    assert!(
+        matches!(outcome, ConsumeOutcome::DeadLettered { attempts: 3, .. }),
+        "{outcome:?}"
+    );
+    let budget = saga_message_failures::Entity::find()
+        .all(&tdb.db)
+        .await
+        .expect("failures");
+    assert_eq!(budget.len(), 1);
+    assert_eq!(budget[0].attempts, 3);
+    assert_eq!(budget[0].correlation_id, order_id.to_string());
+
+    // Fixed; re-driven with a fresh budget, it is handled once.
+    tdb.db
+        .execute_unprepared("ALTER TABLE notifications_away RENAME TO notifications")
+        .await
+        .expect("rename back");
+    let moved = broker.transport.redrive(&queue, 10).await.expect("redrive");
+    let ids: Vec<uuid::Uuid> = moved
+        .iter()
+        .flatten()
+        .filter_map(|i| i.parse().ok())
+        .collect();
+    assert_eq!(ids, vec![budget[0].message_id]);
+    let forgotten = saga::failures::forget(&tdb.db, NOTIFICATIONS_CONSUMER, &ids)
+        .await
+        .expect("forget");
+    assert_eq!(forgotten, 1);
+    let delivery = stream.next().await.expect("delivery").expect("ok");
+    let outcome = consumer.process(delivery).await.expect("settled");
+    assert_eq!(outcome, ConsumeOutcome::Handled { attempts: 1 });
+    assert_eq!(notifications_of(&tdb.db, order_id).await.len(), 1);
     drop(stream);
     transport.close().await;
     broker.delete().await;

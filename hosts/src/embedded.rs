@@ -23,9 +23,6 @@ use anyhow::Context;
 use migration::{Migrator, MigratorTrait};
 use poem::Server;
 use poem::listener::TcpListener;
-use saga::consumer::Consumer;
-use saga::notifications::{NotificationHandler, OrderCreatedHandler};
-use saga::topology::{self, NOTIFICATIONS_CONSUMER, ORDER_SAGA_CONSUMER};
 use saga::transport::Transport;
 use saga::transport::memory::MemoryTransport;
 use sea_orm::{ConnectOptions, Database, DatabaseConnection};
@@ -103,29 +100,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     // write to the same outbox and wake it through the same signal.
     let relay = infra::relay_on(&settings, db.clone(), transport.clone(), signal.clone());
 
-    let prefix = &settings.rabbitmq.queue_prefix;
-    let saga_consumer = Consumer::new(
-        transport.clone(),
-        topology::saga_queue(prefix),
-        ORDER_SAGA_CONSUMER,
-        Arc::new(OrderCreatedHandler::new(
-            engine.clone(),
-            ORDER_SAGA_CONSUMER,
-        )),
-        runner::retry_policy(&settings),
-        settings.rabbitmq.prefetch,
-    );
-    let notification_consumer = Consumer::new(
-        transport,
-        topology::notifications_queue(prefix),
-        NOTIFICATIONS_CONSUMER,
-        Arc::new(
-            NotificationHandler::new(db.clone(), engine.clock().clone(), NOTIFICATIONS_CONSUMER)
-                .with_retry_budget(settings.retry.max_attempts),
-        ),
-        runner::retry_policy(&settings),
-        settings.rabbitmq.prefetch,
-    );
+    let (saga_consumer, notification_consumer) =
+        infra::consumers(&settings, transport, &engine, &db);
 
     let state = Arc::new(AppState {
         outbox_signal: signal,

@@ -7,10 +7,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use migration::{Migrator, MigratorTrait};
 use saga::clock::SystemClock;
-use saga::consumer::RetryPolicy;
+use saga::consumer::{Consumer, RetryPolicy};
 use saga::engine::{EngineSettings, OrderSagaEngine};
+use saga::notifications::{NotificationHandler, OrderCreatedHandler};
 use saga::outbox::{OutboxRelay, RelaySettings};
 use saga::payment::RandomPayment;
+use saga::topology::{self as saga_topology, NOTIFICATIONS_CONSUMER, ORDER_SAGA_CONSUMER};
 use saga::transport::Transport;
 use saga::transport::rabbitmq::{QueueType, RabbitTransport, ReconnectPolicy, Topology};
 use sea_orm::{ConnectOptions, Database, DatabaseConnection};
@@ -225,6 +227,41 @@ pub fn relay_on(
         },
         signal,
     )
+}
+
+/// The runner's two consumers (also run by the embedded host): the order
+/// saga's `OrderCreated` consumer and the notifications consumer, with the
+/// configured retry budget and prefetch.
+pub fn consumers(
+    settings: &Settings,
+    transport: Arc<dyn Transport>,
+    engine: &OrderSagaEngine,
+    db: &DatabaseConnection,
+) -> (Consumer<OrderCreatedHandler>, Consumer<NotificationHandler>) {
+    let prefix = &settings.rabbitmq.queue_prefix;
+    let saga = Consumer::new(
+        transport.clone(),
+        saga_topology::saga_queue(prefix),
+        ORDER_SAGA_CONSUMER,
+        Arc::new(OrderCreatedHandler::new(
+            engine.clone(),
+            ORDER_SAGA_CONSUMER,
+        )),
+        retry_policy(settings),
+        settings.rabbitmq.prefetch,
+    );
+    let notifications = Consumer::new(
+        transport,
+        saga_topology::notifications_queue(prefix),
+        NOTIFICATIONS_CONSUMER,
+        Arc::new(
+            NotificationHandler::new(db.clone(), engine.clock().clone(), NOTIFICATIONS_CONSUMER)
+                .with_retry_budget(settings.retry.max_attempts),
+        ),
+        retry_policy(settings),
+        settings.rabbitmq.prefetch,
+    );
+    (saga, notifications)
 }
 
 /// What the runner and the scheduler both start with.

@@ -5,11 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use saga::consumer::Consumer;
 use saga::engine::OrderSagaEngine;
-use saga::notifications::{NotificationHandler, OrderCreatedHandler};
 use saga::topology::{self, NOTIFICATIONS_CONSUMER, ORDER_SAGA_CONSUMER};
-use saga::transport::Transport;
 use tokio_util::sync::CancellationToken;
 
 use crate::infra;
@@ -166,31 +163,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         engine,
         relay,
     } = infra::worker(&settings, "order-saga runner").await?;
-    let dyn_transport: Arc<dyn Transport> = transport.clone();
-    let prefix = &settings.rabbitmq.queue_prefix;
-
-    let saga_consumer = Consumer::new(
-        dyn_transport.clone(),
-        topology::saga_queue(prefix),
-        ORDER_SAGA_CONSUMER,
-        Arc::new(OrderCreatedHandler::new(
-            engine.clone(),
-            ORDER_SAGA_CONSUMER,
-        )),
-        retry_policy(&settings),
-        settings.rabbitmq.prefetch,
-    );
-    let notification_consumer = Consumer::new(
-        dyn_transport,
-        topology::notifications_queue(prefix),
-        NOTIFICATIONS_CONSUMER,
-        Arc::new(
-            NotificationHandler::new(db.clone(), engine.clock().clone(), NOTIFICATIONS_CONSUMER)
-                .with_retry_budget(settings.retry.max_attempts),
-        ),
-        retry_policy(&settings),
-        settings.rabbitmq.prefetch,
-    );
+    let (saga_consumer, notification_consumer) =
+        infra::consumers(&settings, transport.clone(), &engine, &db);
     tracing::info!(
         payment_delay_ms = settings.payment.delay_ms,
         success_rate = settings.payment.success_rate,

@@ -293,20 +293,12 @@ impl RabbitTransport {
         queue: &QueueSpec,
         limit: u32,
     ) -> Result<Vec<Option<String>>, TransportError> {
-        let live = self.inner.live().await?;
-        let channel = live.connection.create_channel().await?;
+        let channel = self.error_queue_reader().await?;
         let mut moved = Vec::new();
         while moved.len() < limit as usize {
-            let Some(message) = channel
-                .basic_get(
-                    ShortString::from(queue.error_queue()),
-                    BasicGetOptions { no_ack: false },
-                )
-                .await?
-            else {
+            let Some(delivery) = next_unacked(&channel, queue).await? else {
                 break;
             };
-            let delivery = message.delivery;
             let mut properties =
                 BasicProperties::default().with_content_type(ShortString::from("application/json"));
             if let Some(id) = delivery.properties.message_id() {
@@ -341,20 +333,12 @@ impl RabbitTransport {
         queue: &QueueSpec,
         limit: u32,
     ) -> Result<Vec<DeadLetter>, TransportError> {
-        let live = self.inner.live().await?;
-        let channel = live.connection.create_channel().await?;
+        let channel = self.error_queue_reader().await?;
         let mut letters = Vec::new();
         while letters.len() < limit as usize {
-            let Some(message) = channel
-                .basic_get(
-                    ShortString::from(queue.error_queue()),
-                    BasicGetOptions { no_ack: false },
-                )
-                .await?
-            else {
+            let Some(d) = next_unacked(&channel, queue).await? else {
                 break;
             };
-            let d = message.delivery;
             let header = |name: &str| {
                 d.properties
                     .headers()
@@ -382,6 +366,13 @@ impl RabbitTransport {
         // Closing the channel returns every message we looked at.
         let _ = channel.close(200, ShortString::from("inspected")).await;
         Ok(letters)
+    }
+
+    /// A channel of its own for reading an error queue: closing it returns
+    /// every message read and not acknowledged.
+    async fn error_queue_reader(&self) -> Result<Channel, TransportError> {
+        let live = self.inner.live().await?;
+        Ok(live.connection.create_channel().await?)
     }
 
     /// Closes the connection; subscriptions end.
@@ -483,6 +474,20 @@ impl Inner {
             .await?;
         Ok((channel, consumer))
     }
+}
+
+/// The next message of `queue`'s error queue, delivered for a manual ack.
+async fn next_unacked(
+    channel: &Channel,
+    queue: &QueueSpec,
+) -> Result<Option<lapin::message::Delivery>, TransportError> {
+    let message = channel
+        .basic_get(
+            ShortString::from(queue.error_queue()),
+            BasicGetOptions { no_ack: false },
+        )
+        .await?;
+    Ok(message.map(|m| m.delivery))
 }
 
 /// A channel with publisher confirms enabled.

@@ -767,7 +767,7 @@ impl OrderSagaEngine {
             .state
             .parse()
             .map_err(|e| SagaError::Corrupt(format!("instance {}: {e}", instance.id)))?;
-        saga_instances::Entity::update_many()
+        let resumed = saga_instances::Entity::update_many()
             .col_expr(saga_instances::Column::Faulted, Expr::value(false))
             .col_expr(saga_instances::Column::Attempts, Expr::value(0))
             .col_expr(
@@ -779,6 +779,11 @@ impl OrderSagaEngine {
             .filter(saga_instances::Column::Version.eq(instance.version))
             .exec(&txn)
             .await?;
+        if resumed.rows_affected != 1 {
+            // Changed while we looked: the operator can simply try again.
+            txn.rollback().await?;
+            return Err(SagaError::Contention(correlation_id.to_owned()));
+        }
         saga_timers::Entity::update_many()
             .col_expr(saga_timers::Column::DueAt, Expr::value(now))
             .filter(saga_timers::Column::SagaInstanceId.eq(instance.id))

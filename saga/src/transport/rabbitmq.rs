@@ -414,10 +414,18 @@ impl Inner {
                 return Ok(live.clone());
             }
             if live.connection.status().connected() {
-                // Only the publisher channel was closed (e.g. by a channel
-                // error): a new channel on the same connection will do.
+                // Only the publisher channel was closed by a channel error,
+                // such as publishing to an exchange someone deleted: a new
+                // channel on the same connection, and the topology declared
+                // again (best effort), will do.
                 if let Ok(publisher) = open_publisher(&live.connection).await {
                     live.publisher = publisher;
+                    let topology = self.topology.lock().ok().and_then(|t| t.clone());
+                    if let Some(topology) = topology
+                        && let Err(e) = declare_on(&live.connection, &topology).await
+                    {
+                        tracing::warn!(error = %e, "declaring the topology again failed");
+                    }
                     return Ok(live.clone());
                 }
             }
@@ -438,6 +446,23 @@ impl Inner {
         );
         *guard = Some(live.clone());
         Ok(live)
+    }
+
+    /// Declares the remembered topology on the current connection, logging
+    /// instead of failing.
+    async fn redeclare(&self) {
+        let topology = self.topology.lock().ok().and_then(|t| t.clone());
+        let Some(topology) = topology else {
+            return;
+        };
+        match self.live().await {
+            Ok(live) => {
+                if let Err(e) = declare_on(&live.connection, &topology).await {
+                    tracing::warn!(error = %e, "declaring the topology again failed");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "no connection to declare the topology on"),
+        }
     }
 
     /// Forgets the connection of `generation` (a publish on it failed), so
@@ -630,6 +655,9 @@ async fn keep_consuming(
                     error = %e,
                     "cannot subscribe; retrying in {delay:?}"
                 );
+                // The queue may have been deleted under us: declare the
+                // topology again (best effort; the next attempt tells).
+                inner.redeclare().await;
                 tokio::select! {
                     _ = inner.closed.cancelled() => return,
                     _ = sender.closed() => return,
@@ -707,9 +735,22 @@ impl Transport for RabbitTransport {
         consumer_tag: &str,
         prefetch: u16,
     ) -> Result<BoxStream<'static, Result<Delivery, TransportError>>, TransportError> {
-        // The first subscription happens here, so a wrong queue name fails
-        // the caller at once; later ones happen in the background.
-        let subscribed = self.inner.consume(queue, consumer_tag, prefetch).await?;
+        // The first attempt happens here; if it fails (the broker is away,
+        // the queue is missing), the background task keeps trying, declaring
+        // the topology again, so a consumer never gives up at start either.
+        let subscribed = match self.inner.consume(queue, consumer_tag, prefetch).await {
+            Ok(subscribed) => Some(subscribed),
+            Err(e) => {
+                tracing::warn!(
+                    consumer = %consumer_tag,
+                    queue = %queue.name,
+                    error = %e,
+                    "cannot subscribe yet; retrying in the background"
+                );
+                self.inner.redeclare().await;
+                None
+            }
+        };
         let (sender, receiver) = mpsc::channel(usize::from(prefetch.max(1)));
         tokio::spawn(keep_consuming(
             self.inner.clone(),
@@ -717,7 +758,7 @@ impl Transport for RabbitTransport {
             consumer_tag.to_owned(),
             prefetch,
             sender,
-            Some(subscribed),
+            subscribed,
         ));
         Ok(
             futures_util::stream::unfold(receiver, |mut receiver| async move {

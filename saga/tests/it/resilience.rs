@@ -215,3 +215,56 @@ fn server_addr(url: &str, default_port: u16) -> std::net::SocketAddr {
         .parse()
         .expect("server address")
 }
+
+#[tokio::test]
+async fn a_consumer_whose_queue_is_deleted_declares_the_topology_again_and_resumes() {
+    let tdb = TestDatabase::create().await;
+    let broker = TestBroker::create().await;
+    let transport = connect(&broker).await;
+    transport.declare(&broker.topology).await.expect("declare");
+    let clock = saga::clock::ManualClock::new(t0());
+    let engine = engine(&tdb.db, &clock, true);
+    let signal = Arc::new(Notify::new());
+    let relay = relay(&tdb.db, transport.clone(), signal.clone());
+    let consumer = Consumer::new(
+        transport.clone(),
+        topology::saga_queue(&broker.prefix),
+        ORDER_SAGA_CONSUMER,
+        Arc::new(OrderCreatedHandler::new(
+            engine.clone(),
+            ORDER_SAGA_CONSUMER,
+        )),
+        quick_retries(),
+        8,
+    );
+    let stop = CancellationToken::new();
+    let consuming = {
+        let stop = stop.clone();
+        tokio::spawn(async move { consumer.run_until_stopped(stop).await })
+    };
+    let relaying = {
+        let stop = stop.clone();
+        tokio::spawn(async move { relay.run_until_stopped(stop).await })
+    };
+
+    // An operator deletes the exchange and the queues under the running consumer.
+    broker
+        .transport
+        .delete(&broker.topology)
+        .await
+        .expect("delete the topology");
+    let (order, _) = place_order(&tdb.db, t0()).await;
+    signal.notify_one();
+    eventually(Duration::from_secs(20), "the order processed", || {
+        status_is(&tdb, order.order_id, "processing")
+    })
+    .await;
+    assert!(!consuming.is_finished());
+
+    stop.cancel();
+    consuming.await.expect("join").expect("stopped cleanly");
+    relaying.await.expect("join");
+    transport.close().await;
+    broker.delete().await;
+    tdb.drop().await;
+}

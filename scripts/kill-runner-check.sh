@@ -19,6 +19,10 @@ pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  # The run's queues (its exchange stays: rabbitmqctl cannot delete one).
+  for q in $(rabbitmqctl -q list_queues name 2>/dev/null | grep "^check\.$run\."); do
+    rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true
+  done
 }
 trap cleanup EXIT
 

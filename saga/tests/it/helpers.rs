@@ -173,3 +173,76 @@ pub fn relay(
         signal,
     )
 }
+
+/// Retries that wait milliseconds, not seconds.
+pub fn quick_retries() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: 3,
+        initial_backoff: std::time::Duration::from_millis(10),
+        max_backoff: std::time::Duration::from_millis(50),
+    }
+}
+
+/// The order saga's `OrderCreated` consumer on the test's saga queue.
+pub fn saga_consumer(
+    transport: Arc<dyn saga::transport::Transport>,
+    prefix: &str,
+    engine: &OrderSagaEngine,
+) -> saga::consumer::Consumer<saga::notifications::OrderCreatedHandler> {
+    saga::consumer::Consumer::new(
+        transport,
+        saga::topology::saga_queue(prefix),
+        saga::topology::ORDER_SAGA_CONSUMER,
+        Arc::new(saga::notifications::OrderCreatedHandler::new(
+            engine.clone(),
+            saga::topology::ORDER_SAGA_CONSUMER,
+        )),
+        quick_retries(),
+        8,
+    )
+}
+
+/// A consumer (and optionally a relay) running in the background until
+/// [`Running::stop`].
+pub struct Running {
+    stop: tokio_util::sync::CancellationToken,
+    consuming: tokio::task::JoinHandle<Result<(), saga::TransportError>>,
+    relaying: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    pub fn start<H: saga::consumer::MessageHandler>(
+        consumer: saga::consumer::Consumer<H>,
+        relay: Option<saga::outbox::OutboxRelay>,
+    ) -> Self {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let token = stop.clone();
+        let consuming = tokio::spawn(async move { consumer.run_until_stopped(token).await });
+        let relaying = relay.map(|relay| {
+            let token = stop.clone();
+            tokio::spawn(async move { relay.run_until_stopped(token).await })
+        });
+        Self {
+            stop,
+            consuming,
+            relaying,
+        }
+    }
+
+    /// Whether the consumer gave up on its own.
+    pub fn consumer_finished(&self) -> bool {
+        self.consuming.is_finished()
+    }
+
+    /// Stops both and checks the consumer stopped cleanly.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.consuming
+            .await
+            .expect("join")
+            .expect("consumer stopped cleanly");
+        if let Some(relaying) = self.relaying {
+            relaying.await.expect("join");
+        }
+    }
+}

@@ -6,14 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use entity::saga_instances;
-use saga::consumer::{Consumer, RetryPolicy};
-use saga::notifications::OrderCreatedHandler;
+
 use saga::testing::{TcpProxy, TestBroker, TestDatabase, eventually};
-use saga::topology::{self, ORDER_SAGA_CONSUMER};
+use saga::topology;
 use saga::transport::rabbitmq::{RabbitTransport, ReconnectPolicy};
 use sea_orm::{ColumnTrait, ConnectOptions, Database, EntityTrait, QueryFilter};
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 use crate::helpers::*;
 
@@ -34,14 +32,6 @@ async fn proxied_transport(broker: &TestBroker, proxy: &TcpProxy) -> Arc<RabbitT
     Arc::new(transport)
 }
 
-fn quick_retries() -> RetryPolicy {
-    RetryPolicy {
-        max_attempts: 3,
-        initial_backoff: Duration::from_millis(20),
-        max_backoff: Duration::from_millis(100),
-    }
-}
-
 async fn status_is(tdb: &TestDatabase, order_id: i64, status: &str) -> Option<()> {
     (order_status(&tdb.db, order_id).await == status).then_some(())
 }
@@ -57,26 +47,8 @@ async fn consumers_and_the_relay_resume_after_the_broker_connection_is_cut() {
     let engine = engine(&tdb.db, &clock, true);
     let signal = Arc::new(Notify::new());
     let relay = relay(&tdb.db, transport.clone(), signal.clone());
-    let consumer = Consumer::new(
-        transport.clone(),
-        topology::saga_queue(&broker.prefix),
-        ORDER_SAGA_CONSUMER,
-        Arc::new(OrderCreatedHandler::new(
-            engine.clone(),
-            ORDER_SAGA_CONSUMER,
-        )),
-        quick_retries(),
-        8,
-    );
-    let stop = CancellationToken::new();
-    let consuming = {
-        let stop = stop.clone();
-        tokio::spawn(async move { consumer.run_until_stopped(stop).await })
-    };
-    let relaying = {
-        let stop = stop.clone();
-        tokio::spawn(async move { relay.run_until_stopped(stop).await })
-    };
+    let consumer = saga_consumer(transport.clone(), &broker.prefix, &engine);
+    let running = Running::start(consumer, Some(relay));
 
     let (first, _) = place_order(&tdb.db, t0()).await;
     signal.notify_one();
@@ -103,7 +75,7 @@ async fn consumers_and_the_relay_resume_after_the_broker_connection_is_cut() {
     )
     .await;
     assert_eq!(order_status(&tdb.db, second.order_id).await, "pending");
-    assert!(!consuming.is_finished(), "the consumer did not give up");
+    assert!(!running.consumer_finished(), "the consumer did not give up");
 
     // It comes back: the relay publishes, the consumer resubscribed.
     let accepted_before = proxy.connections_accepted();
@@ -115,9 +87,7 @@ async fn consumers_and_the_relay_resume_after_the_broker_connection_is_cut() {
     assert!(transport.reconnects() >= 1, "the transport reconnected");
     assert!(proxy.connections_accepted() > accepted_before);
 
-    stop.cancel();
-    consuming.await.expect("join").expect("stopped cleanly");
-    relaying.await.expect("join");
+    running.stop().await;
     transport.close().await;
     broker.delete().await;
     tdb.drop().await;
@@ -146,22 +116,8 @@ async fn a_database_outage_is_waited_out_without_spending_the_retry_budget() {
     proxy.cut();
     let relay = relay(&tdb.db, transport.clone(), Arc::new(Notify::new()));
     assert_eq!(relay.try_relay_once().await.expect("relay").published, 1);
-    let consumer = Consumer::new(
-        transport.clone(),
-        topology::saga_queue(&broker.prefix),
-        ORDER_SAGA_CONSUMER,
-        Arc::new(OrderCreatedHandler::new(
-            engine.clone(),
-            ORDER_SAGA_CONSUMER,
-        )),
-        quick_retries(),
-        8,
-    );
-    let stop = CancellationToken::new();
-    let consuming = {
-        let stop = stop.clone();
-        tokio::spawn(async move { consumer.run_until_stopped(stop).await })
-    };
+    let consumer = saga_consumer(transport.clone(), &broker.prefix, &engine);
+    let running = Running::start(consumer, None);
     // The message is taken (not ready any more) but cannot be handled.
     let queue = topology::saga_queue(&broker.prefix).name;
     eventually(Duration::from_secs(10), "the message delivered", || async {
@@ -192,8 +148,7 @@ async fn a_database_outage_is_waited_out_without_spending_the_retry_budget() {
         .expect("inspect");
     assert!(letters.is_empty(), "nothing dead-lettered: {letters:?}");
 
-    stop.cancel();
-    consuming.await.expect("join").expect("stopped");
+    running.stop().await;
     let _ = proxied_db.close().await;
     transport.close().await;
     broker.delete().await;
@@ -226,26 +181,8 @@ async fn a_consumer_whose_queue_is_deleted_declares_the_topology_again_and_resum
     let engine = engine(&tdb.db, &clock, true);
     let signal = Arc::new(Notify::new());
     let relay = relay(&tdb.db, transport.clone(), signal.clone());
-    let consumer = Consumer::new(
-        transport.clone(),
-        topology::saga_queue(&broker.prefix),
-        ORDER_SAGA_CONSUMER,
-        Arc::new(OrderCreatedHandler::new(
-            engine.clone(),
-            ORDER_SAGA_CONSUMER,
-        )),
-        quick_retries(),
-        8,
-    );
-    let stop = CancellationToken::new();
-    let consuming = {
-        let stop = stop.clone();
-        tokio::spawn(async move { consumer.run_until_stopped(stop).await })
-    };
-    let relaying = {
-        let stop = stop.clone();
-        tokio::spawn(async move { relay.run_until_stopped(stop).await })
-    };
+    let consumer = saga_consumer(transport.clone(), &broker.prefix, &engine);
+    let running = Running::start(consumer, Some(relay));
 
     // An operator deletes the exchange and the queues under the running consumer.
     broker
@@ -259,11 +196,9 @@ async fn a_consumer_whose_queue_is_deleted_declares_the_topology_again_and_resum
         status_is(&tdb, order.order_id, "processing")
     })
     .await;
-    assert!(!consuming.is_finished());
+    assert!(!running.consumer_finished());
 
-    stop.cancel();
-    consuming.await.expect("join").expect("stopped cleanly");
-    relaying.await.expect("join");
+    running.stop().await;
     transport.close().await;
     broker.delete().await;
     tdb.drop().await;

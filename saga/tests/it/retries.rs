@@ -10,18 +10,17 @@ use entity::{saga_instances, saga_timers};
 use futures_util::StreamExt;
 use lapin::BasicProperties;
 use lapin::types::ShortString;
+use saga::SagaError;
 use saga::clock::ManualClock;
-use saga::consumer::{ConsumeOutcome, Consumer, RetryPolicy};
+use saga::consumer::{ConsumeOutcome, Consumer};
 use saga::engine::{ApplyHook, Handled};
 use saga::machine::{OrderInput, OrderState};
 use saga::message::Envelope;
-use saga::notifications::OrderCreatedHandler;
 use saga::outbox::{OutboxRelay, RelaySettings};
 use saga::testing::{TestBroker, TestDatabase, eventually};
-use saga::topology::{self, ORDER_SAGA_CONSUMER};
+use saga::topology;
 use saga::transport::Transport;
 use saga::transport::rabbitmq::RabbitTransport;
-use saga::{OrderSagaEngine, SagaError};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter,
 };
@@ -66,32 +65,6 @@ impl ApplyHook for FlakyEffect {
     }
 }
 
-fn quick_retries() -> RetryPolicy {
-    RetryPolicy {
-        max_attempts: 3,
-        initial_backoff: Duration::from_millis(10),
-        max_backoff: Duration::from_millis(40),
-    }
-}
-
-fn saga_consumer(
-    transport: Arc<RabbitTransport>,
-    broker: &TestBroker,
-    engine: &OrderSagaEngine,
-) -> Consumer<OrderCreatedHandler> {
-    Consumer::new(
-        transport,
-        topology::saga_queue(&broker.prefix),
-        ORDER_SAGA_CONSUMER,
-        Arc::new(OrderCreatedHandler::new(
-            engine.clone(),
-            ORDER_SAGA_CONSUMER,
-        )),
-        quick_retries(),
-        4,
-    )
-}
-
 /// Places an order and relays its `OrderCreated` to the broker.
 async fn order_on_the_queue(db: &DatabaseConnection, transport: &Arc<RabbitTransport>) -> i64 {
     let (snapshot, _) = place_order(db, t0()).await;
@@ -134,7 +107,7 @@ async fn the_retry_budget_is_persisted_shared_across_runners_and_parks_when_spen
         ..FlakyEffect::default()
     });
     let engine = engine(&tdb.db, &clock, true).with_hook(flaky.clone());
-    let runner1 = saga_consumer(transport.clone(), &broker, &engine);
+    let runner1 = saga_consumer(transport.clone(), &broker.prefix, &engine);
     let mut stream = transport
         .subscribe(&queue, "runner-1", 1)
         .await
@@ -151,7 +124,7 @@ async fn the_retry_budget_is_persisted_shared_across_runners_and_parks_when_spen
     // Runner 2 (another process) gets the redelivery and spends the rest of
     // the same budget: 2 more attempts, not 3.
     let transport2 = connect(&broker).await;
-    let runner2 = saga_consumer(transport2.clone(), &broker, &engine);
+    let runner2 = saga_consumer(transport2.clone(), &broker.prefix, &engine);
     let stop2 = CancellationToken::new();
     let running = {
         let stop2 = stop2.clone();
@@ -329,7 +302,7 @@ async fn a_retry_reloads_the_instance_instead_of_reusing_the_failed_attempt() {
         versions: Mutex::new(Vec::new()),
     });
     let engine = engine(&tdb.db, &clock, true).with_hook(hook.clone());
-    let consumer = saga_consumer(transport.clone(), &broker, &engine);
+    let consumer = saga_consumer(transport.clone(), &broker.prefix, &engine);
     let mut stream = transport
         .subscribe(&topology::saga_queue(&broker.prefix), "t", 1)
         .await
@@ -372,7 +345,7 @@ async fn an_unknown_message_type_goes_to_the_error_queue_at_once() {
         )
         .await
         .expect("publish");
-    let consumer = saga_consumer(transport.clone(), &broker, &engine);
+    let consumer = saga_consumer(transport.clone(), &broker.prefix, &engine);
     let mut stream = transport
         .subscribe(&queue, "t", 1)
         .await

@@ -105,6 +105,17 @@ impl<E: Endpoint> Api<E> {
     }
 
     /// Places an order of `quantity` of product 1 and returns its id.
+    /// `POST /api/orders` with `headers` (e.g. an `Idempotency-Key`).
+    async fn place_order(
+        &self,
+        token: &str,
+        body: Value,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, String, poem::http::HeaderMap, Value) {
+        self.send("POST", "/api/orders", Some(token), Some(body), headers)
+            .await
+    }
+
     async fn order(&self, token: &str, quantity: i64) -> i64 {
         let (status, _, order) = self
             .call(
@@ -858,25 +869,9 @@ async fn an_idempotency_key_replays_the_first_response_and_places_nothing_new() 
     let body = json!({"items": [{"product_id": 1, "quantity": 2}]});
     let key = [("idempotency-key", "order-7f3a")];
     let stock = stock_of(&tdb, 1).await;
-    let (s1, _, _, first) = api
-        .send(
-            "POST",
-            "/api/orders",
-            Some(&alice),
-            Some(body.clone()),
-            &key,
-        )
-        .await;
+    let (s1, _, _, first) = api.place_order(&alice, body.clone(), &key).await;
     assert_eq!(s1, StatusCode::CREATED, "{first}");
-    let (s2, _, _, second) = api
-        .send(
-            "POST",
-            "/api/orders",
-            Some(&alice),
-            Some(body.clone()),
-            &key,
-        )
-        .await;
+    let (s2, _, _, second) = api.place_order(&alice, body.clone(), &key).await;
     assert_eq!(s2, StatusCode::CREATED, "{second}");
     assert_eq!(first, second, "the same response");
     assert_eq!(count_orders(&tdb).await, 1);
@@ -884,11 +879,9 @@ async fn an_idempotency_key_replays_the_first_response_and_places_nothing_new() 
 
     // The same key with another body is refused.
     let (status, ct, _, problem) = api
-        .send(
-            "POST",
-            "/api/orders",
-            Some(&alice),
-            Some(json!({"items": [{"product_id": 1, "quantity": 3}]})),
+        .place_order(
+            &alice,
+            json!({"items": [{"product_id": 1, "quantity": 3}]}),
             &key,
         )
         .await;
@@ -901,9 +894,7 @@ async fn an_idempotency_key_replays_the_first_response_and_places_nothing_new() 
     assert_eq!(count_orders(&tdb).await, 1);
 
     // Keys belong to their user: Bob's identical key is a new order.
-    let (status, _, _, bobs) = api
-        .send("POST", "/api/orders", Some(&bob), Some(body.clone()), &key)
-        .await;
+    let (status, _, _, bobs) = api.place_order(&bob, body.clone(), &key).await;
     assert_eq!(status, StatusCode::CREATED);
     assert_ne!(bobs["id"], first["id"]);
     assert_eq!(count_orders(&tdb).await, 2);
@@ -914,13 +905,7 @@ async fn an_idempotency_key_replays_the_first_response_and_places_nothing_new() 
 
     // An invalid key is a 400 naming the header.
     let (status, ct, _, problem) = api
-        .send(
-            "POST",
-            "/api/orders",
-            Some(&alice),
-            Some(body.clone()),
-            &[("idempotency-key", "")],
-        )
+        .place_order(&alice, body.clone(), &[("idempotency-key", "")])
         .await;
     assert_problem(status, &ct, &problem, StatusCode::BAD_REQUEST);
     assert!(problem.to_string().contains("Idempotency-Key"), "{problem}");
@@ -928,13 +913,7 @@ async fn an_idempotency_key_replays_the_first_response_and_places_nothing_new() 
     let long = "k".repeat(256);
     for bad in ["caf\u{e9}", "a b", long.as_str()] {
         let (status, ct, _, problem) = api
-            .send(
-                "POST",
-                "/api/orders",
-                Some(&alice),
-                Some(body.clone()),
-                &[("idempotency-key", bad)],
-            )
+            .place_order(&alice, body.clone(), &[("idempotency-key", bad)])
             .await;
         assert_problem(status, &ct, &problem, StatusCode::BAD_REQUEST);
         assert_eq!(problem["field"], "Idempotency-Key", "{bad}: {problem}");
@@ -950,15 +929,7 @@ async fn an_expired_idempotency_key_is_forgotten() {
     let (_, alice) = api.user().await;
     let key = [("idempotency-key", "k-expiring")];
     let body = json!({"items": [{"product_id": 1, "quantity": 1}]});
-    let (status, _, _, first) = api
-        .send(
-            "POST",
-            "/api/orders",
-            Some(&alice),
-            Some(body.clone()),
-            &key,
-        )
-        .await;
+    let (status, _, _, first) = api.place_order(&alice, body.clone(), &key).await;
     assert_eq!(status, StatusCode::CREATED);
     let row = entity::idempotency_keys::Entity::find()
         .one(&tdb.db)
@@ -978,11 +949,9 @@ async fn an_expired_idempotency_key_is_forgotten() {
         .await
         .expect("update");
     let (status, _, _, second) = api
-        .send(
-            "POST",
-            "/api/orders",
-            Some(&alice),
-            Some(json!({"items": [{"product_id": 1, "quantity": 2}]})),
+        .place_order(
+            &alice,
+            json!({"items": [{"product_id": 1, "quantity": 2}]}),
             &key,
         )
         .await;
@@ -999,15 +968,7 @@ async fn a_stored_response_that_cannot_be_read_replays_the_order_itself() {
     let (_, alice) = api.user().await;
     let key = [("idempotency-key", "k-old-format")];
     let body = json!({"items": [{"product_id": 1, "quantity": 1}]});
-    let (_, _, _, first) = api
-        .send(
-            "POST",
-            "/api/orders",
-            Some(&alice),
-            Some(body.clone()),
-            &key,
-        )
-        .await;
+    let (_, _, _, first) = api.place_order(&alice, body.clone(), &key).await;
     entity::idempotency_keys::Entity::update_many()
         .col_expr(
             entity::idempotency_keys::Column::ResponseBody,
@@ -1016,9 +977,7 @@ async fn a_stored_response_that_cannot_be_read_replays_the_order_itself() {
         .exec(&tdb.db)
         .await
         .expect("update");
-    let (status, _, _, again) = api
-        .send("POST", "/api/orders", Some(&alice), Some(body), &key)
-        .await;
+    let (status, _, _, again) = api.place_order(&alice, body, &key).await;
     assert_eq!(status, StatusCode::CREATED, "{again}");
     assert_eq!(again["id"], first["id"]);
     assert_eq!(count_orders(&tdb).await, 1);
@@ -1036,20 +995,8 @@ async fn two_racing_requests_with_one_idempotency_key_place_one_order() {
         let key = format!("race-{round}");
         let headers = [("idempotency-key", key.as_str())];
         let (a, b) = tokio::join!(
-            api.send(
-                "POST",
-                "/api/orders",
-                Some(&alice),
-                Some(body.clone()),
-                &headers
-            ),
-            api.send(
-                "POST",
-                "/api/orders",
-                Some(&alice),
-                Some(body.clone()),
-                &headers
-            ),
+            api.place_order(&alice, body.clone(), &headers),
+            api.place_order(&alice, body.clone(), &headers),
         );
         assert_eq!(a.0, StatusCode::CREATED, "{}", a.3);
         assert_eq!(b.0, StatusCode::CREATED, "{}", b.3);
@@ -1077,7 +1024,7 @@ async fn concurrent_orders_for_the_same_products_all_succeed_and_reserve_their_s
         } else {
             (&bob, &backward)
         };
-        api.send("POST", "/api/orders", Some(token), Some(body.clone()), &[])
+        api.place_order(token, body.clone(), &[])
     });
     let answers = futures_util::future::join_all(requests).await;
     for (status, _, _, body) in &answers {

@@ -13,6 +13,8 @@ use tokio_util::sync::CancellationToken;
 use crate::engine::Attempts;
 use crate::error::{SagaError, TransportError};
 use crate::message::Envelope;
+use crate::metrics::{self as saga_metrics, ConsumeResult};
+use crate::transport::status::ConsumerRegistry;
 use crate::transport::{Delivery, QueueSpec, Transport};
 
 /// What a handler did with a message.
@@ -106,6 +108,7 @@ pub struct Consumer<H: MessageHandler> {
     handler: Arc<H>,
     retry: RetryPolicy,
     prefetch: u16,
+    status: Option<ConsumerRegistry>,
 }
 
 impl<H: MessageHandler> Consumer<H> {
@@ -118,6 +121,7 @@ impl<H: MessageHandler> Consumer<H> {
         retry: RetryPolicy,
         prefetch: u16,
     ) -> Self {
+        let status = transport.consumer_status();
         Self {
             transport,
             queue,
@@ -125,6 +129,7 @@ impl<H: MessageHandler> Consumer<H> {
             handler,
             retry,
             prefetch: prefetch.max(1),
+            status,
         }
     }
 
@@ -142,6 +147,33 @@ impl<H: MessageHandler> Consumer<H> {
     /// written (the database is unreachable), nothing is spent: the handler
     /// is retried with backoff until the database returns.
     pub async fn process_until(
+        &self,
+        delivery: Delivery,
+        shutdown: &CancellationToken,
+    ) -> Result<ConsumeOutcome, TransportError> {
+        // Readiness sees the delivery as held until it is settled; metrics
+        // count the outcome and the time it took.
+        let _held = self
+            .status
+            .as_ref()
+            .map(|s| s.taken(&self.name, std::time::Instant::now()));
+        let started = std::time::Instant::now();
+        let message_type = saga_metrics::message_type_label(delivery.message_type.as_deref());
+        let outcome = self.settle(delivery, shutdown).await;
+        if let Ok(outcome) = &outcome {
+            let result = match outcome {
+                ConsumeOutcome::Handled { .. } => ConsumeResult::Ok,
+                ConsumeOutcome::Duplicate => ConsumeResult::Duplicate,
+                ConsumeOutcome::DeadLettered { .. } => ConsumeResult::DeadLettered,
+                ConsumeOutcome::HandedBack => ConsumeResult::HandedBack,
+            };
+            saga_metrics::consumed(&self.name, message_type, result);
+        }
+        saga_metrics::handler_duration(&self.name, message_type, started.elapsed().as_secs_f64());
+        outcome
+    }
+
+    async fn settle(
         &self,
         delivery: Delivery,
         shutdown: &CancellationToken,
@@ -218,6 +250,11 @@ impl<H: MessageHandler> Consumer<H> {
                         .await;
                 }
             };
+            saga_metrics::consumed(
+                &self.name,
+                saga_metrics::message_type_label(Some(&envelope.message_type)),
+                ConsumeResult::Retried,
+            );
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     delivery.acker.requeue().await?;

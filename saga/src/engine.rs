@@ -495,6 +495,9 @@ impl OrderSagaEngine {
                         .await?;
                     txn.commit().await?;
                     self.signal_if_published(&handled);
+                    crate::metrics::timer_fired(
+                        (now - timer.due_at).num_milliseconds() as f64 / 1000.0,
+                    );
                     return Ok(Some(TimerFired {
                         timer_id: timer.id,
                         correlation_id: timer.correlation_id,
@@ -633,6 +636,11 @@ impl OrderSagaEngine {
             }
         }
         txn.commit().await?;
+        crate::metrics::transitions(
+            OrderState::Processing,
+            OrderState::Expired,
+            outcome.expired as u64,
+        );
         if outcome.expired > 0 {
             self.outbox_signal.notify_one();
         }
@@ -825,6 +833,10 @@ impl OrderSagaEngine {
     }
 
     fn signal_if_published(&self, handled: &Handled) {
+        // Called right after each commit of an applied input: count it here.
+        if let Handled::Applied { from, to, .. } = handled {
+            crate::metrics::transitions(*from, *to, 1);
+        }
         if let Handled::Applied { published, .. } = handled
             && !published.is_empty()
         {

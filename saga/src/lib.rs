@@ -80,7 +80,9 @@
 //! - [`consumer`]: queue consumers with the persisted retry budget.
 //! - [`inbox`], [`failures`]: idempotency keys and per-message budgets.
 //! - [`notifications`]: the audit trail and the fake e-mail.
-//! - [`transport`]: RabbitMQ (lapin) behind a trait.
+//! - [`transport`]: RabbitMQ (lapin) behind a trait; [`transport::status`]
+//!   tracks consumer registration and in-flight deliveries for readiness.
+//! - [`metrics`]: metric names and recording helpers (the `metrics` facade).
 //! - [`topology`]: the queue names every host agrees on.
 //! - [`message`]: the JSON envelope and the typed order event contracts.
 //! - [`clock`], [`payment`]: time and randomness, injected.
@@ -100,6 +102,7 @@ pub mod failures;
 pub mod inbox;
 pub mod machine;
 pub mod message;
+pub mod metrics;
 pub mod notifications;
 pub mod outbox;
 pub mod payment;

@@ -137,6 +137,7 @@ impl OutboxRelay {
             Err(e) => {
                 let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
                 self.mark_failed(&ids, &e.to_string()).await?;
+                crate::metrics::outbox_relayed(0, ids.len());
                 tracing::warn!(error = %e, count = ids.len(), "outbox relay could not publish");
                 return Ok(RelayOutcome {
                     claimed: rows.len(),
@@ -179,6 +180,7 @@ impl OutboxRelay {
         if !failed.is_empty() {
             self.mark_failed(&failed, "broker did not confirm").await?;
         }
+        crate::metrics::outbox_relayed(sent.len(), failed.len());
         Ok(RelayOutcome {
             claimed: rows.len(),
             published: sent.len(),

@@ -147,6 +147,7 @@ impl State {
 #[derive(Clone, Default)]
 pub struct MemoryTransport {
     state: Arc<Mutex<State>>,
+    consumers: super::status::ConsumerRegistry,
 }
 
 impl std::fmt::Debug for MemoryTransport {
@@ -262,6 +263,8 @@ impl MemoryTransport {
     /// when a RabbitMQ connection dies). Unsettled deliveries can still be
     /// acknowledged or requeued.
     pub fn close(&self) {
+        self.consumers
+            .lost_all("transport closed", std::time::Instant::now());
         let mut state = self.lock();
         state.closed = true;
         for queue in state.queues.values() {
@@ -481,7 +484,7 @@ impl Transport for MemoryTransport {
     async fn subscribe(
         &self,
         queue: &QueueSpec,
-        _consumer_tag: &str,
+        consumer_tag: &str,
         prefetch: u16,
     ) -> Result<BoxStream<'static, Result<Delivery, TransportError>>, TransportError> {
         let notify = {
@@ -499,6 +502,8 @@ impl Transport for MemoryTransport {
                 }
             }
         };
+        self.consumers
+            .registered(consumer_tag, std::time::Instant::now());
         let subscription = Arc::new(Subscription {
             transport: self.clone(),
             queue: queue.name.clone(),
@@ -541,6 +546,10 @@ impl Transport for MemoryTransport {
                 redelivered: false,
             },
         )
+    }
+
+    fn consumer_status(&self) -> Option<super::status::ConsumerRegistry> {
+        Some(self.consumers.clone())
     }
 }
 

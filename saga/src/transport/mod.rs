@@ -9,6 +9,7 @@ use crate::error::TransportError;
 
 pub mod memory;
 pub mod rabbitmq;
+pub mod status;
 
 /// A message to publish on the events exchange.
 #[derive(Clone, Debug)]
@@ -93,4 +94,10 @@ pub trait Transport: Send + Sync + 'static {
         reason: &str,
         attempts: u32,
     ) -> Result<(), TransportError>;
+
+    /// Which consumers are registered on the broker and what they hold, for
+    /// readiness checks. `None` when the transport does not track them.
+    fn consumer_status(&self) -> Option<status::ConsumerRegistry> {
+        None
+    }
 }

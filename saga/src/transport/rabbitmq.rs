@@ -21,6 +21,7 @@ use lapin::{
 use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use super::status::ConsumerRegistry;
 use super::{Acknowledger, Delivery, OutgoingMessage, QueueSpec, Transport};
 use crate::error::TransportError;
 
@@ -121,6 +122,7 @@ struct Inner {
     live: Mutex<Option<Live>>,
     reconnects: AtomicU64,
     closed: CancellationToken,
+    consumers: ConsumerRegistry,
 }
 
 #[derive(Clone)]
@@ -156,6 +158,7 @@ impl RabbitTransport {
             live: Mutex::new(None),
             reconnects: AtomicU64::new(0),
             closed: CancellationToken::new(),
+            consumers: ConsumerRegistry::new(),
         });
         let live = inner.open(0).await?;
         *inner.live.lock().await = Some(live);
@@ -188,6 +191,13 @@ impl RabbitTransport {
     /// How many times the transport has reconnected since it was created.
     pub fn reconnects(&self) -> u64 {
         self.inner.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// Makes sure there is an open connection, reconnecting (once) if the
+    /// current one is broken: what a readiness check asks ("can this host
+    /// reach the broker now?"). Callers bound it with a timeout.
+    pub async fn ensure_connected(&self) -> Result<(), TransportError> {
+        self.inner.live().await.map(|_| ())
     }
 
     /// Declares the exchange, every queue, its error queue and its bindings,
@@ -378,6 +388,9 @@ impl RabbitTransport {
     /// Closes the connection; subscriptions end.
     pub async fn close(&self) {
         self.inner.closed.cancel();
+        self.inner
+            .consumers
+            .lost_all("transport closed", std::time::Instant::now());
         if let Some(live) = self.inner.live.lock().await.take() {
             let _ = live.connection.close(200, ShortString::from("bye")).await;
         }
@@ -439,6 +452,7 @@ impl Inner {
         }
         let live = self.open(generation).await?;
         self.reconnects.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::broker_reconnected();
         tracing::warn!(
             connection = %self.connection_name,
             reconnects = self.reconnects.load(Ordering::Relaxed),
@@ -612,6 +626,9 @@ async fn keep_consuming(
         };
         match attempt {
             Ok((channel, mut consumer)) => {
+                inner
+                    .consumers
+                    .registered(&consumer_tag, std::time::Instant::now());
                 if !first {
                     tracing::warn!(
                         consumer = %consumer_tag,
@@ -638,6 +655,21 @@ async fn keep_consuming(
                 };
                 // Hands back whatever was prefetched but not acknowledged.
                 let _ = channel.close(200, ShortString::from("unsubscribed")).await;
+                match &lost {
+                    None => inner.consumers.lost(
+                        &consumer_tag,
+                        "unsubscribed",
+                        std::time::Instant::now(),
+                    ),
+                    Some(reason) => {
+                        inner.consumers.lost(
+                            &consumer_tag,
+                            reason.clone(),
+                            std::time::Instant::now(),
+                        );
+                        crate::metrics::subscription_lost(&consumer_tag);
+                    }
+                }
                 match lost {
                     None => return,
                     Some(reason) => tracing::warn!(
@@ -649,6 +681,11 @@ async fn keep_consuming(
                 }
             }
             Err(e) => {
+                inner.consumers.lost(
+                    &consumer_tag,
+                    format!("cannot subscribe: {e}"),
+                    std::time::Instant::now(),
+                );
                 tracing::warn!(
                     consumer = %consumer_tag,
                     queue = %queue.name,
@@ -741,6 +778,11 @@ impl Transport for RabbitTransport {
         let subscribed = match self.inner.consume(queue, consumer_tag, prefetch).await {
             Ok(subscribed) => Some(subscribed),
             Err(e) => {
+                self.inner.consumers.lost(
+                    consumer_tag,
+                    format!("cannot subscribe yet: {e}"),
+                    std::time::Instant::now(),
+                );
                 tracing::warn!(
                     consumer = %consumer_tag,
                     queue = %queue.name,
@@ -803,6 +845,10 @@ impl Transport for RabbitTransport {
         }
         self.publish_to_queue(&queue.error_queue(), &delivery.body, properties)
             .await
+    }
+
+    fn consumer_status(&self) -> Option<ConsumerRegistry> {
+        Some(self.inner.consumers.clone())
     }
 }
 

@@ -40,6 +40,9 @@ fi
 source scripts/api-under-test.sh
 
 # 3. two runs with the default checks, every phase, bounded examples.
+# /health/ready is left out: the api under test has no broker on purpose
+# (scripts/api-under-test.sh), so readiness truthfully answers 503, which
+# the not_a_server_error check would flag.
 # --workers 1: with several workers, hypothesis on Python 3.11 sometimes
 # crashes in ast.parse ("AST constructor recursion depth mismatch").
 run() { # run <name> <token> [st options...]
@@ -53,6 +56,7 @@ run() { # run <name> <token> [st options...]
     --seed "${ST_SEED:-20261124}" \
     --workers 1 \
     --request-timeout 10 \
+    --exclude-path /health/ready \
     --report junit --report-junit-path "$OUT/junit-$name.xml" \
     "$@") 2>&1 | tee "$OUT/run-$name.log"
   return "${PIPESTATUS[0]}"

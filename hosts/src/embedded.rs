@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
 use crate::settings::Settings;
-use crate::{infra, runner, scheduler};
+use crate::{infra, ops, runner, scheduler};
 
 /// The file behind a `sqlite:` URL, if it names one (not `:memory:`).
 pub fn sqlite_file(url: &str) -> Option<PathBuf> {
@@ -84,6 +84,7 @@ pub async fn connect_sqlite(settings: &Settings) -> anyhow::Result<DatabaseConne
 
 /// Runs the whole system in this process until `shutdown` fires.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    crate::metrics::handle();
     let db = connect_sqlite(&settings).await?;
     Migrator::up(&db, None)
         .await
@@ -100,11 +101,30 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     // write to the same outbox and wake it through the same signal.
     let relay = infra::relay_on(&settings, db.clone(), transport.clone(), signal.clone());
 
+    let consumer_status = transport.consumer_status();
     let (saga_consumer, notification_consumer) =
         infra::consumers(&settings, transport, &engine, &db);
 
+    // Whatever part stops first (a signal, or the HTTP server failing to
+    // bind) stops the rest; in-flight work finishes before we return.
+    let stop = shutdown.child_token();
+    // The same health checks as the separate hosts, on the API's port.
+    let monitor = Arc::new(
+        ops::Monitor::new(db.clone(), engine.clock().clone(), &settings)
+            .with_broker(ops::Broker::InProcess)
+            .with_consumers(
+                consumer_status,
+                &[
+                    saga::topology::ORDER_SAGA_CONSUMER,
+                    saga::topology::NOTIFICATIONS_CONSUMER,
+                ],
+            )
+            .with_shutdown(stop.clone()),
+    );
+    let loops = monitor.loops().clone();
     let state = Arc::new(AppState {
         outbox_signal: signal,
+        monitor,
         ..AppState::new(db, &settings)?
     });
     let listener = TcpListener::bind(settings.api.listen.clone());
@@ -118,9 +138,6 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         settings.api.public_url
     );
 
-    // Whatever part stops first (a signal, or the HTTP server failing to
-    // bind) stops the rest; in-flight work finishes before we return.
-    let stop = shutdown.child_token();
     let timers_poll = Duration::from_millis(settings.timers.poll_interval_ms);
     let sweep_interval = Duration::from_secs(settings.expiration.sweep_interval_seconds);
     let (server, saga_result, notification_result, (), (), ()) = tokio::join!(
@@ -136,19 +153,25 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             stop.cancel();
             r
         },
-        async {
+        loops.run("order-saga consumer", async {
             let r = saga_consumer.run_until_stopped(stop.clone()).await;
             stop.cancel();
             r
-        },
-        async {
+        }),
+        loops.run("notifications consumer", async {
             let r = notification_consumer.run_until_stopped(stop.clone()).await;
             stop.cancel();
             r
-        },
-        runner::run_timers(&engine, timers_poll, stop.clone()),
-        scheduler::run_sweeps(&engine, sweep_interval, stop.clone()),
-        relay.run_until_stopped(stop.clone()),
+        }),
+        loops.run(
+            "timers",
+            runner::run_timers(&engine, timers_poll, stop.clone())
+        ),
+        loops.run(
+            "expiration sweeps",
+            scheduler::run_sweeps(&engine, sweep_interval, stop.clone())
+        ),
+        loops.run("outbox relay", relay.run_until_stopped(stop.clone())),
     );
     memory.close();
     server.context("HTTP server failed")?;

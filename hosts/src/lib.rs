@@ -4,6 +4,8 @@
 pub mod api;
 pub mod embedded;
 pub mod infra;
+pub mod metrics;
+pub mod ops;
 pub mod runner;
 pub mod scheduler;
 pub mod settings;

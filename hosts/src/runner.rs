@@ -9,8 +9,9 @@ use saga::engine::OrderSagaEngine;
 use saga::topology::{self, NOTIFICATIONS_CONSUMER, ORDER_SAGA_CONSUMER};
 use tokio_util::sync::CancellationToken;
 
-use crate::infra;
 use crate::settings::Settings;
+use crate::{infra, ops};
+use saga::transport::Transport;
 
 pub use crate::infra::retry_policy;
 
@@ -157,6 +158,7 @@ pub async fn main(
 }
 
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    crate::metrics::handle();
     let infra::Worker {
         db,
         transport,
@@ -165,6 +167,22 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     } = infra::worker(&settings, "order-saga runner").await?;
     let (saga_consumer, notification_consumer) =
         infra::consumers(&settings, transport.clone(), &engine, &db);
+    let stop = shutdown.child_token();
+    let monitor = Arc::new(
+        ops::Monitor::new(db.clone(), engine.clock().clone(), &settings)
+            .with_broker(ops::Broker::rabbit(transport.clone()))
+            .with_consumers(
+                transport.consumer_status(),
+                &[ORDER_SAGA_CONSUMER, NOTIFICATIONS_CONSUMER],
+            )
+            .with_shutdown(stop.clone()),
+    );
+    let listener = ops::bind(
+        &settings.monitoring.runner_listen,
+        "monitoring.runner_listen",
+    )
+    .await?;
+    let loops = monitor.loops().clone();
     tracing::info!(
         payment_delay_ms = settings.payment.delay_ms,
         success_rate = settings.payment.success_rate,
@@ -174,30 +192,35 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     // The transport resubscribes by itself after the broker comes back, so a
     // consumer only stops on shutdown or when the transport was closed; then
     // the rest stops too, and the runner exits non-zero in the second case.
-    let stop = shutdown.child_token();
     let poll = Duration::from_millis(settings.timers.poll_interval_ms);
     let work = async {
         tokio::join!(
-            async {
+            loops.run("order-saga consumer", async {
                 let r = saga_consumer.run_until_stopped(stop.clone()).await;
                 stop.cancel();
                 r
-            },
-            async {
+            }),
+            loops.run("notifications consumer", async {
                 let r = notification_consumer.run_until_stopped(stop.clone()).await;
                 stop.cancel();
                 r
+            }),
+            loops.run("timers", run_timers(&engine, poll, stop.clone())),
+            loops.run("outbox relay", relay.run_until_stopped(stop.clone())),
+            async {
+                let r = ops::serve(listener, monitor.clone(), stop.clone()).await;
+                stop.cancel();
+                r
             },
-            run_timers(&engine, poll, stop.clone()),
-            relay.run_until_stopped(stop.clone()),
         )
     };
     let grace = Duration::from_secs(settings.shutdown.grace_seconds);
     let finished = infra::finish_within(work, &stop, grace).await;
     transport.close().await;
-    if let Some((saga_result, notification_result, (), ())) = finished {
+    if let Some((saga_result, notification_result, (), (), monitoring)) = finished {
         saga_result.context("order-saga consumer stopped")?;
         notification_result.context("notifications consumer stopped")?;
+        monitoring?;
     }
     tracing::info!("runner stopped");
     Ok(())

@@ -45,6 +45,7 @@ pub struct Settings {
     pub seed: SeedSettings,
     pub logging: LoggingSettings,
     pub shutdown: ShutdownSettings,
+    pub monitoring: MonitoringSettings,
     /// The single-process embedded mode (`cargo run`): only its storage
     /// differs; every other section applies unchanged.
     #[serde(default)]
@@ -211,6 +212,21 @@ pub struct LoggingSettings {
     pub filter: String,
 }
 
+/// Metrics and health: where the runner and the scheduler serve `/metrics`,
+/// `/health/live` and `/health/ready` (the api and the embedded host serve
+/// them on `api.listen`), and the bounds readiness checks.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MonitoringSettings {
+    pub runner_listen: String,
+    pub scheduler_listen: String,
+    /// Readiness fails when the oldest unsent outbox event is older.
+    pub outbox_lag_max_seconds: u64,
+    /// Readiness fails when a consumer has held one delivery unfinished for
+    /// longer than this (it is stalled).
+    pub consumer_stall_seconds: u64,
+}
+
 /// Where the embedded mode keeps its data.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -347,6 +363,20 @@ fn validate(s: &Settings) -> Result<(), SettingsError> {
             format!("`{}` is not an address like 127.0.0.1:8080", s.api.listen),
         ));
     }
+    for (key, listen) in [
+        ("monitoring.runner_listen", &s.monitoring.runner_listen),
+        (
+            "monitoring.scheduler_listen",
+            &s.monitoring.scheduler_listen,
+        ),
+    ] {
+        if listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                key,
+                format!("`{listen}` is not an address like 127.0.0.1:9091"),
+            ));
+        }
+    }
     if !(0.0..=1.0).contains(&s.payment.success_rate) {
         return Err(invalid(
             "payment.success_rate",
@@ -395,6 +425,14 @@ fn validate(s: &Settings) -> Result<(), SettingsError> {
         ),
         ("api.body_limit_bytes", s.api.body_limit_bytes as u64),
         ("api.idempotency_ttl_seconds", s.api.idempotency_ttl_seconds),
+        (
+            "monitoring.outbox_lag_max_seconds",
+            s.monitoring.outbox_lag_max_seconds,
+        ),
+        (
+            "monitoring.consumer_stall_seconds",
+            s.monitoring.consumer_stall_seconds,
+        ),
     ] {
         if value == 0 {
             return Err(invalid(key, "must be greater than 0"));
@@ -464,6 +502,10 @@ mod tests {
         assert_eq!(s.expiration.sweep_interval_seconds, 60);
         assert_eq!(s.expiration.processing_timeout_seconds, 600);
         assert_eq!(s.retry.max_attempts, 3);
+        assert_eq!(s.monitoring.runner_listen, "127.0.0.1:9091");
+        assert_eq!(s.monitoring.scheduler_listen, "127.0.0.1:9092");
+        assert_eq!(s.monitoring.outbox_lag_max_seconds, 60);
+        assert_eq!(s.monitoring.consumer_stall_seconds, 60);
         assert!(s.database.url.starts_with("postgres://"));
         assert!(s.rabbitmq.url.starts_with("amqp://"));
         assert_eq!(
@@ -515,6 +557,26 @@ mod tests {
         let err = load_from(&repo_config(), env(&[("APP__AUTH__JWT_SECRET", "short")]))
             .expect_err("short key");
         assert!(err.to_string().contains("auth.jwt_secret"), "{err}");
+
+        let err = load_from(
+            &repo_config(),
+            env(&[("APP__MONITORING__RUNNER_LISTEN", "port 9091")]),
+        )
+        .expect_err("not an address");
+        assert!(
+            err.to_string().contains("monitoring.runner_listen"),
+            "{err}"
+        );
+        let err = load_from(
+            &repo_config(),
+            env(&[("APP__MONITORING__CONSUMER_STALL_SECONDS", "0")]),
+        )
+        .expect_err("zero");
+        assert!(
+            err.to_string()
+                .contains("monitoring.consumer_stall_seconds"),
+            "{err}"
+        );
 
         let err = load_from(&repo_config(), env(&[("APP__PAYMENT__DELAY", "5")]))
             .expect_err("unknown key");

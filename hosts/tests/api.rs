@@ -474,6 +474,8 @@ async fn the_spec_documents_every_operation_with_the_bearer_scheme_and_swagger_u
         "/api/sagas/order/diagram",
         "/api/sagas/order/transitions",
         "/health",
+        "/health/live",
+        "/health/ready",
     ] {
         let item = &spec["paths"][path];
         assert!(item.is_object(), "{path} missing from the spec");
@@ -1614,6 +1616,8 @@ fn every_operation_has_a_summary_a_tag_documented_errors_and_examples() {
         "get /api/sagas/order/diagram",
         "get /api/sagas/order/transitions",
         "get /health",
+        "get /health/live",
+        "get /health/ready",
     ];
     let mut failures = Vec::new();
     for (path, item) in spec["paths"].as_object().expect("paths") {

@@ -6,6 +6,7 @@ use poem_openapi::{ApiResponse, Object, OpenApi};
 use sea_orm::ConnectionTrait;
 
 use super::{ApiTags, AppState};
+use crate::ops::HealthReport;
 
 #[derive(Object)]
 #[oai(example)]
@@ -35,6 +36,27 @@ pub enum HealthResponse {
     Unavailable(Json<HealthView>),
 }
 
+/// The answer of `/health/live` and `/health/ready`.
+#[derive(ApiResponse)]
+pub enum HealthReportResponse {
+    /// Every check passed.
+    #[oai(status = 200)]
+    Ok(Json<HealthReport>),
+    /// At least one check failed: `failed` names it, `checks` says why.
+    #[oai(status = 503)]
+    Unavailable(Json<HealthReport>),
+}
+
+impl From<HealthReport> for HealthReportResponse {
+    fn from(report: HealthReport) -> Self {
+        if report.is_ok() {
+            HealthReportResponse::Ok(Json(report))
+        } else {
+            HealthReportResponse::Unavailable(Json(report))
+        }
+    }
+}
+
 pub struct HealthApi;
 
 #[OpenApi]
@@ -57,5 +79,31 @@ impl HealthApi {
                 }))
             }
         }
+    }
+
+    /// Liveness
+    ///
+    /// 200 while every loop of this process (the outbox relay; in the
+    /// embedded host also the consumers, timers and sweeps) is running; 503
+    /// when one has stopped: restart the process. `checks` lists each loop.
+    #[oai(path = "/health/live", method = "get", tag = "ApiTags::Health")]
+    async fn live(&self, state: Data<&Arc<AppState>>) -> HealthReportResponse {
+        state.monitor.live().into()
+    }
+
+    /// Readiness
+    ///
+    /// 200 when the database answers, the broker connection is open, every
+    /// consumer is registered and not stalled (embedded host), and the oldest
+    /// unsent outbox event is younger than `monitoring.outbox_lag_max_seconds`;
+    /// otherwise 503, with `failed` naming the failed checks and `checks`
+    /// saying what each one found.
+    #[oai(path = "/health/ready", method = "get", tag = "ApiTags::Health")]
+    async fn ready(&self, state: Data<&Arc<AppState>>) -> HealthReportResponse {
+        let report = state.monitor.ready().await;
+        if !report.is_ok() {
+            tracing::debug!(failed = ?report.failed, "not ready");
+        }
+        report.into()
     }
 }

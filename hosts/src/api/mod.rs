@@ -65,13 +65,18 @@ pub struct AppState {
     pub body_limit: usize,
     /// CORS origins; empty means no CORS headers.
     pub cors_allowed_origins: Vec<String>,
+    /// Health checks and `/metrics` (database and outbox only, until the
+    /// host adds its broker and loops).
+    pub monitor: Arc<crate::ops::Monitor>,
 }
 
 impl AppState {
     /// The state for `settings`, on the system clock. Refuses a JWT signing
     /// key shorter than 256 bits.
     pub fn new(db: DatabaseConnection, settings: &Settings) -> anyhow::Result<Self> {
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         Ok(Self {
+            monitor: Arc::new(crate::ops::Monitor::new(db.clone(), clock, settings)),
             db,
             jwt: auth::JwtKeys::new(&settings.auth)?,
             clock: Arc::new(SystemClock),
@@ -220,16 +225,25 @@ pub fn app(state: Arc<AppState>) -> impl Endpoint + 'static {
         .expose_headers(["retry-after", "location"])
         .max_age(600);
     let use_cors = !state.cors_allowed_origins.is_empty();
+    let monitor = state.monitor.clone();
+    // Not in the spec: Prometheus text, scraped by machines.
+    let metrics_endpoint = poem::endpoint::make(move |_| {
+        let monitor = monitor.clone();
+        async move { crate::metrics::response(monitor.metrics().await) }
+    });
     Route::new()
         .nest("/", api)
         .at("/openapi.json", get(spec_endpoint))
         .at("/swagger", get(ui))
         .at("/swagger/", get(ui_slash))
+        .at("/metrics", get(metrics_endpoint))
+        .around(crate::metrics::route_of)
         .data(state)
         .catch_all_error(problem::render_error)
         .around(move |next, req| guard::guard(next, req, guard_settings.clone()))
         .with_if(use_cors, cors)
         .with(Tracing)
+        .around(crate::metrics::track)
 }
 
 /// Inserts the configured admin if no user has that e-mail (idempotent).
@@ -265,7 +279,15 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     tracing::info!("database schema is up to date");
     seed_admin(&db, &settings).await?;
 
-    let state = AppState::new(db.clone(), &settings)?;
+    crate::metrics::handle();
+    let broker_slot = Arc::new(std::sync::OnceLock::new());
+    let mut state = AppState::new(db.clone(), &settings)?;
+    let monitor = Arc::new(
+        crate::ops::Monitor::new(db.clone(), state.clock.clone(), &settings)
+            .with_broker(crate::ops::Broker::Rabbit(broker_slot.clone()))
+            .with_shutdown(shutdown.clone()),
+    );
+    state.monitor = monitor.clone();
     let signal = state.outbox_signal.clone();
     let state = Arc::new(state);
 
@@ -274,7 +296,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     // broker is away.
     let relay_settings = settings.clone();
     let relay_shutdown = shutdown.clone();
+    let relay_loops = monitor.loops().clone();
     let relay_task = tokio::spawn(async move {
+        relay_loops.run("outbox relay", async move {
         loop {
             // Stop trying to connect as soon as the host is asked to stop.
             let connected = tokio::select! {
@@ -283,6 +307,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             };
             match connected {
                 Ok(transport) => {
+                    let _ = broker_slot.set(transport.clone());
                     let relay =
                         infra::relay(&relay_settings, db.clone(), transport.clone(), signal);
                     relay.run_until_stopped(relay_shutdown.clone()).await;
@@ -298,6 +323,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
                 }
             }
         }
+        })
+        .await
     });
 
     let listener = TcpListener::bind(settings.api.listen.clone());

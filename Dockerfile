@@ -61,8 +61,12 @@ ENV APP_CONFIG_DIR=/app/configuration \
     APP__API__LISTEN=0.0.0.0:8080
 # distroless's "nonroot" user (uid 65532); numeric so Kubernetes can verify it.
 USER 65532:65532
-EXPOSE 8080
-# For the api; the runner and scheduler serve no HTTP (compose disables it).
+# 8080: the api; 9091 / 9092: the runner's / scheduler's /metrics and
+# /health/* (set APP__MONITORING__RUNNER_LISTEN / SCHEDULER_LISTEN to
+# 0.0.0.0:<port> to reach them from outside the container).
+EXPOSE 8080 9091 9092
+# For the api (readiness: database, broker, outbox lag); compose gives the
+# runner and the scheduler their own (their /health/ready on 9091 / 9092).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
-  CMD ["/usr/local/bin/healthcheck", "http://127.0.0.1:8080/health"]
+  CMD ["/usr/local/bin/healthcheck", "http://127.0.0.1:8080/health/ready"]
 CMD ["api"]

@@ -15,7 +15,9 @@
 //!   with a per-test exchange and prefix, so this test never collides with
 //!   other tests or a running system;
 //! - the api's container port 8080 becomes a free local port (in a
-//!   container it is private; here it would collide);
+//!   container it is private; here it would collide), and so do the
+//!   runner's and scheduler's monitoring ports 9091 and 9092, per replica
+//!   (each replica's own compose healthcheck is run against its port);
 //! - paths under a mounted volume (`./configuration:/app/configuration`)
 //!   become the repository's folder, and the image's `/usr/local/bin/<bin>`
 //!   the cargo-built binary.
@@ -211,6 +213,8 @@ struct Substitutions {
     exchange: String,
     prefix: String,
     api_port: u16,
+    /// Other container ports -> free local ports (one replica's).
+    ports: Vec<(u16, u16)>,
     /// Volume mounts: container path -> host path.
     mounts: Vec<(String, PathBuf)>,
 }
@@ -227,6 +231,9 @@ impl Substitutions {
             v = v
                 .replace(&format!("@{host}:"), "@127.0.0.1:")
                 .replace(&format!("//{host}:"), "//127.0.0.1:");
+        }
+        for (container, local) in &self.ports {
+            v = v.replace(&format!(":{container}"), &format!(":{local}"));
         }
         v.replace(":8080", &format!(":{}", self.api_port))
     }
@@ -317,6 +324,10 @@ fn the_compose_file_is_safe_to_scale_and_waits_for_healthy_dependencies() {
         assert!(
             svc["build"].is_mapping(),
             "{name} is built from the Dockerfile"
+        );
+        assert!(
+            svc["healthcheck"]["test"].is_sequence(),
+            "{name} has a healthcheck"
         );
         for (dep, condition) in depends_on(svc) {
             assert_eq!(
@@ -453,6 +464,7 @@ async fn run_compose_flow(env_overrides: &[(&str, &str)], queue_type: QueueType)
         exchange: broker.exchange.clone(),
         prefix: broker.prefix.clone(),
         api_port: free_port(),
+        ports: Vec::new(),
         mounts: Vec::new(),
     };
 
@@ -488,20 +500,31 @@ async fn run_compose_flow(env_overrides: &[(&str, &str)], queue_type: QueueType)
             mounts,
             ..subs.clone()
         };
-        let command = strings(&svc["command"]);
-        let exe = subs.binary(&command[0]);
-        let args: Vec<String> = command[1..].iter().map(|a| subs.value(a)).collect();
-        let env = subs.environment(&environment(svc));
-        assert!(
-            env.iter().any(|(k, v)| k == "APP_CONFIG_DIR" && Path::new(v).join("instance.json").is_file()),
-            "{next}: APP_CONFIG_DIR points at the mounted configuration folder"
-        );
         let replicas = SCALE
             .iter()
             .find(|(n, _)| *n == next)
             .map_or(1, |(_, r)| *r);
         for replica in 1..=replicas {
+            let subs = Substitutions {
+                ports: vec![(9091, free_port()), (9092, free_port())],
+                ..subs.clone()
+            };
+            let command = strings(&svc["command"]);
+            let exe = subs.binary(&command[0]);
+            let args: Vec<String> = command[1..].iter().map(|a| subs.value(a)).collect();
+            let env = subs.environment(&environment(svc));
+            assert!(
+                env.iter()
+                    .any(|(k, v)| k == "APP_CONFIG_DIR"
+                        && Path::new(v).join("instance.json").is_file()),
+                "{next}: APP_CONFIG_DIR points at the mounted configuration folder"
+            );
             processes.spawn(&format!("{next}-{replica}"), &exe, &args, &env);
+            // The runner's and scheduler's own healthchecks (the api's is
+            // awaited by the services that depend on it).
+            if next != "api" {
+                wait_healthy(&format!("{next}-{replica}"), svc, &subs, &mut processes).await;
+            }
         }
         started.push(next);
     }

@@ -1,6 +1,9 @@
-//! `healthcheck [URL]`: exits 0 when `GET URL` answers 2xx within 3 s, else 1.
-//! The container image's `HEALTHCHECK` for the api (the runtime image has no
-//! shell or curl). The default URL is `http://127.0.0.1:8080/health`.
+//! `healthcheck [URL]`: exits 0 when `GET URL` answers 2xx within 3 s, else 1
+//! (logging the status and the body, which for `/health/ready` names the
+//! failed checks). The container image's `HEALTHCHECK` for the api, runner
+//! and scheduler (the runtime image has no shell or curl): the api's
+//! `http://127.0.0.1:8080/health/ready` (the default URL), the runner's and
+//! scheduler's `/health/ready` on their monitoring listener.
 //! Plain HTTP/1.0 over a TCP socket: no TLS, no redirects, no proxies.
 
 use std::io::{Read, Write};
@@ -8,7 +11,7 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::process::ExitCode;
 use std::time::Duration;
 
-const DEFAULT_URL: &str = "http://127.0.0.1:8080/health";
+const DEFAULT_URL: &str = "http://127.0.0.1:8080/health/ready";
 const TIMEOUT: Duration = Duration::from_secs(3);
 
 fn main() -> ExitCode {
@@ -58,9 +61,15 @@ fn probe(url: &str) -> Result<u16, String> {
         "GET {path} HTTP/1.0\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
     )
     .map_err(|e| format!("send: {e}"))?;
-    let mut head = [0u8; 64];
-    let n = stream.read(&mut head).map_err(|e| format!("read: {e}"))?;
-    let line = String::from_utf8_lossy(&head[..n]);
+    // The whole (small) response: the status line, and the body for the
+    // message when unhealthy.
+    let mut response = Vec::new();
+    stream
+        .take(16 * 1024)
+        .read_to_end(&mut response)
+        .map_err(|e| format!("read: {e}"))?;
+    let text = String::from_utf8_lossy(&response);
+    let line = text.lines().next().unwrap_or_default();
     // "HTTP/1.1 200 OK"
     let status: u16 = line
         .split_whitespace()
@@ -70,6 +79,7 @@ fn probe(url: &str) -> Result<u16, String> {
     if (200..300).contains(&status) {
         Ok(status)
     } else {
-        Err(format!("status {status}"))
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b.trim());
+        Err(format!("status {status} {body}"))
     }
 }

@@ -48,6 +48,15 @@ impl Stack {
             ("APP__RABBITMQ__QUEUE_PREFIX", broker.prefix.clone()),
             ("APP__API__LISTEN", format!("127.0.0.1:{port}")),
             ("APP__API__PUBLIC_URL", base.clone()),
+            // Tests run in parallel: no fixed monitoring ports.
+            (
+                "APP__MONITORING__RUNNER_LISTEN",
+                format!("127.0.0.1:{}", free_port()),
+            ),
+            (
+                "APP__MONITORING__SCHEDULER_LISTEN",
+                format!("127.0.0.1:{}", free_port()),
+            ),
             ("APP__PAYMENT__DELAY_MS", "100".into()),
             ("APP__PAYMENT__SUCCESS_RATE", success_rate.into()),
             ("APP__EXPIRATION__PROCESSING_TIMEOUT_SECONDS", "2".into()),

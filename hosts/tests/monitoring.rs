@@ -587,3 +587,87 @@ async fn a_taken_monitoring_port_stops_the_runner_with_a_message_naming_the_key(
     broker.delete().await;
     tdb.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_host_serves_the_same_health_and_metrics_on_its_api_port() {
+    let mut procs = Processes::new("monitoring-embedded");
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let config_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configuration");
+    let db_file = procs.logs.join("order-saga.db");
+    let env: Vec<(String, String)> = [
+        ("APP_CONFIG_DIR", config_dir.display().to_string()),
+        (
+            "APP__EMBEDDED__DATABASE_URL",
+            format!("sqlite://{}?mode=rwc", db_file.display()),
+        ),
+        ("APP__API__LISTEN", format!("127.0.0.1:{port}")),
+        ("APP__API__PUBLIC_URL", base.clone()),
+        ("APP__PAYMENT__DELAY_MS", "100".into()),
+        ("APP__PAYMENT__SUCCESS_RATE", "1".into()),
+        ("RUST_LOG", "info,sqlx=warn".into()),
+        ("NO_COLOR", "1".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    procs.spawn("embedded", env!("CARGO_BIN_EXE_embedded"), &[], &env);
+    let ready = wait_ready(&mut procs, &base, 200, "the embedded host to be ready").await;
+    assert_eq!(
+        check(&ready, "broker")["detail"],
+        "in-process transport",
+        "{ready}"
+    );
+    for name in [
+        "consumer:order-saga",
+        "consumer:notifications",
+        "outbox_lag",
+    ] {
+        assert_eq!(check(&ready, name)["ok"], true, "{name}: {ready}");
+    }
+    let (status, live) = health(&base, "live").await.expect("live answers");
+    assert_eq!(status, 200, "{live}");
+    for name in [
+        "loop:order-saga consumer",
+        "loop:notifications consumer",
+        "loop:timers",
+        "loop:expiration sweeps",
+        "loop:outbox relay",
+    ] {
+        assert_eq!(check(&live, name)["ok"], true, "{name}: {live}");
+    }
+
+    let api = Api::new(base.clone());
+    let (token, user) = api.register_and_login().await;
+    let ids = api.place_orders(&token, user, 2).await;
+    api.wait_for_status(&mut procs, &token, &ids, "completed", WITHIN)
+        .await;
+    let text = eventually(WITHIN, "2 OrderCompleted notifications counted", || {
+        let base = base.clone();
+        async move {
+            let text = get_text(&format!("{base}/metrics")).await?.1;
+            let completed = [
+                ("consumer", "notifications"),
+                ("message_type", "OrderCompleted"),
+                ("outcome", "ok"),
+            ];
+            (metric(&text, "saga_messages_consumed_total", &completed) >= 2.0).then_some(text)
+        }
+    })
+    .await;
+    assert_eq!(
+        metric(
+            &text,
+            "saga_transitions_total",
+            &[("from", "processing"), ("to", "completed")]
+        ),
+        2.0,
+        "{text}"
+    );
+    assert_eq!(metric(&text, "saga_outbox_published_total", &[]), 4.0);
+    assert_eq!(
+        metric(&text, "saga_orders", &[("status", "completed")]),
+        2.0
+    );
+    procs.stop().await;
+}

@@ -102,7 +102,12 @@ struct RouteSlot(Arc<Mutex<Option<Arc<str>>>>);
 /// final status, with its latency.
 pub async fn track<E: Endpoint>(next: E, mut req: Request) -> poem::Result<Response> {
     let started = Instant::now();
-    let method = req.method().as_str().to_owned();
+    // Clients may send any method name: keep the label set bounded.
+    let method = match req.method().as_str() {
+        m @ ("GET" | "POST" | "PUT" | "DELETE" | "PATCH" | "HEAD" | "OPTIONS") => m,
+        _ => "other",
+    }
+    .to_owned();
     let slot = RouteSlot::default();
     req.set_data(slot.clone());
     let result = next.call(req).await;

@@ -28,7 +28,7 @@ use poem::web::Data;
 use poem::{EndpointExt, Response, Route, Server, get, handler};
 use saga::clock::Clock;
 use saga::transport::rabbitmq::RabbitTransport;
-use saga::transport::status::ConsumerRegistry;
+use saga::transport::status::{ConsumerRegistry, ConsumerSnapshot};
 use sea_orm::{ConnectionTrait, DatabaseConnection};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -338,40 +338,7 @@ impl Monitor {
 
     fn consumer_check(&self, name: &str, now: Instant) -> Check {
         let snapshot = self.registry.as_ref().and_then(|r| r.snapshot(name, now));
-        let (ok, detail) = match snapshot {
-            None => (false, "not subscribed yet".to_owned()),
-            Some(s) if !s.registered => (
-                false,
-                format!(
-                    "not registered on the broker{}: {}",
-                    s.for_duration
-                        .map(|d| format!(" for {:.1} s", d.as_secs_f64()))
-                        .unwrap_or_default(),
-                    s.reason.as_deref().unwrap_or("unknown reason")
-                ),
-            ),
-            Some(s) if s.stalled(self.consumer_stall) => (
-                false,
-                format!(
-                    "stalled: holding a delivery unfinished for {:.0} s (limit {} s); {} in flight",
-                    s.oldest_in_flight.unwrap_or_default().as_secs_f64(),
-                    self.consumer_stall.as_secs(),
-                    s.in_flight
-                ),
-            ),
-            Some(s) => (
-                true,
-                format!(
-                    "registered; {} in flight, {} settled",
-                    s.in_flight, s.finished
-                ),
-            ),
-        };
-        Check {
-            name: format!("consumer:{name}"),
-            ok,
-            detail,
-        }
+        consumer_check(name, snapshot, self.consumer_stall)
     }
 
     async fn outbox_check(&self) -> Check {
@@ -405,6 +372,44 @@ impl Monitor {
             ok,
             detail,
         }
+    }
+}
+
+/// The `consumer:<name>` check: registered on the broker and not stalled.
+fn consumer_check(name: &str, snapshot: Option<ConsumerSnapshot>, stall: Duration) -> Check {
+    let (ok, detail) = match snapshot {
+        None => (false, "not subscribed yet".to_owned()),
+        Some(s) if !s.registered => (
+            false,
+            format!(
+                "not registered on the broker{}: {}",
+                s.for_duration
+                    .map(|d| format!(" for {:.1} s", d.as_secs_f64()))
+                    .unwrap_or_default(),
+                s.reason.as_deref().unwrap_or("unknown reason")
+            ),
+        ),
+        Some(s) if s.stalled(stall) => (
+            false,
+            format!(
+                "stalled: holding a delivery unfinished for {:.0} s (limit {} s); {} in flight",
+                s.oldest_in_flight.unwrap_or_default().as_secs_f64(),
+                stall.as_secs(),
+                s.in_flight
+            ),
+        ),
+        Some(s) => (
+            true,
+            format!(
+                "registered; {} in flight, {} settled",
+                s.in_flight, s.finished
+            ),
+        ),
+    };
+    Check {
+        name: format!("consumer:{name}"),
+        ok,
+        detail,
     }
 }
 
@@ -507,6 +512,44 @@ mod tests {
         assert!(!bad.is_ok());
         assert_eq!(bad.status, "unavailable");
         assert_eq!(bad.failed, ["broker", "consumer:notifications"]);
+    }
+
+    #[test]
+    fn a_consumer_fails_its_check_when_unregistered_or_holding_a_delivery_too_long() {
+        let stall = Duration::from_secs(60);
+        let registry = ConsumerRegistry::new();
+        let t0 = Instant::now();
+        let at = |secs| t0 + Duration::from_secs(secs);
+        let check = |now| consumer_check("order-saga", registry.snapshot("order-saga", now), stall);
+
+        let never = check(t0);
+        assert!(!never.ok);
+        assert_eq!(never.name, "consumer:order-saga");
+        assert_eq!(never.detail, "not subscribed yet");
+
+        registry.registered("order-saga", t0);
+        let held = registry.taken("order-saga", at(1));
+        let busy = check(at(61));
+        assert!(busy.ok, "{busy:?}");
+        assert_eq!(busy.detail, "registered; 1 in flight, 0 settled");
+        let stalled = check(at(62));
+        assert!(!stalled.ok);
+        assert!(
+            stalled
+                .detail
+                .starts_with("stalled: holding a delivery unfinished for 61 s (limit 60 s)"),
+            "{stalled:?}"
+        );
+        drop(held);
+        assert!(check(at(62)).ok);
+
+        registry.lost("order-saga", "the broker cancelled the consumer", at(70));
+        let lost = check(at(72));
+        assert!(!lost.ok);
+        assert_eq!(
+            lost.detail,
+            "not registered on the broker for 2.0 s: the broker cancelled the consumer"
+        );
     }
 
     #[tokio::test]

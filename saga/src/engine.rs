@@ -10,11 +10,12 @@ use entity::{order_items, orders, products, saga_instances, saga_timers, saga_tr
 use rust_decimal::Decimal;
 use sea_orm::sea_query::{Expr, ExprTrait, LockBehavior, LockType, OnConflict, Query};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect, TransactionTrait,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
+    EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
 };
 use serde::Serialize;
 use tokio::sync::Notify;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::clock::Clock;
@@ -25,6 +26,7 @@ use crate::machine::{
 };
 use crate::message::{Envelope, OrderEventPayload, OrderLine, OrderSnapshot};
 use crate::payment::PaymentSimulator;
+use crate::trace::{self, TraceContext};
 use crate::{inbox, outbox};
 
 /// Timings and limits of the order saga, from configuration.
@@ -260,7 +262,29 @@ impl OrderSagaEngine {
     ///
     /// Not enough stock for a line gives [`SagaError::OutOfStock`]; the caller
     /// must then roll its transaction back (nothing it wrote is kept).
+    ///
+    /// Runs in an `order.place` span (a child of the caller's, e.g. the HTTP
+    /// request's); the saga instance and the `OrderCreated` outbox row keep
+    /// its trace context.
     pub async fn place_order<C: ConnectionTrait>(
+        conn: &C,
+        now: DateTime<Utc>,
+        customer: &Customer,
+        lines: Vec<OrderLine>,
+    ) -> Result<PlacedOrder, SagaError> {
+        let span = tracing::info_span!(
+            "order.place",
+            user_id = customer.user_id,
+            order_id = tracing::field::Empty,
+            correlation_id = tracing::field::Empty,
+            message_id = tracing::field::Empty,
+        );
+        Self::place_order_in_span(conn, now, customer, lines)
+            .instrument(span)
+            .await
+    }
+
+    async fn place_order_in_span<C: ConnectionTrait>(
         conn: &C,
         now: DateTime<Utc>,
         customer: &Customer,
@@ -281,6 +305,9 @@ impl OrderSagaEngine {
         })
         .exec_with_returning(conn)
         .await?;
+        let span = tracing::Span::current();
+        span.record("order_id", order.id);
+        span.record("correlation_id", order.id);
         order_items::Entity::insert_many(lines.iter().map(|l| order_items::ActiveModel {
             order_id: Set(order.id),
             product_id: Set(l.product_id),
@@ -299,6 +326,7 @@ impl OrderSagaEngine {
             items: lines,
         };
         let message_id = Self::start_order(conn, now, &snapshot).await?;
+        span.record("message_id", tracing::field::display(message_id));
         Ok(PlacedOrder {
             order,
             snapshot,
@@ -317,6 +345,7 @@ impl OrderSagaEngine {
         let correlation_id = order.order_id.to_string();
         let data = serde_json::to_value(order)
             .map_err(|e| SagaError::Corrupt(format!("order snapshot: {e}")))?;
+        let (traceparent, tracestate) = TraceContext::columns(TraceContext::current().as_ref());
         let instance = saga_instances::Entity::insert(saga_instances::ActiveModel {
             saga_type: Set(ORDER_SAGA.to_owned()),
             correlation_id: Set(correlation_id.clone()),
@@ -329,6 +358,8 @@ impl OrderSagaEngine {
             state_entered_at: Set(now),
             created_at: Set(now),
             updated_at: Set(now),
+            traceparent: Set(traceparent),
+            tracestate: Set(tracestate),
             ..Default::default()
         })
         .exec(conn)
@@ -453,83 +484,113 @@ impl OrderSagaEngine {
                 txn.commit().await?;
                 return Ok(None);
             };
-            let kind = TimerKind::parse(&timer.timer_kind).ok_or_else(|| {
-                SagaError::Corrupt(format!("timer {} has kind {}", timer.id, timer.timer_kind))
-            })?;
-            let instance = saga_instances::Entity::find_by_id(timer.saga_instance_id)
-                .one(&txn)
-                .await?
-                .ok_or_else(|| SagaError::UnknownInstance {
-                    saga_type: ORDER_SAGA,
-                    correlation_id: timer.correlation_id.clone(),
-                })?;
-            let (input, draw) = match kind {
-                TimerKind::PaymentDue => {
-                    let draw = self.payment.draw();
-                    (
-                        OrderInput::PaymentDecided {
-                            approved: draw.approved,
-                            draw: draw.value,
-                        },
-                        draw,
-                    )
-                }
-            };
-            let trigger = Trigger {
-                message_id: None,
-                attempt: instance.attempts + 1,
-                detail: Some(format!(
-                    "timer {} ({}) due {} fired {}",
-                    timer.id,
-                    kind.as_str(),
-                    timer.due_at.to_rfc3339(),
-                    now.to_rfc3339()
-                )),
-            };
-            match self.apply(&txn, instance, input, trigger).await {
-                Ok(handled) => {
-                    saga_timers::Entity::update_many()
-                        .col_expr(saga_timers::Column::FiredAt, Expr::value(now))
-                        .filter(saga_timers::Column::Id.eq(timer.id))
-                        .exec(&txn)
-                        .await?;
-                    txn.commit().await?;
-                    self.signal_if_published(&handled);
-                    return Ok(Some(TimerFired {
-                        timer_id: timer.id,
-                        correlation_id: timer.correlation_id,
-                        approved: draw.approved,
-                        draw: draw.value,
-                        handled,
-                    }));
-                }
-                Err(ApplyError::Conflict) => {
-                    txn.rollback().await?;
+            let correlation_id = timer.correlation_id.clone();
+            let span = tracing::info_span!(
+                "timer.fire",
+                order_id = %timer.correlation_id,
+                correlation_id = %timer.correlation_id,
+                timer_id = timer.id,
+                timer_kind = %timer.timer_kind,
+                trace_id = tracing::field::Empty,
+            );
+            let stored = TraceContext::from_columns(
+                timer.traceparent.as_deref(),
+                timer.tracestate.as_deref(),
+            );
+            trace::continue_trace(&span, stored.as_ref());
+            match self.fire_timer(txn, timer, now).instrument(span).await? {
+                Some(fired) => return Ok(Some(fired)),
+                None => {
                     conflicts += 1;
                     if conflicts > self.settings.max_conflict_retries {
-                        return Err(SagaError::Contention(timer.correlation_id));
+                        return Err(SagaError::Contention(correlation_id));
                     }
                 }
-                Err(ApplyError::Saga(e)) => {
-                    txn.rollback().await?;
-                    // Spend one attempt of the instance's budget and try the
-                    // timer again after a backoff (or never, once parked).
-                    let attempts = self
-                        .record_failure(&timer.correlation_id, None, input.name(), &e)
-                        .await?;
-                    let retry_at = self.clock.now()
-                        + Duration::from_std(self.settings.retry.delay_after(
-                            u32::try_from(attempts.spent).unwrap_or(u32::MAX),
-                            rand::random::<f64>(),
-                        ))
-                        .unwrap_or(Duration::seconds(1));
-                    saga_timers::Entity::update_many()
-                        .col_expr(saga_timers::Column::DueAt, Expr::value(retry_at))
-                        .filter(saga_timers::Column::Id.eq(timer.id))
-                        .exec(&self.db)
-                        .await?;
-                    return Err(e);
-                }
+            }
+        }
+    }
+
+    /// Fires one locked, due `timer` inside `txn`; `None` when the instance
+    /// changed under it (the transaction is rolled back; the caller retries).
+    async fn fire_timer(
+        &self,
+        txn: DatabaseTransaction,
+        timer: saga_timers::Model,
+        now: DateTime<Utc>,
+    ) -> Result<Option<TimerFired>, SagaError> {
+        let kind = TimerKind::parse(&timer.timer_kind).ok_or_else(|| {
+            SagaError::Corrupt(format!("timer {} has kind {}", timer.id, timer.timer_kind))
+        })?;
+        let instance = saga_instances::Entity::find_by_id(timer.saga_instance_id)
+            .one(&txn)
+            .await?
+            .ok_or_else(|| SagaError::UnknownInstance {
+                saga_type: ORDER_SAGA,
+                correlation_id: timer.correlation_id.clone(),
+            })?;
+        let (input, draw) = match kind {
+            TimerKind::PaymentDue => {
+                let draw = self.payment.draw();
+                (
+                    OrderInput::PaymentDecided {
+                        approved: draw.approved,
+                        draw: draw.value,
+                    },
+                    draw,
+                )
+            }
+        };
+        let trigger = Trigger {
+            message_id: None,
+            attempt: instance.attempts + 1,
+            detail: Some(format!(
+                "timer {} ({}) due {} fired {}",
+                timer.id,
+                kind.as_str(),
+                timer.due_at.to_rfc3339(),
+                now.to_rfc3339()
+            )),
+        };
+        match self.apply(&txn, instance, input, trigger).await {
+            Ok(handled) => {
+                saga_timers::Entity::update_many()
+                    .col_expr(saga_timers::Column::FiredAt, Expr::value(now))
+                    .filter(saga_timers::Column::Id.eq(timer.id))
+                    .exec(&txn)
+                    .await?;
+                txn.commit().await?;
+                self.signal_if_published(&handled);
+                Ok(Some(TimerFired {
+                    timer_id: timer.id,
+                    correlation_id: timer.correlation_id,
+                    approved: draw.approved,
+                    draw: draw.value,
+                    handled,
+                }))
+            }
+            Err(ApplyError::Conflict) => {
+                txn.rollback().await?;
+                Ok(None)
+            }
+            Err(ApplyError::Saga(e)) => {
+                txn.rollback().await?;
+                // Spend one attempt of the instance's budget and try the
+                // timer again after a backoff (or never, once parked).
+                let attempts = self
+                    .record_failure(&timer.correlation_id, None, input.name(), &e)
+                    .await?;
+                let retry_at = self.clock.now()
+                    + Duration::from_std(self.settings.retry.delay_after(
+                        u32::try_from(attempts.spent).unwrap_or(u32::MAX),
+                        rand::random::<f64>(),
+                    ))
+                    .unwrap_or(Duration::seconds(1));
+                saga_timers::Entity::update_many()
+                    .col_expr(saga_timers::Column::DueAt, Expr::value(retry_at))
+                    .filter(saga_timers::Column::Id.eq(timer.id))
+                    .exec(&self.db)
+                    .await?;
+                Err(e)
             }
         }
     }
@@ -595,6 +656,18 @@ impl OrderSagaEngine {
         for instance in stale {
             let entered = instance.state_entered_at;
             let correlation_id = instance.correlation_id.clone();
+            // Expiring continues the order's trace (its latest transition).
+            let span = tracing::info_span!(
+                "order.expire",
+                order_id = %correlation_id,
+                correlation_id = %correlation_id,
+                trace_id = tracing::field::Empty,
+            );
+            let stored = TraceContext::from_columns(
+                instance.traceparent.as_deref(),
+                instance.tracestate.as_deref(),
+            );
+            trace::continue_trace(&span, stored.as_ref());
             let trigger = Trigger {
                 message_id: None,
                 attempt: instance.attempts + 1,
@@ -607,6 +680,7 @@ impl OrderSagaEngine {
             };
             match self
                 .apply(&txn, instance, OrderInput::ExpirationDue, trigger)
+                .instrument(span)
                 .await
             {
                 Ok(Handled::Applied {
@@ -714,7 +788,7 @@ impl OrderSagaEngine {
         if exhausted {
             tracing::error!(
                 order_id = %correlation_id,
-                message_id = ?message_id,
+                message_id = message_id.map(tracing::field::display),
                 attempts = spent,
                 error = %text,
                 "order saga parked: retry budget spent"
@@ -722,7 +796,7 @@ impl OrderSagaEngine {
         } else {
             tracing::warn!(
                 order_id = %correlation_id,
-                message_id = ?message_id,
+                message_id = message_id.map(tracing::field::display),
                 attempt = spent,
                 error = %text,
                 "order saga input failed; will retry"
@@ -867,7 +941,21 @@ impl OrderSagaEngine {
                 if let Some(hook) = &self.hook {
                     hook.before_write(&instance, &input).await?;
                 }
-                let updated = saga_instances::Entity::update_many()
+                let mut update = saga_instances::Entity::update_many();
+                // The instance continues the trace of its latest transition
+                // (what the expiration sweep picks up).
+                if let Some(current) = TraceContext::current() {
+                    update = update
+                        .col_expr(
+                            saga_instances::Column::Traceparent,
+                            Expr::value(current.traceparent()),
+                        )
+                        .col_expr(
+                            saga_instances::Column::Tracestate,
+                            Expr::value(current.tracestate().map(str::to_owned)),
+                        );
+                }
+                let updated = update
                     .col_expr(saga_instances::Column::State, Expr::value(next.as_str()))
                     // Success: the retry budget starts afresh.
                     .col_expr(saga_instances::Column::Attempts, Expr::value(0))
@@ -966,7 +1054,7 @@ impl OrderSagaEngine {
         .await?;
         tracing::info!(
             order_id = %instance.correlation_id,
-            message_id = ?trigger.message_id,
+            message_id = trigger.message_id.map(tracing::field::display),
             from = %state,
             to = %to,
             trigger = input.name(),
@@ -1090,6 +1178,7 @@ async fn schedule_timer<C: ConnectionTrait>(
     now: DateTime<Utc>,
 ) -> Result<(), SagaError> {
     use saga_timers::Column as T;
+    let (traceparent, tracestate) = TraceContext::columns(TraceContext::current().as_ref());
     let mut insert = Query::insert();
     insert
         .into_table(saga_timers::Entity)
@@ -1099,6 +1188,8 @@ async fn schedule_timer<C: ConnectionTrait>(
             T::TimerKind,
             T::DueAt,
             T::CreatedAt,
+            T::Traceparent,
+            T::Tracestate,
         ])
         .values([
             instance.id.into(),
@@ -1106,6 +1197,8 @@ async fn schedule_timer<C: ConnectionTrait>(
             kind.as_str().into(),
             due_at.into(),
             now.into(),
+            traceparent.into(),
+            tracestate.into(),
         ])
         .map_err(|e| SagaError::Corrupt(e.to_string()))?
         .on_conflict(

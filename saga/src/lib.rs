@@ -82,6 +82,7 @@
 //! - [`notifications`]: the audit trail and the fake e-mail.
 //! - [`transport`]: RabbitMQ (lapin) behind a trait.
 //! - [`topology`]: the queue names every host agrees on.
+//! - [`trace`]: W3C trace context stored with rows and carried in headers.
 //! - [`message`]: the JSON envelope and the typed order event contracts.
 //! - [`clock`], [`payment`]: time and randomness, injected.
 //! - `testing` (feature `testing`): `testing::harness::SagaHarness` runs the
@@ -106,6 +107,7 @@ pub mod payment;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod topology;
+pub mod trace;
 pub mod transport;
 
 pub use engine::{Customer, EngineSettings, Handled, OrderSagaEngine, PlacedOrder};

@@ -20,10 +20,10 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::{Protocol, WithExportConfig as _, WithHttpConfig as _};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::filter::{DynFilterFn, LevelFilter};
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
-use tracing_subscriber::{EnvFilter, Layer as _};
+use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::settings::{LogFormat, Settings};
 
@@ -71,8 +71,7 @@ pub fn init_host(host: &str, settings: &Settings) -> String {
             .with_target(true)
             .with_writer(std::io::stderr)
             .boxed()
-    }
-    .with_filter(env_filter(&settings.logging.filter));
+    };
 
     let service = if settings.tracing.service_name.trim().is_empty() {
         host.to_owned()
@@ -89,19 +88,9 @@ pub fn init_host(host: &str, settings: &Settings) -> String {
             (provider, format!("not exported ({e})"))
         }
     };
-    let tracer = provider.tracer("order-saga");
-    // Spans of this project (and warnings of others) become OpenTelemetry
-    // spans whatever the log filter says, so propagation does not depend on
-    // how verbose the logs are.
-    let traces = tracing_opentelemetry::layer()
-        .with_tracer(tracer)
-        .with_filter(
-            Targets::new()
-                .with_default(LevelFilter::WARN)
-                .with_target("saga", LevelFilter::INFO)
-                .with_target("hosts", LevelFilter::INFO),
-        );
+    let traces = tracing_opentelemetry::layer().with_tracer(provider.tracer("order-saga"));
     if tracing_subscriber::registry()
+        .with(global_filter(env_filter(&settings.logging.filter)))
         .with(logs)
         .with(traces)
         .try_init()
@@ -126,6 +115,29 @@ pub async fn shutdown() {
         Ok(Err(e)) => tracing::warn!(error = %e, "traces could not be flushed at shutdown"),
         Err(e) => tracing::warn!(error = %e, "traces could not be flushed at shutdown"),
     }
+}
+
+/// One filter for the whole stack: what the log filter enables, plus this
+/// project's spans at INFO whatever the log filter says (a span alone prints
+/// nothing; it carries the trace context, so quieter logs cannot break
+/// propagation).
+///
+/// Deliberately global, not per-layer: per-layer filters lose the next event
+/// after sqlx asks `log_enabled!` (tracing-subscriber issues #2519, #2704),
+/// which silently dropped lines such as "runner started".
+fn global_filter<S>(env: EnvFilter) -> impl Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    let hint = env
+        .max_level_hint()
+        .map_or(LevelFilter::TRACE, |h| h.max(LevelFilter::INFO));
+    DynFilterFn::new(move |meta, cx| {
+        let ours = meta.target().starts_with("saga") || meta.target().starts_with("hosts");
+        (meta.is_span() && ours && *meta.level() <= tracing::Level::INFO)
+            || env.enabled(meta, cx.clone())
+    })
+    .with_max_level_hint(hint)
 }
 
 fn env_filter(default_filter: &str) -> EnvFilter {

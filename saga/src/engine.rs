@@ -10,8 +10,8 @@ use entity::{order_items, orders, products, saga_instances, saga_timers, saga_tr
 use rust_decimal::Decimal;
 use sea_orm::sea_query::{Expr, ExprTrait, LockBehavior, LockType, OnConflict, Query};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
-    EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect, TransactionTrait,
 };
 use serde::Serialize;
 use tokio::sync::Notify;
@@ -484,7 +484,17 @@ impl OrderSagaEngine {
                 txn.commit().await?;
                 return Ok(None);
             };
-            let correlation_id = timer.correlation_id.clone();
+            let kind = TimerKind::parse(&timer.timer_kind).ok_or_else(|| {
+                SagaError::Corrupt(format!("timer {} has kind {}", timer.id, timer.timer_kind))
+            })?;
+            let instance = saga_instances::Entity::find_by_id(timer.saga_instance_id)
+                .one(&txn)
+                .await?
+                .ok_or_else(|| SagaError::UnknownInstance {
+                    saga_type: ORDER_SAGA,
+                    correlation_id: timer.correlation_id.clone(),
+                })?;
+            // Firing continues the trace of whatever scheduled the timer.
             let span = tracing::info_span!(
                 "timer.fire",
                 order_id = %timer.correlation_id,
@@ -498,99 +508,77 @@ impl OrderSagaEngine {
                 timer.tracestate.as_deref(),
             );
             trace::continue_trace(&span, stored.as_ref());
-            match self.fire_timer(txn, timer, now).instrument(span).await? {
-                Some(fired) => return Ok(Some(fired)),
-                None => {
-                    conflicts += 1;
-                    if conflicts > self.settings.max_conflict_retries {
-                        return Err(SagaError::Contention(correlation_id));
-                    }
+            let (input, draw) = match kind {
+                TimerKind::PaymentDue => {
+                    let draw = self.payment.draw();
+                    (
+                        OrderInput::PaymentDecided {
+                            approved: draw.approved,
+                            draw: draw.value,
+                        },
+                        draw,
+                    )
                 }
-            }
-        }
-    }
-
-    /// Fires one locked, due `timer` inside `txn`; `None` when the instance
-    /// changed under it (the transaction is rolled back; the caller retries).
-    async fn fire_timer(
-        &self,
-        txn: DatabaseTransaction,
-        timer: saga_timers::Model,
-        now: DateTime<Utc>,
-    ) -> Result<Option<TimerFired>, SagaError> {
-        let kind = TimerKind::parse(&timer.timer_kind).ok_or_else(|| {
-            SagaError::Corrupt(format!("timer {} has kind {}", timer.id, timer.timer_kind))
-        })?;
-        let instance = saga_instances::Entity::find_by_id(timer.saga_instance_id)
-            .one(&txn)
-            .await?
-            .ok_or_else(|| SagaError::UnknownInstance {
-                saga_type: ORDER_SAGA,
-                correlation_id: timer.correlation_id.clone(),
-            })?;
-        let (input, draw) = match kind {
-            TimerKind::PaymentDue => {
-                let draw = self.payment.draw();
-                (
-                    OrderInput::PaymentDecided {
+            };
+            let trigger = Trigger {
+                message_id: None,
+                attempt: instance.attempts + 1,
+                detail: Some(format!(
+                    "timer {} ({}) due {} fired {}",
+                    timer.id,
+                    kind.as_str(),
+                    timer.due_at.to_rfc3339(),
+                    now.to_rfc3339()
+                )),
+            };
+            match self
+                .apply(&txn, instance, input, trigger)
+                .instrument(span)
+                .await
+            {
+                Ok(handled) => {
+                    saga_timers::Entity::update_many()
+                        .col_expr(saga_timers::Column::FiredAt, Expr::value(now))
+                        .filter(saga_timers::Column::Id.eq(timer.id))
+                        .exec(&txn)
+                        .await?;
+                    txn.commit().await?;
+                    self.signal_if_published(&handled);
+                    return Ok(Some(TimerFired {
+                        timer_id: timer.id,
+                        correlation_id: timer.correlation_id,
                         approved: draw.approved,
                         draw: draw.value,
-                    },
-                    draw,
-                )
-            }
-        };
-        let trigger = Trigger {
-            message_id: None,
-            attempt: instance.attempts + 1,
-            detail: Some(format!(
-                "timer {} ({}) due {} fired {}",
-                timer.id,
-                kind.as_str(),
-                timer.due_at.to_rfc3339(),
-                now.to_rfc3339()
-            )),
-        };
-        match self.apply(&txn, instance, input, trigger).await {
-            Ok(handled) => {
-                saga_timers::Entity::update_many()
-                    .col_expr(saga_timers::Column::FiredAt, Expr::value(now))
-                    .filter(saga_timers::Column::Id.eq(timer.id))
-                    .exec(&txn)
-                    .await?;
-                txn.commit().await?;
-                self.signal_if_published(&handled);
-                Ok(Some(TimerFired {
-                    timer_id: timer.id,
-                    correlation_id: timer.correlation_id,
-                    approved: draw.approved,
-                    draw: draw.value,
-                    handled,
-                }))
-            }
-            Err(ApplyError::Conflict) => {
-                txn.rollback().await?;
-                Ok(None)
-            }
-            Err(ApplyError::Saga(e)) => {
-                txn.rollback().await?;
-                // Spend one attempt of the instance's budget and try the
-                // timer again after a backoff (or never, once parked).
-                let attempts = self
-                    .record_failure(&timer.correlation_id, None, input.name(), &e)
-                    .await?;
-                let retry_at = self.clock.now()
-                    + Duration::from_std(self.settings.retry.delay_after(
-                        u32::try_from(attempts.spent).unwrap_or(u32::MAX),
-                        rand::random::<f64>(),
-                    ))
-                    .unwrap_or(Duration::seconds(1));
-                saga_timers::Entity::update_many()
-                    .col_expr(saga_timers::Column::DueAt, Expr::value(retry_at))
-                    .filter(saga_timers::Column::Id.eq(timer.id))
-                    .exec(&self.db)
-                    .await?;
-                Err(e)
+                        handled,
+                    }));
+                }
+                Err(ApplyError::Conflict) => {
+                    txn.rollback().await?;
+                    conflicts += 1;
+                    if conflicts > self.settings.max_conflict_retries {
+                        return Err(SagaError::Contention(timer.correlation_id));
+                    }
+                }
+                Err(ApplyError::Saga(e)) => {
+                    txn.rollback().await?;
+                    // Spend one attempt of the instance's budget and try the
+                    // timer again after a backoff (or never, once parked).
+                    let attempts = self
+                        .record_failure(&timer.correlation_id, None, input.name(), &e)
+                        .await?;
+                    let retry_at = self.clock.now()
+                        + Duration::from_std(self.settings.retry.delay_after(
+                            u32::try_from(attempts.spent).unwrap_or(u32::MAX),
+                            rand::random::<f64>(),
+                        ))
+                        .unwrap_or(Duration::seconds(1));
+                    saga_timers::Entity::update_many()
+                        .col_expr(saga_timers::Column::DueAt, Expr::value(retry_at))
+                        .filter(saga_timers::Column::Id.eq(timer.id))
+                        .exec(&self.db)
+                        .await?;
+                    return Err(e);
+                }
             }
         }
     }

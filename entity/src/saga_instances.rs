@@ -22,6 +22,11 @@ pub struct Model {
     pub state_entered_at: DateTimeUtc,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
+    /// W3C `traceparent` of the span of the instance's latest transition: the
+    /// expiration sweep continues that trace.
+    pub traceparent: Option<String>,
+    /// W3C `tracestate` that goes with it.
+    pub tracestate: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -21,6 +21,11 @@ pub struct Model {
     pub sent_at: Option<DateTimeUtc>,
     pub publish_attempts: i32,
     pub last_error: Option<String>,
+    /// W3C `traceparent` of the span that wrote the row; the relay sends it
+    /// as the message's `traceparent` header.
+    pub traceparent: Option<String>,
+    /// W3C `tracestate` that goes with it.
+    pub tracestate: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

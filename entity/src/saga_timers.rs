@@ -13,6 +13,11 @@ pub struct Model {
     pub due_at: DateTimeUtc,
     pub created_at: DateTimeUtc,
     pub fired_at: Option<DateTimeUtc>,
+    /// W3C `traceparent` of the span that scheduled the timer: its firing
+    /// continues that trace.
+    pub traceparent: Option<String>,
+    /// W3C `tracestate` that goes with it.
+    pub tracestate: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

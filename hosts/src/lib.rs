@@ -28,16 +28,19 @@ where
         }
     };
     let shutdown = shutdown::on_signal();
-    match body(settings, shutdown).await {
+    let code = match body(settings, shutdown).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(host, "fatal: {e:#}");
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    // Spans still buffered are exported before the process exits.
+    telemetry::shutdown().await;
+    code
 }
 
-/// Loads settings and starts tracing.
+/// Loads settings and starts logs and traces (inside the tokio runtime).
 pub fn start(host: &str) -> anyhow::Result<settings::Settings> {
     let loaded = match settings::load() {
         Ok(loaded) => loaded,
@@ -46,11 +49,12 @@ pub fn start(host: &str) -> anyhow::Result<settings::Settings> {
             anyhow::bail!("{host}: invalid configuration: {e}");
         }
     };
-    telemetry::init(&loaded.settings.logging.filter);
+    let traces = telemetry::init_host(host, &loaded.settings);
     tracing::info!(
         host,
         config_dir = %loaded.dir.display(),
         secrets = ?loaded.secrets_file,
+        traces = %traces,
         "configuration loaded"
     );
     if loaded.using_example_secrets {

@@ -44,6 +44,9 @@ pub struct Settings {
     pub timers: TimerSettings,
     pub seed: SeedSettings,
     pub logging: LoggingSettings,
+    /// Traces (OpenTelemetry over OTLP/HTTP); absent means no export.
+    #[serde(default)]
+    pub tracing: TracingSettings,
     pub shutdown: ShutdownSettings,
     pub monitoring: MonitoringSettings,
     /// The single-process embedded mode (`cargo run`): only its storage
@@ -210,6 +213,36 @@ pub struct SeedSettings {
 #[serde(deny_unknown_fields)]
 pub struct LoggingSettings {
     pub filter: String,
+    /// `text`, `json` or `auto` (text on a terminal, JSON otherwise).
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+/// How log lines are written (to stderr).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (the default).
+    #[default]
+    Text,
+    /// One JSON object per line, with the fields of the enclosing spans.
+    Json,
+    /// Text when stderr is a terminal, JSON otherwise.
+    Auto,
+}
+
+/// Where traces go. Spans are always created and the W3C trace context is
+/// always propagated; they are exported only when an endpoint is set here
+/// or in `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingSettings {
+    /// Base URL of an OTLP/HTTP collector (`http://host:4318`); traces are
+    /// posted as JSON to `<base>/v1/traces`. Empty: not configured here.
+    pub otlp_endpoint: String,
+    /// `service.name` of the exported spans. Empty: the host's name
+    /// (`api`, `runner`, `scheduler`, `embedded`).
+    pub service_name: String,
 }
 
 /// Metrics and health: where the runner and the scheduler serve `/metrics`,
@@ -356,6 +389,13 @@ fn validate(s: &Settings) -> Result<(), SettingsError> {
     }
     if !(s.rabbitmq.url.starts_with("amqp://") || s.rabbitmq.url.starts_with("amqps://")) {
         return Err(invalid("rabbitmq.url", "must be an amqp:// URL"));
+    }
+    let otlp = s.tracing.otlp_endpoint.trim();
+    if !(otlp.is_empty() || otlp.starts_with("http://") || otlp.starts_with("https://")) {
+        return Err(invalid(
+            "tracing.otlp_endpoint",
+            format!("`{otlp}` is not an http:// URL of an OTLP/HTTP collector"),
+        ));
     }
     if s.api.listen.parse::<std::net::SocketAddr>().is_err() {
         return Err(invalid(

@@ -11,6 +11,7 @@ mod m20261124_000002_create_saga_tables;
 mod m20261124_000003_seed_products;
 mod m20261124_000004_create_message_failures;
 mod m20261124_000005_create_idempotency_keys;
+mod m20261124_000006_add_trace_context;
 
 pub struct Migrator;
 
@@ -23,6 +24,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000003_seed_products::Migration),
             Box::new(m20261124_000004_create_message_failures::Migration),
             Box::new(m20261124_000005_create_idempotency_keys::Migration),
+            Box::new(m20261124_000006_add_trace_context::Migration),
         ]
     }
 }

@@ -9,11 +9,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::engine::Attempts;
 use crate::error::{SagaError, TransportError};
 use crate::message::Envelope;
 use crate::metrics::{self as saga_metrics, ConsumeResult};
+use crate::trace;
 use crate::transport::status::ConsumerRegistry;
 use crate::transport::{Delivery, QueueSpec, Transport};
 
@@ -146,6 +148,10 @@ impl<H: MessageHandler> Consumer<H> {
     /// runner and restart share one budget). When the budget cannot even be
     /// written (the database is unreachable), nothing is spent: the handler
     /// is retried with backoff until the database returns.
+    ///
+    /// The whole of it (decode, handle, commit, settle) runs in a
+    /// `message.handle` span with the order, message and correlation ids,
+    /// continuing the trace in the message's `traceparent` header.
     pub async fn process_until(
         &self,
         delivery: Delivery,
@@ -173,7 +179,31 @@ impl<H: MessageHandler> Consumer<H> {
         outcome
     }
 
+    /// Runs the delivery in a `message.handle` span that continues the
+    /// message's trace.
     async fn settle(
+        &self,
+        delivery: Delivery,
+        shutdown: &CancellationToken,
+    ) -> Result<ConsumeOutcome, TransportError> {
+        let span = tracing::info_span!(
+            "message.handle",
+            consumer = %self.name,
+            message_type = delivery.message_type.as_deref().unwrap_or(""),
+            message_id = delivery.message_id.as_deref().unwrap_or(""),
+            order_id = tracing::field::Empty,
+            correlation_id = tracing::field::Empty,
+            redelivered = delivery.redelivered,
+            trace_id = tracing::field::Empty,
+            otel.kind = "consumer",
+        );
+        trace::continue_trace(&span, delivery.trace.as_ref());
+        self.process_in_span(delivery, shutdown)
+            .instrument(span)
+            .await
+    }
+
+    async fn process_in_span(
         &self,
         delivery: Delivery,
         shutdown: &CancellationToken,
@@ -185,6 +215,11 @@ impl<H: MessageHandler> Consumer<H> {
                 return self.dead_letter(delivery, reason, 0, None).await;
             }
         };
+        let span = tracing::Span::current();
+        span.record("message_type", envelope.message_type.as_str());
+        span.record("message_id", tracing::field::display(envelope.message_id));
+        span.record("order_id", envelope.correlation_id.as_str());
+        span.record("correlation_id", envelope.correlation_id.as_str());
         let mut tries: u32 = 0;
         let mut unrecorded: u32 = 0;
         loop {

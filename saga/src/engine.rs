@@ -15,6 +15,7 @@ use sea_orm::{
 };
 use serde::Serialize;
 use tokio::sync::Notify;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::clock::Clock;
@@ -25,6 +26,7 @@ use crate::machine::{
 };
 use crate::message::{Envelope, OrderEventPayload, OrderLine, OrderSnapshot};
 use crate::payment::PaymentSimulator;
+use crate::trace::{self, TraceContext};
 use crate::{inbox, outbox};
 
 /// Timings and limits of the order saga, from configuration.
@@ -260,7 +262,29 @@ impl OrderSagaEngine {
     ///
     /// Not enough stock for a line gives [`SagaError::OutOfStock`]; the caller
     /// must then roll its transaction back (nothing it wrote is kept).
+    ///
+    /// Runs in an `order.place` span (a child of the caller's, e.g. the HTTP
+    /// request's); the saga instance and the `OrderCreated` outbox row keep
+    /// its trace context.
     pub async fn place_order<C: ConnectionTrait>(
+        conn: &C,
+        now: DateTime<Utc>,
+        customer: &Customer,
+        lines: Vec<OrderLine>,
+    ) -> Result<PlacedOrder, SagaError> {
+        let span = tracing::info_span!(
+            "order.place",
+            user_id = customer.user_id,
+            order_id = tracing::field::Empty,
+            correlation_id = tracing::field::Empty,
+            message_id = tracing::field::Empty,
+        );
+        Self::place_order_in_span(conn, now, customer, lines)
+            .instrument(span)
+            .await
+    }
+
+    async fn place_order_in_span<C: ConnectionTrait>(
         conn: &C,
         now: DateTime<Utc>,
         customer: &Customer,
@@ -281,6 +305,9 @@ impl OrderSagaEngine {
         })
         .exec_with_returning(conn)
         .await?;
+        let span = tracing::Span::current();
+        span.record("order_id", order.id);
+        span.record("correlation_id", order.id);
         order_items::Entity::insert_many(lines.iter().map(|l| order_items::ActiveModel {
             order_id: Set(order.id),
             product_id: Set(l.product_id),
@@ -299,6 +326,7 @@ impl OrderSagaEngine {
             items: lines,
         };
         let message_id = Self::start_order(conn, now, &snapshot).await?;
+        span.record("message_id", tracing::field::display(message_id));
         Ok(PlacedOrder {
             order,
             snapshot,
@@ -317,6 +345,7 @@ impl OrderSagaEngine {
         let correlation_id = order.order_id.to_string();
         let data = serde_json::to_value(order)
             .map_err(|e| SagaError::Corrupt(format!("order snapshot: {e}")))?;
+        let (traceparent, tracestate) = TraceContext::columns(TraceContext::current().as_ref());
         let instance = saga_instances::Entity::insert(saga_instances::ActiveModel {
             saga_type: Set(ORDER_SAGA.to_owned()),
             correlation_id: Set(correlation_id.clone()),
@@ -329,6 +358,8 @@ impl OrderSagaEngine {
             state_entered_at: Set(now),
             created_at: Set(now),
             updated_at: Set(now),
+            traceparent: Set(traceparent),
+            tracestate: Set(tracestate),
             ..Default::default()
         })
         .exec(conn)
@@ -463,6 +494,20 @@ impl OrderSagaEngine {
                     saga_type: ORDER_SAGA,
                     correlation_id: timer.correlation_id.clone(),
                 })?;
+            // Firing continues the trace of whatever scheduled the timer.
+            let span = tracing::info_span!(
+                "timer.fire",
+                order_id = %timer.correlation_id,
+                correlation_id = %timer.correlation_id,
+                timer_id = timer.id,
+                timer_kind = %timer.timer_kind,
+                trace_id = tracing::field::Empty,
+            );
+            let stored = TraceContext::from_columns(
+                timer.traceparent.as_deref(),
+                timer.tracestate.as_deref(),
+            );
+            trace::continue_trace(&span, stored.as_ref());
             let (input, draw) = match kind {
                 TimerKind::PaymentDue => {
                     let draw = self.payment.draw();
@@ -486,7 +531,11 @@ impl OrderSagaEngine {
                     now.to_rfc3339()
                 )),
             };
-            match self.apply(&txn, instance, input, trigger).await {
+            match self
+                .apply(&txn, instance, input, trigger)
+                .instrument(span)
+                .await
+            {
                 Ok(handled) => {
                     saga_timers::Entity::update_many()
                         .col_expr(saga_timers::Column::FiredAt, Expr::value(now))
@@ -598,6 +647,18 @@ impl OrderSagaEngine {
         for instance in stale {
             let entered = instance.state_entered_at;
             let correlation_id = instance.correlation_id.clone();
+            // Expiring continues the order's trace (its latest transition).
+            let span = tracing::info_span!(
+                "order.expire",
+                order_id = %correlation_id,
+                correlation_id = %correlation_id,
+                trace_id = tracing::field::Empty,
+            );
+            let stored = TraceContext::from_columns(
+                instance.traceparent.as_deref(),
+                instance.tracestate.as_deref(),
+            );
+            trace::continue_trace(&span, stored.as_ref());
             let trigger = Trigger {
                 message_id: None,
                 attempt: instance.attempts + 1,
@@ -610,6 +671,7 @@ impl OrderSagaEngine {
             };
             match self
                 .apply(&txn, instance, OrderInput::ExpirationDue, trigger)
+                .instrument(span)
                 .await
             {
                 Ok(Handled::Applied {
@@ -722,7 +784,7 @@ impl OrderSagaEngine {
         if exhausted {
             tracing::error!(
                 order_id = %correlation_id,
-                message_id = ?message_id,
+                message_id = message_id.map(tracing::field::display),
                 attempts = spent,
                 error = %text,
                 "order saga parked: retry budget spent"
@@ -730,7 +792,7 @@ impl OrderSagaEngine {
         } else {
             tracing::warn!(
                 order_id = %correlation_id,
-                message_id = ?message_id,
+                message_id = message_id.map(tracing::field::display),
                 attempt = spent,
                 error = %text,
                 "order saga input failed; will retry"
@@ -879,7 +941,21 @@ impl OrderSagaEngine {
                 if let Some(hook) = &self.hook {
                     hook.before_write(&instance, &input).await?;
                 }
-                let updated = saga_instances::Entity::update_many()
+                let mut update = saga_instances::Entity::update_many();
+                // The instance continues the trace of its latest transition
+                // (what the expiration sweep picks up).
+                if let Some(current) = TraceContext::current() {
+                    update = update
+                        .col_expr(
+                            saga_instances::Column::Traceparent,
+                            Expr::value(current.traceparent()),
+                        )
+                        .col_expr(
+                            saga_instances::Column::Tracestate,
+                            Expr::value(current.tracestate().map(str::to_owned)),
+                        );
+                }
+                let updated = update
                     .col_expr(saga_instances::Column::State, Expr::value(next.as_str()))
                     // Success: the retry budget starts afresh.
                     .col_expr(saga_instances::Column::Attempts, Expr::value(0))
@@ -978,7 +1054,7 @@ impl OrderSagaEngine {
         .await?;
         tracing::info!(
             order_id = %instance.correlation_id,
-            message_id = ?trigger.message_id,
+            message_id = trigger.message_id.map(tracing::field::display),
             from = %state,
             to = %to,
             trigger = input.name(),
@@ -1102,6 +1178,7 @@ async fn schedule_timer<C: ConnectionTrait>(
     now: DateTime<Utc>,
 ) -> Result<(), SagaError> {
     use saga_timers::Column as T;
+    let (traceparent, tracestate) = TraceContext::columns(TraceContext::current().as_ref());
     let mut insert = Query::insert();
     insert
         .into_table(saga_timers::Entity)
@@ -1111,6 +1188,8 @@ async fn schedule_timer<C: ConnectionTrait>(
             T::TimerKind,
             T::DueAt,
             T::CreatedAt,
+            T::Traceparent,
+            T::Tracestate,
         ])
         .values([
             instance.id.into(),
@@ -1118,6 +1197,8 @@ async fn schedule_timer<C: ConnectionTrait>(
             kind.as_str().into(),
             due_at.into(),
             now.into(),
+            traceparent.into(),
+            tracestate.into(),
         ])
         .map_err(|e| SagaError::Corrupt(e.to_string()))?
         .on_conflict(

@@ -84,6 +84,7 @@
 //!   tracks consumer registration and in-flight deliveries for readiness.
 //! - [`metrics`]: metric names and recording helpers (the `metrics` facade).
 //! - [`topology`]: the queue names every host agrees on.
+//! - [`trace`]: W3C trace context stored with rows and carried in headers.
 //! - [`message`]: the JSON envelope and the typed order event contracts.
 //! - [`clock`], [`payment`]: time and randomness, injected.
 //! - `testing` (feature `testing`): `testing::harness::SagaHarness` runs the
@@ -109,6 +110,7 @@ pub mod payment;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod topology;
+pub mod trace;
 pub mod transport;
 
 pub use engine::{Customer, EngineSettings, Handled, OrderSagaEngine, PlacedOrder};

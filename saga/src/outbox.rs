@@ -24,9 +24,12 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::Clock;
 use crate::error::SagaError;
 use crate::message::Envelope;
+use crate::trace::{self, TraceContext};
 use crate::transport::{OutgoingMessage, Transport};
 
-/// Writes `envelope` to the outbox (call inside the state change's transaction).
+/// Writes `envelope` to the outbox (call inside the state change's
+/// transaction). The current span's trace context is stored with it, for the
+/// relay to send as the message's `traceparent`.
 pub async fn enqueue<C: ConnectionTrait>(
     conn: &C,
     envelope: &Envelope,
@@ -34,6 +37,7 @@ pub async fn enqueue<C: ConnectionTrait>(
 ) -> Result<(), SagaError> {
     let body =
         serde_json::to_value(envelope).map_err(|e| SagaError::Corrupt(format!("envelope: {e}")))?;
+    let (traceparent, tracestate) = TraceContext::columns(TraceContext::current().as_ref());
     saga_outbox::Entity::insert(saga_outbox::ActiveModel {
         message_id: Set(envelope.message_id),
         message_type: Set(envelope.message_type.clone()),
@@ -45,6 +49,8 @@ pub async fn enqueue<C: ConnectionTrait>(
         sent_at: Set(None),
         publish_attempts: Set(0),
         last_error: Set(None),
+        traceparent: Set(traceparent),
+        tracestate: Set(tracestate),
         ..Default::default()
     })
     .exec(conn)
@@ -122,7 +128,22 @@ impl OutboxRelay {
             return Ok(RelayOutcome::default());
         }
         let mut messages = Vec::with_capacity(rows.len());
+        // One span per message, continuing the trace of the transaction that
+        // wrote it; the message carries the span's context to its consumers.
+        let mut spans = Vec::with_capacity(rows.len());
         for row in &rows {
+            let stored =
+                TraceContext::from_columns(row.traceparent.as_deref(), row.tracestate.as_deref());
+            let span = tracing::info_span!(
+                "outbox.publish",
+                order_id = %row.correlation_id,
+                correlation_id = %row.correlation_id,
+                message_id = %row.message_id,
+                message_type = %row.message_type,
+                trace_id = tracing::field::Empty,
+                otel.kind = "producer",
+            );
+            trace::continue_trace(&span, stored.as_ref());
             messages.push(OutgoingMessage {
                 message_id: row.message_id,
                 message_type: row.message_type.clone(),
@@ -130,7 +151,10 @@ impl OutboxRelay {
                 routing_key: row.routing_key.clone(),
                 body: serde_json::to_vec(&row.body)
                     .map_err(|e| SagaError::Corrupt(format!("outbox row {}: {e}", row.id)))?,
+                // Without an OpenTelemetry layer, pass the stored context on.
+                trace: TraceContext::of(&span).or(stored),
             });
+            spans.push(span);
         }
         let results = match self.transport.publish(&messages).await {
             Ok(results) => results,
@@ -148,9 +172,13 @@ impl OutboxRelay {
         };
         let mut sent = Vec::new();
         let mut failed = Vec::new();
-        for (row, result) in rows.iter().zip(results) {
+        for ((row, result), span) in rows.iter().zip(results).zip(&spans) {
+            let _entered = span.enter();
             match result {
-                Ok(()) => sent.push(row.id),
+                Ok(()) => {
+                    tracing::debug!("published");
+                    sent.push(row.id)
+                }
                 Err(e) => {
                     tracing::warn!(
                         message_id = %row.message_id,

@@ -10,7 +10,7 @@ use entity::users as user_entity;
 use migration::{Migrator, MigratorTrait};
 use poem::endpoint::make_sync;
 use poem::listener::TcpListener;
-use poem::middleware::{Cors, Tracing};
+use poem::middleware::Cors;
 use poem::web::Html;
 use poem::{Endpoint, EndpointExt, Response, Route, Server, get};
 use poem_openapi::{OpenApiService, Tags};
@@ -242,8 +242,8 @@ pub fn app(state: Arc<AppState>) -> impl Endpoint + 'static {
         .catch_all_error(problem::render_error)
         .around(move |next, req| guard::guard(next, req, guard_settings.clone()))
         .with_if(use_cors, cors)
-        .with(Tracing)
         .around(crate::metrics::track)
+        .around(crate::telemetry::http::trace_request)
 }
 
 /// Inserts the configured admin if no user has that e-mail (idempotent).

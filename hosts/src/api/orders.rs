@@ -568,8 +568,13 @@ impl OrdersApi {
         }
         txn.commit().await?;
         state.outbox_signal.notify_one();
+        let span = tracing::Span::current();
+        span.record("order_id", view.id);
+        span.record("correlation_id", view.id);
+        span.record("message_id", tracing::field::display(message_id));
         tracing::info!(
             order_id = view.id,
+            correlation_id = view.id,
             message_id = %message_id,
             user_id = customer.user_id,
             total = %total,

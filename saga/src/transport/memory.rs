@@ -42,6 +42,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use super::rabbitmq::Topology;
 use super::{Acknowledger, Delivery, OutgoingMessage, QueueSpec, Transport};
 use crate::error::TransportError;
+use crate::trace::{TRACEPARENT, TRACESTATE, TraceContext};
 
 /// Header naming why a message was dead-lettered.
 pub const HEADER_ERROR_REASON: &str = "x-error-reason";
@@ -90,7 +91,7 @@ impl QueuedMessage {
             message_id: Some(message.message_id.to_string()),
             message_type: Some(message.message_type.clone()),
             correlation_id: Some(message.correlation_id.clone()),
-            headers: BTreeMap::new(),
+            headers: trace_headers(message.trace.as_ref()),
             redelivered: false,
         }
     }
@@ -430,6 +431,10 @@ impl Subscription {
                         message_id: message.message_id,
                         message_type: message.message_type,
                         redelivered: message.redelivered,
+                        trace: TraceContext::parse(
+                            message.headers.get(TRACEPARENT).map_or("", String::as_str),
+                            message.headers.get(TRACESTATE).map(String::as_str),
+                        ),
                         acker: Box::new(MemoryAcker {
                             transport: self.transport.clone(),
                             queue: self.queue.clone(),
@@ -524,7 +529,8 @@ impl Transport for MemoryTransport {
         reason: &str,
         attempts: u32,
     ) -> Result<(), TransportError> {
-        let headers = BTreeMap::from([
+        let mut headers = trace_headers(delivery.trace.as_ref());
+        headers.extend([
             (HEADER_ERROR_REASON.to_owned(), reason.to_owned()),
             (HEADER_ATTEMPTS.to_owned(), attempts.to_string()),
             (
@@ -553,6 +559,18 @@ impl Transport for MemoryTransport {
     }
 }
 
+/// The W3C trace context as message headers (none without a context).
+fn trace_headers(trace: Option<&TraceContext>) -> BTreeMap<String, String> {
+    let mut headers = BTreeMap::new();
+    if let Some(trace) = trace {
+        headers.insert(TRACEPARENT.to_owned(), trace.traceparent().to_owned());
+        if let Some(state) = trace.tracestate() {
+            headers.insert(TRACESTATE.to_owned(), state.to_owned());
+        }
+    }
+    headers
+}
+
 #[cfg(test)]
 mod tests {
     use futures_util::FutureExt;
@@ -574,6 +592,7 @@ mod tests {
             correlation_id: "42".to_owned(),
             routing_key: routing_key.to_owned(),
             body: body.as_bytes().to_vec(),
+            trace: None,
         }
     }
 
@@ -772,6 +791,33 @@ mod tests {
         assert_eq!(e.headers[HEADER_ATTEMPTS], "3");
         assert_eq!(e.headers[HEADER_ORIGINAL_ROUTING_KEY], "order.created");
         assert_eq!(e.headers[HEADER_ORIGINAL_QUEUE], "saga");
+    }
+
+    #[tokio::test]
+    async fn the_trace_context_travels_in_headers_and_into_the_error_queue() {
+        let t = MemoryTransport::new();
+        let q = spec("saga", &["order.created"]);
+        t.declare_queue(&q);
+        let trace = TraceContext::parse(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            Some("vendor=value"),
+        );
+        let mut sent = message("order.created", "{}");
+        sent.trace = trace.clone();
+        publish_ok(&t, std::slice::from_ref(&sent)).await;
+        let mut stream = t.subscribe(&q, "c", 1).await.expect("subscribe");
+        let delivery = stream.next().await.expect("item").expect("delivery");
+        assert_eq!(delivery.trace, trace);
+        t.dead_letter(&q, &delivery, "failed", 3)
+            .await
+            .expect("dead letter");
+        delivery.acker.ack().await.expect("ack");
+        let errors = t.messages("saga.error").expect("error queue");
+        assert_eq!(
+            errors[0].headers[TRACEPARENT],
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        );
+        assert_eq!(errors[0].headers[TRACESTATE], "vendor=value");
     }
 
     #[tokio::test]

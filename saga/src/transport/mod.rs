@@ -6,6 +6,7 @@ use futures_util::stream::BoxStream;
 use uuid::Uuid;
 
 use crate::error::TransportError;
+use crate::trace::TraceContext;
 
 pub mod memory;
 pub mod rabbitmq;
@@ -24,6 +25,8 @@ pub struct OutgoingMessage {
     pub routing_key: String,
     /// The JSON envelope.
     pub body: Vec<u8>,
+    /// Becomes the `traceparent` / `tracestate` headers (W3C trace context).
+    pub trace: Option<TraceContext>,
 }
 
 /// Settles a delivery with the broker.
@@ -47,6 +50,8 @@ pub struct Delivery {
     pub message_type: Option<String>,
     /// Whether the broker delivered it before (an earlier consumer did not settle it).
     pub redelivered: bool,
+    /// The `traceparent` / `tracestate` headers, when present and valid.
+    pub trace: Option<TraceContext>,
     /// Settles the delivery.
     pub acker: Box<dyn Acknowledger>,
 }

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::status::ConsumerRegistry;
 use super::{Acknowledger, Delivery, OutgoingMessage, QueueSpec, Transport};
 use crate::error::TransportError;
+use crate::trace::{TRACEPARENT, TRACESTATE, TraceContext};
 
 /// Queue type to declare: classic for one node, quorum for a cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -320,6 +321,11 @@ impl RabbitTransport {
             if let Some(correlation) = delivery.properties.correlation_id() {
                 properties = properties.with_correlation_id(correlation.clone());
             }
+            if let Some(trace) = trace_from(&delivery.properties) {
+                let mut headers = FieldTable::default();
+                insert_trace_headers(&mut headers, &trace);
+                properties = properties.with_headers(headers);
+            }
             self.publish_to_queue(&queue.name, &delivery.data, properties)
                 .await?;
             delivery.acker.ack(BasicAckOptions::default()).await?;
@@ -597,6 +603,7 @@ fn to_delivery(d: lapin::message::Delivery) -> Delivery {
         message_type: d.properties.kind().as_ref().map(|s| s.to_string()),
         routing_key: d.routing_key.to_string(),
         redelivered: d.redelivered,
+        trace: trace_from(&d.properties),
         body: d.data,
         acker: Box::new(RabbitAcker(d.acker)),
     }
@@ -707,12 +714,46 @@ async fn keep_consuming(
 }
 
 fn properties_for(message: &OutgoingMessage) -> BasicProperties {
-    BasicProperties::default()
+    let properties = BasicProperties::default()
         .with_message_id(ShortString::from(message.message_id.to_string()))
         .with_type(ShortString::from(message.message_type.clone()))
         .with_correlation_id(ShortString::from(message.correlation_id.clone()))
         .with_content_type(ShortString::from("application/json"))
-        .with_delivery_mode(2)
+        .with_delivery_mode(2);
+    match &message.trace {
+        Some(trace) => {
+            let mut headers = FieldTable::default();
+            insert_trace_headers(&mut headers, trace);
+            properties.with_headers(headers)
+        }
+        None => properties,
+    }
+}
+
+/// Adds the W3C `traceparent` / `tracestate` headers.
+fn insert_trace_headers(headers: &mut FieldTable, trace: &TraceContext) {
+    headers.insert(
+        ShortString::from(TRACEPARENT),
+        AMQPValue::LongString(LongString::from(trace.traceparent().to_owned())),
+    );
+    if let Some(state) = trace.tracestate() {
+        headers.insert(
+            ShortString::from(TRACESTATE),
+            AMQPValue::LongString(LongString::from(state.to_owned())),
+        );
+    }
+}
+
+/// The W3C trace context of a received message, when its headers carry a
+/// valid one.
+fn trace_from(properties: &BasicProperties) -> Option<TraceContext> {
+    let headers = properties.headers().as_ref()?;
+    let text = |name: &str| match headers.inner().get(name) {
+        Some(AMQPValue::LongString(s)) => Some(s.to_string()),
+        Some(AMQPValue::ShortString(s)) => Some(s.to_string()),
+        _ => None,
+    };
+    TraceContext::parse(&text(TRACEPARENT)?, text(TRACESTATE).as_deref())
 }
 
 #[async_trait]
@@ -834,6 +875,9 @@ impl Transport for RabbitTransport {
             ShortString::from("x-original-queue"),
             AMQPValue::LongString(LongString::from(queue.name.clone())),
         );
+        if let Some(trace) = &delivery.trace {
+            insert_trace_headers(&mut headers, trace);
+        }
         let mut properties = BasicProperties::default()
             .with_content_type(ShortString::from("application/json"))
             .with_headers(headers);

@@ -203,6 +203,11 @@ impl Stack {
         count(&self.tdb.db, sql).await
     }
 
+    /// How often `needle` occurs in host `name`'s log.
+    pub fn log_count(&self, name: &str, needle: &str) -> usize {
+        self.procs.log(name).matches(needle).count()
+    }
+
     /// Every runner's log (killed runners' lines included: a restarted
     /// process appends to its log).
     fn runner_logs(&self) -> String {
@@ -297,14 +302,17 @@ const OPEN_SQL: &str = "SELECT count(*) FROM orders o WHERE o.status NOT IN ('co
 /// Orders decided.
 pub const DECIDED_SQL: &str =
     "SELECT count(*) FROM orders WHERE status IN ('completed', 'expired')";
-/// Journal rows the runners write (consumed `OrderCreated`, fired payment timers).
-pub const RUNNER_WORK_SQL: &str =
-    "SELECT count(*) FROM saga_transitions WHERE trigger IN ('OrderCreated', 'PaymentDecided')";
-/// Messages the saga consumer took from the broker.
-pub const SAGA_CONSUMED_SQL: &str =
-    "SELECT count(*) FROM saga_transitions WHERE trigger = 'OrderCreated'";
-/// Messages the notifications consumer took from the broker.
-pub const NOTIFIED_SQL: &str = "SELECT count(*) FROM notifications";
+/// 1 once order `id` was handled by both consumers: the saga consumer
+/// (its `OrderCreated` journal row) and the notification consumer (its
+/// `OrderCreated` notification); 0 before.
+pub fn consumed_by_both(id: i64) -> String {
+    format!(
+        "SELECT (SELECT count(*) FROM saga_transitions WHERE trigger = 'OrderCreated' \
+         AND outcome = 'applied' AND correlation_id = '{id}') \
+         * (SELECT count(*) FROM notifications WHERE order_id = {id} \
+         AND event_type = 'OrderCreated')"
+    )
+}
 
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
@@ -360,6 +368,9 @@ pub struct Load {
     /// Requests that had to be retried.
     pub retries: Arc<AtomicUsize>,
     done: Arc<AtomicBool>,
+    api: Api,
+    token: String,
+    run: String,
     clients: Vec<tokio::task::JoinHandle<()>>,
     progress: tokio::task::JoinHandle<()>,
     pub orders: usize,
@@ -429,11 +440,23 @@ impl Load {
             created,
             retries,
             done,
+            api: stack.api.clone(),
+            token,
+            run,
             clients: handles,
             progress,
             orders,
             started,
         }
+    }
+
+    /// Places one more order now, like any client (retrying until a 201),
+    /// and counts it as acknowledged; returns its id.
+    pub async fn probe(&self) -> i64 {
+        let key = format!("{}-probe-{}", self.run, uuid::Uuid::new_v4().simple());
+        let id = place(&self.api, &self.token, &key, 0, &self.retries).await;
+        self.acknowledged.lock().expect("acknowledged").push(id);
+        id
     }
 
     pub fn created(&self) -> usize {

@@ -97,8 +97,12 @@ stop_servers() {
   fi
   rm -rf "$state"
 }
+test_pid=
 cleanup() {
   local status=$?
+  # The tests and the hosts they started run in a session of their own
+  # (setsid below): if the run was interrupted, nothing of it outlives us.
+  if [[ -n $test_pid ]]; then kill -KILL -- "-$test_pid" 2>/dev/null || true; fi
   echo "fault-suite: removing the private PostgreSQL cluster and RabbitMQ node"
   stop_servers
   exit "$status"
@@ -151,7 +155,9 @@ export FAULTS_REPORT=$state/report.md
 
 echo "fault-suite: $orders orders per fault${cargo_profile:+ (release build)}"
 set +e
-cargo test "${cargo_profile[@]}" -p hosts --test faults -- --ignored --test-threads=1 --nocapture "${filter[@]}"
+setsid cargo test "${cargo_profile[@]}" -p hosts --test faults -- --ignored --test-threads=1 --nocapture "${filter[@]}" &
+test_pid=$!
+wait "$test_pid"
 status=$?
 set -e
 

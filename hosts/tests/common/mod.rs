@@ -117,6 +117,23 @@ impl Processes {
             .expect("exit status")
     }
 
+    /// Kills `name` with SIGKILL (no graceful shutdown) and waits for it to
+    /// be gone; it can be spawned again under the same name (its log is
+    /// appended to).
+    pub async fn kill(&mut self, name: &str) {
+        let index = self
+            .children
+            .iter()
+            .position(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no process named {name}"));
+        let (_, mut child) = self.children.remove(index);
+        child.start_kill().expect("SIGKILL sent");
+        tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .unwrap_or_else(|_| self.fail(&format!("{name} still running 30 s after SIGKILL")))
+            .expect("exit status");
+    }
+
     /// Kills every process (SIGKILL) and waits for it.
     pub async fn stop(mut self) {
         for (_, child) in &mut self.children {
@@ -165,6 +182,31 @@ impl Api {
         let resp = req.send().await.expect("request sent");
         let status = resp.status().as_u16();
         (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// `POST path` with an optional `Idempotency-Key`, giving up after
+    /// `timeout`; transport errors are returned, not panicked on (for
+    /// clients that retry while a server is down).
+    pub async fn try_post(
+        &self,
+        path: &str,
+        token: &str,
+        idempotency_key: Option<&str>,
+        body: &Value,
+        timeout: Duration,
+    ) -> Result<(u16, Value), reqwest::Error> {
+        let mut req = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .timeout(timeout)
+            .json(body);
+        if let Some(key) = idempotency_key {
+            req = req.header("idempotency-key", key);
+        }
+        let resp = req.send().await?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.json().await.unwrap_or(Value::Null)))
     }
 
     pub async fn get(&self, path: &str, token: &str) -> (u16, Value) {

@@ -338,6 +338,7 @@ async fn run(options: Options) -> anyhow::Result<Figures> {
                  ids) differ per transaction.",
                 captured.statements.len()
             ));
+            f.db_limit_statements = captured.statements.iter().map(|s| s.sql.clone()).collect();
             for r in 0..runs {
                 let pb = bar(options.db_txns, &format!("DB limit (run {}/{runs})", r + 1));
                 let t = baselines::db_limit(&db.url, &captured, &products, options.db_txns, options.clients, &pb).await?;
@@ -486,23 +487,35 @@ fn write_report(f: &Figures, out: &Path) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let Some(options) = Options::parse(std::env::args().skip(1))? else {
+        println!("{USAGE}");
+        return Ok(());
+    };
+    // The bench's own log (the in-process sweep logs every expired order, as
+    // the scheduler does) goes to a file, so the progress bars stay readable.
+    let logs = options.out.join("logs");
+    std::fs::create_dir_all(&logs)
+        .with_context(|| format!("Failed to create {}", logs.display()))?;
+    let log = std::fs::File::create(logs.join("bench.log"))
+        .with_context(|| format!("Failed to create {}", logs.join("bench.log").display()))?;
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(std::sync::Mutex::new(log))
+        .with_ansi(false)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
                 tracing_subscriber::EnvFilter::new("info,sqlx=warn,lapin=warn")
             }),
         )
         .init();
-    let Some(options) = Options::parse(std::env::args().skip(1))? else {
-        println!("{USAGE}");
-        return Ok(());
-    };
     let figures = run(options.clone()).await?;
     write_report(&figures, &options.out)?;
     // The report is this command's output.
     println!("{}", figures.markdown());
-    tracing::info!(out = %options.out.display(), "wrote report.md, report.json and latency.svg");
+    println!(
+        "Written: report.md, report.json and latency.svg in {} (host and bench logs in {})",
+        options.out.display(),
+        logs.display()
+    );
     Ok(())
 }
 

@@ -45,6 +45,8 @@ pub struct Figures {
     pub sweeps: Vec<Sweep>,
     pub summary: Summary,
     pub notes: Vec<String>,
+    /// The SQL of the captured `place_order` transaction (the DB limit).
+    pub db_limit_statements: Vec<String>,
 }
 
 /// Medians over the repeated runs and the ratios the targets are about.
@@ -453,6 +455,16 @@ impl Figures {
             for n in &self.notes {
                 let _ = writeln!(m, "- {n}");
             }
+        }
+        if !self.db_limit_statements.is_empty() {
+            let _ = writeln!(
+                m,
+                "\n## The DB limit's transaction\n\nBEGIN, then as captured from `place_order`, then COMMIT:\n\n```sql"
+            );
+            for sql in &self.db_limit_statements {
+                let _ = writeln!(m, "{sql};");
+            }
+            let _ = writeln!(m, "```");
         }
         let _ = writeln!(m, "\n![latency percentiles](latency.svg)");
         m

@@ -68,7 +68,7 @@ impl Stack {
             ("APP__API__PUBLIC_URL", base.clone()),
             ("APP__PAYMENT__DELAY_MS", spec.payment_delay_ms.to_string()),
             ("APP__PAYMENT__SUCCESS_RATE", spec.success_rate.to_string()),
-            ("RUST_LOG", "warn".into()),
+            // Logs as configured (`logging.filter`), to a file per host.
             ("NO_COLOR", "1".into()),
         ];
         std::fs::create_dir_all(&hosts.logs)

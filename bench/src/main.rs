@@ -159,29 +159,19 @@ struct Config {
 }
 
 impl Config {
+    /// Reads the hosts' configuration with the hosts' own loader (without
+    /// `APP__` variables: the bench sets the hosts' overrides itself).
     fn read(dir: &Path) -> anyhow::Result<Self> {
-        let path = dir.join("instance.json");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("Failed to read {}", path.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not JSON", path.display()))?;
-        let int = |section: &str, key: &str| {
-            v[section][key]
-                .as_u64()
-                .with_context(|| format!("{}: `{section}.{key}` is not a number", path.display()))
-        };
+        let loaded = hosts::settings::load_from(dir, std::iter::empty())
+            .with_context(|| format!("Failed to read the configuration in {}", dir.display()))?;
+        let s = loaded.settings;
         Ok(Self {
-            prefetch: u16::try_from(int("rabbitmq", "prefetch")?)?,
-            payment_delay_ms: int("payment", "delay_ms")?,
-            success_rate: v["payment"]["success_rate"]
-                .as_f64()
-                .context("`payment.success_rate` is not a number")?,
-            batch_size: int("expiration", "batch_size")?,
-            processing_timeout_seconds: i64::try_from(int(
-                "expiration",
-                "processing_timeout_seconds",
-            )?)?,
-            api_db_pool: u32::try_from(int("database", "max_connections")?)?,
+            prefetch: s.rabbitmq.prefetch,
+            payment_delay_ms: s.payment.delay_ms,
+            success_rate: s.payment.success_rate,
+            batch_size: s.expiration.batch_size,
+            processing_timeout_seconds: i64::try_from(s.expiration.processing_timeout_seconds)?,
+            api_db_pool: s.database.max_connections,
         })
     }
 }

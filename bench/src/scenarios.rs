@@ -126,7 +126,7 @@ pub async fn api(
         })
     }
     .await;
-    stack.stop().await;
+    stack.stop();
     result
 }
 
@@ -239,7 +239,7 @@ pub async fn end_to_end(
         })
     }
     .await;
-    stack.stop().await;
+    stack.stop();
     result
 }
 
@@ -323,7 +323,7 @@ pub async fn burst(
         })
     }
     .await;
-    stack.stop().await;
+    stack.stop();
     result
 }
 

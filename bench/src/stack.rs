@@ -15,7 +15,7 @@ use lapin::types::FieldTable;
 use saga::testing::{TestBroker, TestDatabase};
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use serde_json::{Value, json};
-use tokio::process::{Child, Command};
+use std::process::{Child, Command};
 
 /// Where the host binaries and their configuration are.
 #[derive(Clone, Debug)]
@@ -31,7 +31,7 @@ struct Host {
     child: Child,
 }
 
-/// The hosts of one scenario, killed on drop.
+/// The hosts of one scenario, killed on drop (and by [`Stack::stop`]).
 pub struct Stack {
     hosts: Vec<Host>,
     pub api: Api,
@@ -110,8 +110,7 @@ impl Stack {
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone()?))
-            .stderr(Stdio::from(log))
-            .kill_on_drop(true);
+            .stderr(Stdio::from(log));
         for (k, v) in env {
             command.env(k, v);
         }
@@ -140,18 +139,21 @@ impl Stack {
     pub fn peak_rss_mib(&self) -> Vec<(&'static str, f64)> {
         self.hosts
             .iter()
-            .filter_map(|h| {
-                let pid = h.child.id()?;
-                Some((h.name, vm_hwm_kib(pid)? as f64 / 1024.0))
-            })
+            .filter_map(|h| Some((h.name, vm_hwm_kib(h.child.id())? as f64 / 1024.0)))
             .collect()
     }
 
     /// Kills every host and waits for it.
-    pub async fn stop(mut self) {
+    pub fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
         for host in &mut self.hosts {
-            let _ = host.child.start_kill();
-            let _ = host.child.wait().await;
+            let _ = host.child.kill();
+            let _ = host.child.wait();
         }
     }
 }

@@ -26,7 +26,7 @@ struct Stack {
 
 impl Stack {
     async fn start(tdb: &TestDatabase, broker: &TestBroker, success_rate: &str) -> Stack {
-        Self::start_with(tdb, broker, success_rate, &[]).await
+        Self::start_with(tdb, broker, success_rate, &[], &[]).await
     }
 
     /// Like [`Stack::start`], with `runner_env` on top of the runner's
@@ -36,6 +36,7 @@ impl Stack {
         broker: &TestBroker,
         success_rate: &str,
         runner_env: &[(&str, String)],
+        all_env: &[(&str, String)],
     ) -> Stack {
         let port = free_port();
         let base = format!("http://127.0.0.1:{port}");
@@ -70,6 +71,7 @@ impl Stack {
             api: Api::new(base),
             env: env
                 .iter()
+                .chain(all_env)
                 .map(|(k, v)| ((*k).to_owned(), v.clone()))
                 .collect(),
         };
@@ -203,7 +205,7 @@ async fn ride_out_an_outage(
     runner_env: &[(&str, String)],
     noticed: &str,
 ) -> Stack {
-    let mut stack = Stack::start_with(tdb, broker, "1", runner_env).await;
+    let mut stack = Stack::start_with(tdb, broker, "1", runner_env, &[]).await;
     let (token, user) = stack.api.register_and_login().await;
     let mut ids = stack.api.place_orders(&token, user, 5).await;
     stack.wait_for_status(&token, &ids, "completed").await;
@@ -278,7 +280,13 @@ async fn sigterm_stops_every_host_with_exit_0_and_a_restarted_runner_finishes_th
     let broker = TestBroker::create().await;
     // A 2 s payment keeps every order in flight when the runner is stopped.
     let slow_payment = [("APP__PAYMENT__DELAY_MS", "2000".to_owned())];
-    let mut stack = Stack::start_with(&tdb, &broker, "1", &slow_payment).await;
+    // No expiry race: the orders wait out the restart, so they must not be
+    // swept while the runner is down (the default 2 s timeout could).
+    let patient = [(
+        "APP__EXPIRATION__PROCESSING_TIMEOUT_SECONDS",
+        "120".to_owned(),
+    )];
+    let mut stack = Stack::start_with(&tdb, &broker, "1", &slow_payment, &patient).await;
     let (token, user) = stack.api.register_and_login().await;
     let ids = stack.api.place_orders(&token, user, ORDERS).await;
     let status = stack.procs.terminate("runner").await;

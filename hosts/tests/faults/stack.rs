@@ -153,6 +153,10 @@ impl Stack {
             ("APP__RABBITMQ__RECONNECT_MAX_BACKOFF_MS", "1000".into()),
             ("APP__API__LISTEN", format!("127.0.0.1:{port}")),
             ("APP__API__PUBLIC_URL", base.clone()),
+            // Many runners and schedulers at once: each binds its own
+            // ephemeral monitoring port instead of the default one.
+            ("APP__MONITORING__RUNNER_LISTEN", "127.0.0.1:0".into()),
+            ("APP__MONITORING__SCHEDULER_LISTEN", "127.0.0.1:0".into()),
             ("APP__AUTH__TOKEN_TTL_SECONDS", "86400".into()),
             // Both outcomes during the run: a short payment, half of them
             // declined and then expired by the sweep.

@@ -205,7 +205,15 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
                 stop.cancel();
                 r
             }),
-            loops.run("timers", run_timers(&engine, poll, stop.clone())),
+            loops.run("timers", async {
+                // Each loop fires one timer per transaction; several share
+                // the due timers through SKIP LOCKED.
+                let workers = usize::try_from(settings.timers.workers).unwrap_or(1);
+                futures_util::future::join_all(
+                    (0..workers).map(|_| run_timers(&engine, poll, stop.clone())),
+                )
+                .await;
+            }),
             loops.run("outbox relay", relay.run_until_stopped(stop.clone())),
             async {
                 let r = ops::serve(listener, monitor.clone(), stop.clone()).await;

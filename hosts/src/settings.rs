@@ -198,6 +198,9 @@ pub struct OutboxSettings {
 #[serde(deny_unknown_fields)]
 pub struct TimerSettings {
     pub poll_interval_ms: u64,
+    /// Concurrent timer loops in one runner (PostgreSQL; `SKIP LOCKED` keeps
+    /// them apart). The embedded host always uses one.
+    pub workers: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -438,6 +441,7 @@ fn validate(s: &Settings) -> Result<(), SettingsError> {
         ("outbox.batch_size", s.outbox.batch_size),
         ("outbox.lease_seconds", s.outbox.lease_seconds),
         ("timers.poll_interval_ms", s.timers.poll_interval_ms),
+        ("timers.workers", s.timers.workers),
         ("rabbitmq.prefetch", u64::from(s.rabbitmq.prefetch)),
         ("rabbitmq.confirm_timeout_ms", s.rabbitmq.confirm_timeout_ms),
         (

@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Api, Processes, free_port};
+use common::{Api, Processes, free_port, host_env};
 use entity::{notifications, saga_instances};
 use saga::testing::{TcpProxy, TestBroker, TestDatabase, amqp_url, eventually};
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
@@ -40,40 +40,16 @@ impl Stack {
     ) -> Stack {
         let port = free_port();
         let base = format!("http://127.0.0.1:{port}");
-        let config_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configuration");
-        let env = [
-            ("APP_CONFIG_DIR", config_dir.display().to_string()),
-            ("APP__DATABASE__URL", tdb.url.clone()),
-            ("APP__RABBITMQ__URL", amqp_url()),
-            ("APP__RABBITMQ__EXCHANGE", broker.exchange.clone()),
-            ("APP__RABBITMQ__QUEUE_PREFIX", broker.prefix.clone()),
-            ("APP__API__LISTEN", format!("127.0.0.1:{port}")),
-            ("APP__API__PUBLIC_URL", base.clone()),
-            // Tests run in parallel: no fixed monitoring ports.
-            (
-                "APP__MONITORING__RUNNER_LISTEN",
-                format!("127.0.0.1:{}", free_port()),
-            ),
-            (
-                "APP__MONITORING__SCHEDULER_LISTEN",
-                format!("127.0.0.1:{}", free_port()),
-            ),
-            ("APP__PAYMENT__DELAY_MS", "100".into()),
-            ("APP__PAYMENT__SUCCESS_RATE", success_rate.into()),
-            ("APP__EXPIRATION__PROCESSING_TIMEOUT_SECONDS", "2".into()),
-            ("APP__EXPIRATION__SWEEP_INTERVAL_SECONDS", "1".into()),
-            ("APP__OUTBOX__POLL_INTERVAL_MS", "100".into()),
-            ("RUST_LOG", "info,sqlx=warn,lapin=warn".into()),
-            ("NO_COLOR", "1".into()),
-        ];
+        let mut env = host_env(tdb, broker, port);
+        env.push((
+            "APP__PAYMENT__SUCCESS_RATE".to_owned(),
+            success_rate.to_owned(),
+        ));
+        env.extend(all_env.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
         let mut stack = Stack {
             procs: Processes::new("e2e"),
             api: Api::new(base),
-            env: env
-                .iter()
-                .chain(all_env)
-                .map(|(k, v)| ((*k).to_owned(), v.clone()))
-                .collect(),
+            env,
         };
         stack
             .procs

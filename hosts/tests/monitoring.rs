@@ -16,41 +16,20 @@ use serde_json::Value;
 
 const WITHIN: Duration = Duration::from_secs(60);
 
-/// The environment every host of a test gets: the test's database,
-/// exchange and queues, fast timings, and free ports.
-fn host_env(tdb: &TestDatabase, broker: &TestBroker, success_rate: &str) -> Vec<(String, String)> {
-    let config_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configuration");
-    let api_port = free_port();
-    [
-        ("APP_CONFIG_DIR", config_dir.display().to_string()),
-        ("APP__DATABASE__URL", tdb.url.clone()),
-        ("APP__RABBITMQ__URL", amqp_url()),
-        ("APP__RABBITMQ__EXCHANGE", broker.exchange.clone()),
-        ("APP__RABBITMQ__QUEUE_PREFIX", broker.prefix.clone()),
-        ("APP__API__LISTEN", format!("127.0.0.1:{api_port}")),
+/// [`common::host_env`] with `success_rate` and a 1 s processing timeout.
+fn stack_env(tdb: &TestDatabase, broker: &TestBroker, success_rate: &str) -> Vec<(String, String)> {
+    let mut env = common::host_env(tdb, broker, free_port());
+    env.extend([
         (
-            "APP__API__PUBLIC_URL",
-            format!("http://127.0.0.1:{api_port}"),
+            "APP__PAYMENT__SUCCESS_RATE".to_owned(),
+            success_rate.to_owned(),
         ),
         (
-            "APP__MONITORING__RUNNER_LISTEN",
-            format!("127.0.0.1:{}", free_port()),
+            "APP__EXPIRATION__PROCESSING_TIMEOUT_SECONDS".to_owned(),
+            "1".to_owned(),
         ),
-        (
-            "APP__MONITORING__SCHEDULER_LISTEN",
-            format!("127.0.0.1:{}", free_port()),
-        ),
-        ("APP__PAYMENT__DELAY_MS", "100".into()),
-        ("APP__PAYMENT__SUCCESS_RATE", success_rate.into()),
-        ("APP__EXPIRATION__PROCESSING_TIMEOUT_SECONDS", "1".into()),
-        ("APP__EXPIRATION__SWEEP_INTERVAL_SECONDS", "1".into()),
-        ("APP__OUTBOX__POLL_INTERVAL_MS", "100".into()),
-        ("RUST_LOG", "info,sqlx=warn,lapin=warn".into()),
-        ("NO_COLOR", "1".into()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect()
+    ]);
+    env
 }
 
 fn env_value(env: &[(String, String)], key: &str) -> String {
@@ -158,7 +137,7 @@ async fn start_all(
     broker: &TestBroker,
     success_rate: &str,
 ) -> (Processes, Api, Vec<(String, String)>) {
-    let env = host_env(tdb, broker, success_rate);
+    let env = stack_env(tdb, broker, success_rate);
     let mut procs = Processes::new("monitoring");
     procs.spawn("api", env!("CARGO_BIN_EXE_api"), &[], &env);
     let api = Api::new(env_value(&env, "APP__API__PUBLIC_URL"));
@@ -459,7 +438,7 @@ async fn readiness_names_the_broker_while_its_connection_is_cut_and_recovers_whe
         .await
         .expect("proxy");
     let env = with_overrides(
-        &host_env(&tdb, &broker, "1"),
+        &stack_env(&tdb, &broker, "1"),
         &[
             ("APP__RABBITMQ__URL", proxy.url_for(&amqp_url())),
             ("APP__RABBITMQ__RECONNECT_MAX_BACKOFF_MS", "300".into()),
@@ -517,7 +496,7 @@ async fn a_consumer_whose_queue_is_deleted_under_it_is_reported_until_it_subscri
     let broker = TestBroker::create().await;
     // A long resubscribe backoff keeps the consumer away long enough to see.
     let env = with_overrides(
-        &host_env(&tdb, &broker, "1"),
+        &stack_env(&tdb, &broker, "1"),
         &[
             ("APP__RABBITMQ__RECONNECT_INITIAL_BACKOFF_MS", "3000".into()),
             ("APP__RABBITMQ__RECONNECT_MAX_BACKOFF_MS", "3000".into()),
@@ -570,7 +549,7 @@ async fn a_taken_monitoring_port_stops_the_runner_with_a_message_naming_the_key(
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
     let address = taken.local_addr().expect("address").to_string();
     let env = with_overrides(
-        &host_env(&tdb, &broker, "1"),
+        &stack_env(&tdb, &broker, "1"),
         &[("APP__MONITORING__RUNNER_LISTEN", address)],
     );
     let config_dir = env_value(&env, "APP_CONFIG_DIR");

@@ -8,15 +8,14 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Api, Processes, free_port};
+use common::{Api, Processes, free_port, host_env};
 use poem::listener::{Acceptor, Listener, TcpListener};
 use poem::web::Data;
 use poem::{EndpointExt, Route, Server, handler, post};
-use saga::testing::{TestBroker, TestDatabase, amqp_url};
+use saga::testing::{TestBroker, TestDatabase};
 use serde_json::{Value, json};
 
 const WITHIN: Duration = Duration::from_secs(60);
@@ -191,28 +190,20 @@ async fn one_declined_order_is_one_trace_across_api_runner_and_scheduler_with_id
 
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
-    let config_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configuration");
-    let env: Vec<(String, String)> = [
-        ("APP_CONFIG_DIR", config_dir.display().to_string()),
-        ("APP__DATABASE__URL", tdb.url.clone()),
-        ("APP__RABBITMQ__URL", amqp_url()),
-        ("APP__RABBITMQ__EXCHANGE", broker.exchange.clone()),
-        ("APP__RABBITMQ__QUEUE_PREFIX", broker.prefix.clone()),
-        ("APP__API__LISTEN", format!("127.0.0.1:{port}")),
-        ("APP__API__PUBLIC_URL", base.clone()),
-        ("APP__PAYMENT__DELAY_MS", "100".into()),
-        // Declined: the order stays processing until the sweep expires it.
-        ("APP__PAYMENT__SUCCESS_RATE", "0".into()),
-        ("APP__EXPIRATION__PROCESSING_TIMEOUT_SECONDS", "1".into()),
-        ("APP__EXPIRATION__SWEEP_INTERVAL_SECONDS", "1".into()),
-        ("APP__OUTBOX__POLL_INTERVAL_MS", "100".into()),
-        ("APP__LOGGING__FORMAT", "json".into()),
-        ("APP__TRACING__OTLP_ENDPOINT", collector.clone()),
-        ("RUST_LOG", "info,sqlx=warn,lapin=warn".into()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
+    let mut env = host_env(&tdb, &broker, port);
+    env.extend(
+        [
+            // Declined: the order stays processing until the sweep expires it.
+            ("APP__PAYMENT__SUCCESS_RATE", "0".to_owned()),
+            (
+                "APP__EXPIRATION__PROCESSING_TIMEOUT_SECONDS",
+                "1".to_owned(),
+            ),
+            ("APP__LOGGING__FORMAT", "json".to_owned()),
+            ("APP__TRACING__OTLP_ENDPOINT", collector.clone()),
+        ]
+        .map(|(k, v)| (k.to_owned(), v)),
+    );
 
     let mut procs = Processes::new("tracing");
     procs.spawn("api", env!("CARGO_BIN_EXE_api"), &[], &env);

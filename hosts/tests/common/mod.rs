@@ -1,5 +1,6 @@
 //! Helpers shared by the tests that start host binaries as processes and
-//! drive them over HTTP (`e2e.rs`, `embedded.rs`, `compose.rs`).
+//! drive them over HTTP (`e2e.rs`, `monitoring.rs`, `tracing.rs`,
+//! `embedded.rs`, `compose.rs`, `faults.rs`).
 
 #![allow(dead_code)] // each test binary uses its own subset
 
@@ -7,7 +8,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use saga::testing::eventually;
+use saga::testing::{TestBroker, TestDatabase, amqp_url, eventually};
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
@@ -17,6 +18,44 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free local port")
+}
+
+/// The environment every host of a test gets: the test's database,
+/// exchange and queues, the api on `api_port`, free monitoring ports (tests
+/// run in parallel), fast timings (payment 100 ms, processing timeout 2 s,
+/// sweep every second, outbox poll 100 ms) and plain text logs. A test
+/// appends its overrides: a later entry for the same key wins.
+pub fn host_env(tdb: &TestDatabase, broker: &TestBroker, api_port: u16) -> Vec<(String, String)> {
+    let config_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configuration");
+    [
+        ("APP_CONFIG_DIR", config_dir.display().to_string()),
+        ("APP__DATABASE__URL", tdb.url.clone()),
+        ("APP__RABBITMQ__URL", amqp_url()),
+        ("APP__RABBITMQ__EXCHANGE", broker.exchange.clone()),
+        ("APP__RABBITMQ__QUEUE_PREFIX", broker.prefix.clone()),
+        ("APP__API__LISTEN", format!("127.0.0.1:{api_port}")),
+        (
+            "APP__API__PUBLIC_URL",
+            format!("http://127.0.0.1:{api_port}"),
+        ),
+        (
+            "APP__MONITORING__RUNNER_LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        ),
+        (
+            "APP__MONITORING__SCHEDULER_LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        ),
+        ("APP__PAYMENT__DELAY_MS", "100".into()),
+        ("APP__EXPIRATION__PROCESSING_TIMEOUT_SECONDS", "2".into()),
+        ("APP__EXPIRATION__SWEEP_INTERVAL_SECONDS", "1".into()),
+        ("APP__OUTBOX__POLL_INTERVAL_MS", "100".into()),
+        ("RUST_LOG", "info,sqlx=warn,lapin=warn".into()),
+        ("NO_COLOR", "1".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
 }
 
 /// Host processes started by a test, each logging to its own file, killed

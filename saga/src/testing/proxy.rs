@@ -1,7 +1,9 @@
 //! A small TCP proxy for fault tests: put it between a host (or a client)
 //! and PostgreSQL or RabbitMQ, then [`TcpProxy::cut`] the link and
 //! [`TcpProxy::restore`] it, without disturbing anything else that talks to
-//! the same server.
+//! the same server. [`TcpProxy::stall`] makes it a black hole instead: new
+//! connections are accepted and then never answered, like a server that
+//! died half-way through accepting them.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,7 +23,9 @@ pub struct TcpProxy {
 #[derive(Default)]
 struct State {
     cut: AtomicBool,
+    stalled: AtomicBool,
     accepted: AtomicU64,
+    swallowed: AtomicU64,
     links: Mutex<Vec<AbortHandle>>,
 }
 
@@ -43,12 +47,23 @@ impl TcpProxy {
                     drop(inbound);
                     continue;
                 }
-                accept_state.accepted.fetch_add(1, Ordering::Relaxed);
-                let link = tokio::spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
+                let link = if accept_state.stalled.load(Ordering::SeqCst) {
+                    // Stalled: accepted, never answered, held open until
+                    // the proxy is dropped (restoring does not release it).
+                    accept_state.swallowed.fetch_add(1, Ordering::Relaxed);
+                    tokio::spawn(async move {
+                        let _held = inbound;
+                        std::future::pending::<()>().await;
+                    })
+                } else {
+                    accept_state.accepted.fetch_add(1, Ordering::Relaxed);
+                    tokio::spawn(async move {
+                        if let Ok(mut outbound) = TcpStream::connect(upstream).await {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    })
+                };
                 if let Ok(mut links) = accept_state.links.lock() {
                     links.retain(|l| !l.is_finished());
                     links.push(link.abort_handle());
@@ -93,9 +108,27 @@ impl TcpProxy {
         }
     }
 
-    /// Accepts connections again.
+    /// Closes every open connection; new ones are accepted but never
+    /// answered (and stay open, silent, even after [`Self::restore`]) until
+    /// the proxy is dropped.
+    pub fn stall(&self) {
+        self.state.stalled.store(true, Ordering::SeqCst);
+        if let Ok(mut links) = self.state.links.lock() {
+            for link in links.drain(..) {
+                link.abort();
+            }
+        }
+    }
+
+    /// Forwards new connections again (after [`Self::cut`] or [`Self::stall`]).
     pub fn restore(&self) {
         self.state.cut.store(false, Ordering::SeqCst);
+        self.state.stalled.store(false, Ordering::SeqCst);
+    }
+
+    /// How many connections a stall accepted and left unanswered.
+    pub fn connections_swallowed(&self) -> u64 {
+        self.state.swallowed.load(Ordering::Relaxed)
     }
 
     /// How many connections were forwarded so far (reconnects show up here).

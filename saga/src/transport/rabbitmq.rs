@@ -437,11 +437,19 @@ impl Inner {
                 // such as publishing to an exchange someone deleted: a new
                 // channel on the same connection, and the topology declared
                 // again (best effort), will do.
-                if let Ok(publisher) = open_publisher(&live.connection).await {
+                let limit = self.confirm_timeout;
+                if let Ok(publisher) =
+                    bounded(limit, "opening a channel", open_publisher(&live.connection)).await
+                {
                     live.publisher = publisher;
                     let topology = self.topology.lock().ok().and_then(|t| t.clone());
                     if let Some(topology) = topology
-                        && let Err(e) = declare_on(&live.connection, &topology).await
+                        && let Err(e) = bounded(
+                            limit,
+                            "declaring the topology",
+                            declare_on(&live.connection, &topology),
+                        )
+                        .await
                     {
                         tracing::warn!(error = %e, "declaring the topology again failed");
                     }
@@ -451,12 +459,14 @@ impl Inner {
         }
         let generation = guard.as_ref().map_or(0, |l| l.generation) + 1;
         if let Some(old) = guard.take() {
-            let _ = old
-                .connection
-                .close(200, ShortString::from("reconnecting"))
-                .await;
+            // Best effort: a dead connection may never answer its close.
+            let _ = tokio::time::timeout(
+                self.confirm_timeout,
+                old.connection.close(200, ShortString::from("reconnecting")),
+            )
+            .await;
         }
-        let live = self.open(generation).await?;
+        let live = bounded(self.confirm_timeout, "connecting", self.open(generation)).await?;
         self.reconnects.fetch_add(1, Ordering::Relaxed);
         crate::metrics::broker_reconnected();
         tracing::warn!(
@@ -477,7 +487,13 @@ impl Inner {
         };
         match self.live().await {
             Ok(live) => {
-                if let Err(e) = declare_on(&live.connection, &topology).await {
+                if let Err(e) = bounded(
+                    self.confirm_timeout,
+                    "declaring the topology",
+                    declare_on(&live.connection, &topology),
+                )
+                .await
+                {
                     tracing::warn!(error = %e, "declaring the topology again failed");
                 }
             }
@@ -492,7 +508,11 @@ impl Inner {
         if let Some(old) = guard.as_mut()
             && old.generation == generation
         {
-            let _ = old.publisher.close(200, ShortString::from("broken")).await;
+            let _ = tokio::time::timeout(
+                self.confirm_timeout,
+                old.publisher.close(200, ShortString::from("broken")),
+            )
+            .await;
         }
     }
 
@@ -504,20 +524,23 @@ impl Inner {
         prefetch: u16,
     ) -> Result<(Channel, lapin::Consumer), TransportError> {
         let live = self.live().await?;
-        let channel = live.connection.create_channel().await?;
-        channel
-            .basic_qos(prefetch, BasicQosOptions::default())
-            .await?;
-        let consumer = channel
-            .basic_consume(
-                ShortString::from(queue.name.clone()),
-                ShortString::from(consumer_tag.to_owned()),
-                // Manual acks: a message is only gone once handled.
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        Ok((channel, consumer))
+        bounded(self.confirm_timeout, "subscribing", async {
+            let channel = live.connection.create_channel().await?;
+            channel
+                .basic_qos(prefetch, BasicQosOptions::default())
+                .await?;
+            let consumer = channel
+                .basic_consume(
+                    ShortString::from(queue.name.clone()),
+                    ShortString::from(consumer_tag.to_owned()),
+                    // Manual acks: a message is only gone once handled.
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            Ok((channel, consumer))
+        })
+        .await
     }
 }
 
@@ -533,6 +556,24 @@ async fn next_unacked(
         )
         .await?;
     Ok(message.map(|m| m.delivery))
+}
+
+/// Runs one broker operation of a (re)connect within `limit`. A broker that
+/// accepted the TCP connection and then never answers (one that died while
+/// starting) would otherwise hold the connection lock, and with it every
+/// consumer and publisher of this transport, for ever.
+async fn bounded<T>(
+    limit: Duration,
+    what: &str,
+    op: impl std::future::Future<Output = Result<T, TransportError>>,
+) -> Result<T, TransportError> {
+    match tokio::time::timeout(limit, op).await {
+        Ok(result) => result,
+        Err(_) => Err(TransportError::Broker(format!(
+            "{what}: no answer from the broker within {} ms",
+            limit.as_millis()
+        ))),
+    }
 }
 
 /// A channel with publisher confirms enabled.

@@ -203,3 +203,66 @@ async fn a_consumer_whose_queue_is_deleted_declares_the_topology_again_and_resum
     broker.delete().await;
     tdb.drop().await;
 }
+
+/// A broker that accepts TCP connections and then never answers (one that
+/// died half-way through starting) must not wedge the transport: the
+/// reconnect gives up after the confirm timeout and tries again, and once
+/// the broker answers, consumers and the relay resume. The connection
+/// swallowed by the stall stays open and silent for the rest of the test.
+#[tokio::test]
+async fn a_reconnect_into_a_broker_that_never_answers_times_out_and_tries_again() {
+    let tdb = TestDatabase::create().await;
+    let broker = TestBroker::create().await;
+    let proxy = TcpProxy::start(server_addr(&broker.url, 5672))
+        .await
+        .expect("proxy");
+    let transport = RabbitTransport::connect(
+        &proxy.url_for(&broker.url),
+        &broker.exchange,
+        Duration::from_millis(500),
+        "test via stalling proxy",
+    )
+    .await
+    .expect("connect through the proxy")
+    .with_reconnect_policy(ReconnectPolicy {
+        initial: Duration::from_millis(50),
+        max: Duration::from_millis(200),
+    });
+    transport.declare(&broker.topology).await.expect("declare");
+    let transport = Arc::new(transport);
+    let clock = saga::clock::ManualClock::new(t0());
+    let engine = engine(&tdb.db, &clock, true);
+    let signal = Arc::new(Notify::new());
+    let relay = relay(&tdb.db, transport.clone(), signal.clone());
+    let consumer = saga_consumer(transport.clone(), &broker.prefix, &engine);
+    let running = Running::start(consumer, Some(relay));
+
+    let (first, _) = place_order(&tdb.db, t0()).await;
+    signal.notify_one();
+    eventually(Duration::from_secs(10), "first order processing", || {
+        status_is(&tdb, first.order_id, "processing")
+    })
+    .await;
+
+    proxy.stall();
+    let (second, _) = place_order(&tdb.db, t0()).await;
+    signal.notify_one();
+    eventually(
+        Duration::from_secs(10),
+        "a reconnect swallowed by the stall",
+        || async { (proxy.connections_swallowed() >= 1).then_some(()) },
+    )
+    .await;
+
+    proxy.restore();
+    eventually(Duration::from_secs(20), "second order processing", || {
+        status_is(&tdb, second.order_id, "processing")
+    })
+    .await;
+    assert!(!running.consumer_finished(), "the consumer did not give up");
+
+    running.stop().await;
+    transport.close().await;
+    broker.delete().await;
+    tdb.drop().await;
+}

@@ -15,11 +15,17 @@ use tokio::sync::Notify;
 
 use crate::helpers::*;
 
-async fn proxied_transport(broker: &TestBroker, proxy: &TcpProxy) -> Arc<RabbitTransport> {
+/// A transport to `broker` through `proxy`, with quick reconnects; the
+/// confirm timeout also bounds each step of a reconnect.
+async fn proxied_transport(
+    broker: &TestBroker,
+    proxy: &TcpProxy,
+    confirm_timeout: Duration,
+) -> Arc<RabbitTransport> {
     let transport = RabbitTransport::connect(
         &proxy.url_for(&broker.url),
         &broker.exchange,
-        Duration::from_secs(5),
+        confirm_timeout,
         "test via proxy",
     )
     .await
@@ -42,7 +48,7 @@ async fn consumers_and_the_relay_resume_after_the_broker_connection_is_cut() {
     let broker = TestBroker::create().await;
     let upstream = server_addr(&broker.url, 5672);
     let proxy = TcpProxy::start(upstream).await.expect("proxy");
-    let transport = proxied_transport(&broker, &proxy).await;
+    let transport = proxied_transport(&broker, &proxy, Duration::from_secs(5)).await;
     let clock = saga::clock::ManualClock::new(t0());
     let engine = engine(&tdb.db, &clock, true);
     let signal = Arc::new(Notify::new());
@@ -216,20 +222,7 @@ async fn a_reconnect_into_a_broker_that_never_answers_times_out_and_tries_again(
     let proxy = TcpProxy::start(server_addr(&broker.url, 5672))
         .await
         .expect("proxy");
-    let transport = RabbitTransport::connect(
-        &proxy.url_for(&broker.url),
-        &broker.exchange,
-        Duration::from_millis(500),
-        "test via stalling proxy",
-    )
-    .await
-    .expect("connect through the proxy")
-    .with_reconnect_policy(ReconnectPolicy {
-        initial: Duration::from_millis(50),
-        max: Duration::from_millis(200),
-    });
-    transport.declare(&broker.topology).await.expect("declare");
-    let transport = Arc::new(transport);
+    let transport = proxied_transport(&broker, &proxy, Duration::from_millis(500)).await;
     let clock = saga::clock::ManualClock::new(t0());
     let engine = engine(&tdb.db, &clock, true);
     let signal = Arc::new(Notify::new());

@@ -425,10 +425,23 @@ async fn run_compose_flow(env_overrides: &[(&str, &str)], queue_type: QueueType)
         .await
         .expect("PostgreSQL at DATABASE_URL (see README, 'Services')");
     let database = format!("os_compose_{id}");
+    // Race-free on a server that has never seen the role: the compose tests
+    // run in parallel, and `IF NOT EXISTS ... CREATE ROLE` alone is not
+    // atomic (the loser gets 23505 on pg_authid). A transaction-scoped
+    // advisory lock serialises the check and the create (the DO block is one
+    // transaction, so the lock is held until the role is committed), and
+    // "already exists" is treated as success in case anything else creates
+    // the role at the same moment.
     let create_role = format!(
         "DO $$ BEGIN \
+           PERFORM pg_advisory_xact_lock(hashtext('order-saga compose role {pg_user}')); \
            IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{pg_user}') THEN \
-             CREATE ROLE \"{pg_user}\" LOGIN PASSWORD '{pg_password}'; \
+             BEGIN \
+               CREATE ROLE \"{pg_user}\" LOGIN PASSWORD '{pg_password}'; \
+             EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; \
+             END; \
+           ELSE \
+             ALTER ROLE \"{pg_user}\" LOGIN PASSWORD '{pg_password}'; \
            END IF; END $$"
     );
     admin.execute_unprepared(&create_role).await.expect("role");

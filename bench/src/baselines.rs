@@ -16,9 +16,10 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
+use orders::contracts::OrderLine;
+use orders::{Customer, OrderSaga};
 use rust_decimal::Decimal;
-use saga::engine::{Customer, OrderSagaEngine};
-use saga::message::OrderLine;
+use saga::engine::SagaEngine;
 use saga::testing::TestDatabase;
 use sea_orm::sea_query::Value;
 use sea_orm::sqlx::{self, Row};
@@ -36,7 +37,7 @@ const PRODUCT_IDS_FROM: i64 = 2_000_000_000;
 const ORDER_IDS_FROM: i64 = 3_000_000_000;
 const INSTANCE_IDS_FROM: i64 = 4_000_000_000;
 
-/// One order's creation transaction, as `OrderSagaEngine::place_order` issued it.
+/// One order's creation transaction, as `orders::place_order` issued it.
 pub struct CapturedOrder {
     pub statements: Vec<Statement>,
     order_id: i64,
@@ -113,7 +114,8 @@ pub async fn capture_place_order(
         unit_price: Decimal::new(1250, 2),
     };
     let txn = conn.begin().await?;
-    let placed = OrderSagaEngine::place_order(&txn, Utc::now(), customer, vec![line])
+    let engine = SagaEngine::new(OrderSaga::default(), conn.clone());
+    let placed = orders::place_order(&engine, &txn, customer, vec![line])
         .await
         .context("place_order failed while capturing its statements")?;
     txn.commit().await?;

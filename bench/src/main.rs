@@ -316,7 +316,7 @@ async fn run(options: Options) -> anyhow::Result<Figures> {
     let url = amqp_url();
 
     if options.wants("db") {
-        let db = TestDatabase::create().await;
+        let db = TestDatabase::create_with::<migration::Migrator>().await;
         let result = async {
             let (products, customer) = baselines::prepare_db(&db, scenarios::CATALOGUE).await?;
             let captured =

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use indicatif::ProgressBar;
-use saga::clock::SystemClock;
-use saga::engine::{EngineSettings, OrderSagaEngine};
-use saga::payment::FixedPayment;
+use orders::payment::FixedPayment;
+use orders::{OrderHooks, OrderSaga};
+use saga::engine::{EngineSettings, SagaEngine};
 use saga::testing::{TestBroker, TestDatabase};
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use serde::Serialize;
@@ -67,8 +67,8 @@ pub struct Services {
 
 impl Services {
     pub async fn create() -> anyhow::Result<Self> {
-        let db = TestDatabase::create().await;
-        let broker = TestBroker::create().await;
+        let db = TestDatabase::create_with::<migration::Migrator>().await;
+        let broker = TestBroker::create(orders::topology::queues).await;
         let products = match add_products(&db.db, CATALOGUE).await {
             Ok(p) => p,
             Err(e) => {
@@ -303,9 +303,11 @@ pub async fn burst(
                           WHERE trigger = 'PaymentDecided' AND outcome = 'applied') \
                         - (SELECT min(created_at) FROM orders)))::float8 AS span, \
                         (SELECT count(*) FROM saga_transitions WHERE trigger = 'PaymentDecided' \
-                          AND outcome = 'applied' AND payment_approved) AS approved, \
+                          AND outcome = 'applied' \
+                          AND (input->'PaymentDecided'->>'approved')::boolean) AS approved, \
                         (SELECT count(*) FROM saga_transitions WHERE trigger = 'PaymentDecided' \
-                          AND outcome = 'applied' AND NOT payment_approved) AS declined",
+                          AND outcome = 'applied' \
+                          AND NOT (input->'PaymentDecided'->>'approved')::boolean) AS declined",
             ))
             .await?
             .context("no burst summary")?;
@@ -393,8 +395,8 @@ async fn insert_stale_orders(
 }
 
 /// The expiration sweep over `count` stale orders, through the engine
-/// function the scheduler calls each tick (`expire_all_stale`, batch by
-/// batch as it does, so progress can be shown).
+/// function the scheduler calls each tick (`sweep_all`, batch by batch as
+/// it does, so progress can be shown).
 pub async fn sweep(
     count: usize,
     batch_size: u64,
@@ -402,29 +404,29 @@ pub async fn sweep(
     insert_progress: &ProgressBar,
     progress: &ProgressBar,
 ) -> anyhow::Result<Sweep> {
-    let db = TestDatabase::create().await;
+    let db = TestDatabase::create_with::<migration::Migrator>().await;
     let result = async {
         let products = add_products(&db.db, CATALOGUE).await?;
         insert_stale_orders(&db.db, count, &products, insert_progress).await?;
         let settings = EngineSettings {
-            processing_timeout: timeout,
             sweep_batch_size: batch_size,
             ..EngineSettings::default()
         };
-        let engine = OrderSagaEngine::new(
-            db.db.clone(),
-            Arc::new(SystemClock),
-            Arc::new(FixedPayment { approved: false }),
-            settings,
-        );
+        let saga = OrderSaga {
+            processing_timeout: timeout,
+            ..OrderSaga::default()
+        };
+        let engine = SagaEngine::new(saga, db.db.clone())
+            .with_hooks(OrderHooks::new(Arc::new(FixedPayment { approved: false })))
+            .with_settings(settings);
         let started = Instant::now();
         let mut expired = 0usize;
-        // The loop of `OrderSagaEngine::expire_all_stale`, with progress.
+        // The loop of `SagaEngine::sweep_all`, with progress.
         loop {
-            let batch = engine.try_expire_once().await?;
-            expired += batch.expired;
+            let batch = engine.try_sweep_once().await?;
+            expired += batch.timed_out;
             progress.set_position(expired as u64);
-            if (batch.examined as u64) < batch_size || batch.expired == 0 {
+            if (batch.examined as u64) < batch_size || batch.timed_out == 0 {
                 break;
             }
         }

@@ -82,8 +82,8 @@ impl Stack {
         if spec.runner {
             stack.spawn(hosts, "runner", spec.label, &env)?;
             let queues = [
-                saga::topology::saga_queue(&broker.prefix).name,
-                saga::topology::notifications_queue(&broker.prefix).name,
+                orders::topology::saga_queue(&broker.prefix).name,
+                orders::topology::notifications_queue(&broker.prefix).name,
             ];
             wait_for_consumers(&broker.url, &queues, Duration::from_secs(60)).await?;
         }

@@ -1,4 +1,6 @@
-//! sea-orm entities for every table of order-saga.
+//! sea-orm entities of order-saga's own tables (users, products, orders,
+//! notifications, idempotency keys). The saga tables belong to the `saga`
+//! library (`saga::schema`).
 //!
 //! Generated-style data definitions only: no behaviour lives here. The schema
 //! itself is owned by the `migration` crate; these structs mirror it.
@@ -8,10 +10,4 @@ pub mod notifications;
 pub mod order_items;
 pub mod orders;
 pub mod products;
-pub mod saga_inbox;
-pub mod saga_instances;
-pub mod saga_message_failures;
-pub mod saga_outbox;
-pub mod saga_timers;
-pub mod saga_transitions;
 pub mod users;

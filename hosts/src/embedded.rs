@@ -25,13 +25,14 @@ use poem::Server;
 use poem::listener::TcpListener;
 use saga::transport::Transport;
 use saga::transport::memory::MemoryTransport;
+use saga::workers::{SweepWorker, TimerWorker};
 use sea_orm::{ConnectOptions, Database, DatabaseConnection};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
 use crate::settings::Settings;
-use crate::{infra, ops, runner, scheduler};
+use crate::{infra, ops};
 
 /// The file behind a `sqlite:` URL, if it names one (not `:memory:`).
 pub fn sqlite_file(url: &str) -> Option<PathBuf> {
@@ -115,8 +116,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             .with_consumers(
                 consumer_status,
                 &[
-                    saga::topology::ORDER_SAGA_CONSUMER,
-                    saga::topology::NOTIFICATIONS_CONSUMER,
+                    orders::topology::ORDER_SAGA_CONSUMER,
+                    orders::topology::NOTIFICATIONS_CONSUMER,
                 ],
             )
             .with_shutdown(stop.clone()),
@@ -124,6 +125,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let loops = monitor.loops().clone();
     let state = Arc::new(AppState {
         outbox_signal: signal,
+        orders: engine.clone(),
         monitor,
         ..AppState::new(db, &settings)?
     });
@@ -138,8 +140,14 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         settings.api.public_url
     );
 
-    let timers_poll = Duration::from_millis(settings.timers.poll_interval_ms);
-    let sweep_interval = Duration::from_secs(settings.expiration.sweep_interval_seconds);
+    let timers = TimerWorker::new(
+        engine.clone(),
+        Duration::from_millis(settings.timers.poll_interval_ms),
+    );
+    let sweeper = SweepWorker::new(
+        engine.clone(),
+        Duration::from_secs(settings.expiration.sweep_interval_seconds),
+    );
     let (server, saga_result, notification_result, (), (), ()) = tokio::join!(
         async {
             let stopped = stop.clone();
@@ -163,14 +171,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             stop.cancel();
             r
         }),
-        loops.run(
-            "timers",
-            runner::run_timers(&engine, timers_poll, stop.clone())
-        ),
-        loops.run(
-            "expiration sweeps",
-            scheduler::run_sweeps(&engine, sweep_interval, stop.clone())
-        ),
+        loops.run("timers", timers.run_until_stopped(stop.clone())),
+        loops.run("expiration sweeps", sweeper.run_until_stopped(stop.clone())),
         loops.run("outbox relay", relay.run_until_stopped(stop.clone())),
     );
     memory.close();

@@ -6,13 +6,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use migration::{Migrator, MigratorTrait};
+use orders::notifications::NotificationHandler;
+use orders::payment::RandomPayment;
+use orders::topology::{self as order_topology, NOTIFICATIONS_CONSUMER, ORDER_SAGA_CONSUMER};
+use orders::{OrderHooks, OrderSaga};
+use saga::admin::Sagas;
 use saga::clock::SystemClock;
-use saga::consumer::{Consumer, RetryPolicy};
-use saga::engine::{EngineSettings, OrderSagaEngine};
-use saga::notifications::{NotificationHandler, OrderCreatedHandler};
+use saga::consumer::{Consumer, RetryPolicy, SagaHandler};
+use saga::engine::{EngineSettings, SagaEngine};
 use saga::outbox::{OutboxRelay, RelaySettings};
-use saga::payment::RandomPayment;
-use saga::topology::{self as saga_topology, NOTIFICATIONS_CONSUMER, ORDER_SAGA_CONSUMER};
 use saga::transport::Transport;
 use saga::transport::rabbitmq::{QueueType, RabbitTransport, ReconnectPolicy, Topology};
 use sea_orm::{ConnectOptions, Database, DatabaseConnection};
@@ -85,7 +87,7 @@ pub fn topology(settings: &Settings) -> Topology {
         QueueTypeSetting::Classic => QueueType::Classic,
         QueueTypeSetting::Quorum => QueueType::Quorum,
     };
-    saga::topology::topology(
+    order_topology::topology(
         &settings.rabbitmq.exchange,
         &settings.rabbitmq.queue_prefix,
         queue_type,
@@ -135,17 +137,25 @@ pub async fn connect_broker(
     Ok(Arc::new(transport))
 }
 
-pub fn engine_settings(settings: &Settings) -> EngineSettings {
-    EngineSettings {
+/// The order saga with its timings (`payment.delay_ms`,
+/// `expiration.processing_timeout_seconds`).
+pub fn order_saga(settings: &Settings) -> OrderSaga {
+    OrderSaga {
         payment_delay: chrono::Duration::milliseconds(
             i64::try_from(settings.payment.delay_ms).unwrap_or(i64::MAX),
         ),
         processing_timeout: chrono::Duration::seconds(
             i64::try_from(settings.expiration.processing_timeout_seconds).unwrap_or(i64::MAX),
         ),
-        sweep_batch_size: settings.expiration.batch_size,
+    }
+}
+
+/// The engine's limits and retry budget (`retry.*`, `expiration.batch_size`).
+pub fn engine_settings(settings: &Settings) -> EngineSettings {
+    EngineSettings {
         max_conflict_retries: 10,
         retry: retry_policy(settings),
+        sweep_batch_size: settings.expiration.batch_size,
     }
 }
 
@@ -182,17 +192,25 @@ pub async fn finish_within<T>(
     }
 }
 
-pub fn engine(settings: &Settings, db: DatabaseConnection, signal: Arc<Notify>) -> OrderSagaEngine {
-    OrderSagaEngine::new(
-        db,
-        Arc::new(SystemClock),
-        Arc::new(RandomPayment::new(
+/// The order saga's engine: its hooks draw payments from
+/// `payment.success_rate` (and `payment.seed`); `signal` wakes the relay.
+pub fn engine(
+    settings: &Settings,
+    db: DatabaseConnection,
+    signal: Arc<Notify>,
+) -> SagaEngine<OrderSaga> {
+    SagaEngine::new(order_saga(settings), db)
+        .with_hooks(OrderHooks::new(Arc::new(RandomPayment::new(
             settings.payment.success_rate,
             settings.payment.seed,
-        )),
-        engine_settings(settings),
-    )
-    .with_outbox_signal(signal)
+        ))))
+        .with_settings(engine_settings(settings))
+        .with_outbox_signal(signal)
+}
+
+/// The sagas this deployment runs, for operator commands.
+pub fn sagas(engine: &SagaEngine<OrderSaga>) -> Sagas {
+    Sagas::new().with(engine.clone())
 }
 
 /// The RabbitMQ host's outbox relay (see [`relay_on`]).
@@ -235,24 +253,24 @@ pub fn relay_on(
 pub fn consumers(
     settings: &Settings,
     transport: Arc<dyn Transport>,
-    engine: &OrderSagaEngine,
+    engine: &SagaEngine<OrderSaga>,
     db: &DatabaseConnection,
-) -> (Consumer<OrderCreatedHandler>, Consumer<NotificationHandler>) {
+) -> (
+    Consumer<SagaHandler<OrderSaga>>,
+    Consumer<NotificationHandler>,
+) {
     let prefix = &settings.rabbitmq.queue_prefix;
     let saga = Consumer::new(
         transport.clone(),
-        saga_topology::saga_queue(prefix),
+        order_topology::saga_queue(prefix),
         ORDER_SAGA_CONSUMER,
-        Arc::new(OrderCreatedHandler::new(
-            engine.clone(),
-            ORDER_SAGA_CONSUMER,
-        )),
+        Arc::new(SagaHandler::new(engine.clone(), ORDER_SAGA_CONSUMER)),
         retry_policy(settings),
         settings.rabbitmq.prefetch,
     );
     let notifications = Consumer::new(
         transport,
-        saga_topology::notifications_queue(prefix),
+        order_topology::notifications_queue(prefix),
         NOTIFICATIONS_CONSUMER,
         Arc::new(
             NotificationHandler::new(db.clone(), engine.clock().clone(), NOTIFICATIONS_CONSUMER)
@@ -268,7 +286,7 @@ pub fn consumers(
 pub struct Worker {
     pub db: DatabaseConnection,
     pub transport: Arc<RabbitTransport>,
-    pub engine: OrderSagaEngine,
+    pub engine: SagaEngine<OrderSaga>,
     pub relay: OutboxRelay,
 }
 

@@ -6,7 +6,8 @@
 //!
 //! The library records its own metrics (see `saga::metrics`); this module
 //! adds the HTTP ones and, at each scrape, refreshes the database-wide
-//! backlog gauges (orders by status, outbox backlog and lag, timers).
+//! backlog gauges (saga instances by type and state, parked instances,
+//! orders by status, outbox backlog and lag, timers).
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
@@ -51,6 +52,7 @@ pub fn handle() -> &'static PrometheusHandle {
         match metrics::set_global_recorder(recorder) {
             Ok(()) => {
                 saga::metrics::describe();
+                orders::metrics::describe();
                 metrics::describe_counter!(
                     HTTP_REQUESTS,
                     "HTTP requests by method, route template and status"
@@ -75,8 +77,17 @@ pub fn handle() -> &'static PrometheusHandle {
 /// every metric in the Prometheus text format.
 pub async fn render(db: &DatabaseConnection, clock: &Arc<dyn Clock>) -> String {
     let handle = handle();
-    match saga::metrics::backlog(db, clock.now()).await {
-        Ok(backlog) => saga::metrics::record_backlog(&backlog),
+    let known = [saga::metrics::KnownSaga::of::<orders::OrderSaga>()];
+    let read = async {
+        let backlog = saga::metrics::backlog(db, clock.now(), &known).await?;
+        let orders = orders::metrics::orders_by_status(db).await?;
+        Ok::<_, saga::SagaError>((backlog, orders))
+    };
+    match read.await {
+        Ok((backlog, orders)) => {
+            saga::metrics::record_backlog(&backlog);
+            orders::metrics::record(&orders);
+        }
         Err(e) => {
             metrics::counter!(BACKLOG_ERRORS).increment(1);
             tracing::warn!(error = %e, "metrics: could not read the backlog");

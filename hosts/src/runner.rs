@@ -1,80 +1,70 @@
-//! The saga runner: consumes `OrderCreated` (saga) and every order event
-//! (notifications), fires durable payment timers, and relays the outbox.
+//! The saga runner: consumes `OrderCreated` (the order saga) and every order
+//! event (notifications), fires durable payment timers, and relays the
+//! outbox; and the operator commands `parked`, `resume` and `redrive`
+//! (`runner --help`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use saga::engine::OrderSagaEngine;
-use saga::topology::{self, NOTIFICATIONS_CONSUMER, ORDER_SAGA_CONSUMER};
+use clap::{Parser, Subcommand};
+use orders::OrderSaga;
+use orders::topology::{NOTIFICATIONS_CONSUMER, ORDER_SAGA_CONSUMER};
+use saga::Saga as _;
+use saga::transport::Transport;
+use saga::workers::TimerWorker;
 use tokio_util::sync::CancellationToken;
 
 use crate::settings::Settings;
 use crate::{infra, ops};
-use saga::transport::Transport;
 
 pub use crate::infra::retry_policy;
 
-/// What the runner binary was asked to do.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Command {
-    /// Run consumers, timers and the relay until stopped (no arguments).
-    Run,
-    /// `runner parked [LIMIT]`: list parked order sagas.
-    Parked { limit: u64 },
-    /// `runner resume ORDER_ID`: resume a parked order saga with a fresh budget.
-    Resume { order_id: String },
-    /// `runner redrive saga|notifications [LIMIT]`: move messages from a
-    /// queue's error queue back to the queue.
-    Redrive { queue: String, limit: u32 },
+/// The saga types this runner knows (operator commands take one).
+pub const SAGA_TYPES: [&str; 1] = [OrderSaga::TYPE];
+/// The consumers whose error queues `redrive` empties.
+pub const CONSUMERS: [&str; 2] = [ORDER_SAGA_CONSUMER, NOTIFICATIONS_CONSUMER];
+
+/// The saga runner: consumers, durable timers and the outbox relay.
+#[derive(Debug, Parser)]
+#[command(name = "runner", version, about)]
+pub struct Cli {
+    /// What to do (`run` when omitted).
+    #[command(subcommand)]
+    pub command: Option<Command>,
 }
 
-pub const USAGE: &str = "usage: runner                       run the saga runner
-       runner parked [LIMIT]        list parked order sagas (default 100)
-       runner resume ORDER_ID       resume a parked order saga with a fresh retry budget
-       runner redrive saga|notifications [LIMIT]
-                                    move up to LIMIT (default 1000) messages from the
-                                    queue's .error queue back to the queue";
-
-impl Command {
-    /// Parses the arguments after the program name.
-    pub fn parse(args: &[String]) -> anyhow::Result<Self> {
-        let number = |arg: Option<&String>, default: u64, what: &str| -> anyhow::Result<u64> {
-            match arg {
-                None => Ok(default),
-                Some(a) => a.parse::<u64>().ok().filter(|n| *n > 0).with_context(|| {
-                    format!("{what} must be a positive number, got `{a}`\n{USAGE}")
-                }),
-            }
-        };
-        match args.first().map(String::as_str) {
-            None | Some("run") => Ok(Command::Run),
-            Some("parked") => Ok(Command::Parked {
-                limit: number(args.get(1), 100, "LIMIT")?,
-            }),
-            Some("resume") => match args.get(1) {
-                Some(id) if id.parse::<i64>().is_ok() => Ok(Command::Resume {
-                    order_id: id.clone(),
-                }),
-                Some(id) => {
-                    anyhow::bail!("ORDER_ID must be an order id (a number), got `{id}`\n{USAGE}")
-                }
-                None => anyhow::bail!("resume needs an ORDER_ID\n{USAGE}"),
-            },
-            Some("redrive") => match args.get(1).map(String::as_str) {
-                Some(q @ ("saga" | "notifications")) => Ok(Command::Redrive {
-                    queue: q.to_owned(),
-                    limit: u32::try_from(number(args.get(2), 1000, "LIMIT")?).unwrap_or(u32::MAX),
-                }),
-                Some(other) => {
-                    anyhow::bail!("redrive takes `saga` or `notifications`, got `{other}`\n{USAGE}")
-                }
-                None => anyhow::bail!("redrive needs a queue: saga or notifications\n{USAGE}"),
-            },
-            Some("-h" | "--help" | "help") => anyhow::bail!("{USAGE}"),
-            Some(other) => anyhow::bail!("unknown command `{other}`\n{USAGE}"),
-        }
-    }
+/// What the runner binary was asked to do.
+#[derive(Clone, Debug, PartialEq, Eq, Subcommand)]
+pub enum Command {
+    /// Run consumers, timers and the relay until stopped (the default).
+    Run,
+    /// List parked saga instances as JSON on stdout, oldest first.
+    Parked {
+        /// Only this saga type (every type when omitted).
+        #[arg(long = "saga", value_name = "SAGA_TYPE", value_parser = SAGA_TYPES)]
+        saga_type: Option<String>,
+        /// At most this many.
+        #[arg(default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+        limit: u64,
+    },
+    /// Resume a parked saga instance with a fresh retry budget.
+    Resume {
+        /// The saga type, e.g. `order`.
+        #[arg(value_parser = SAGA_TYPES)]
+        saga_type: String,
+        /// The instance's correlation id (for orders, the order id).
+        correlation_id: String,
+    },
+    /// Move messages from a consumer's `.error` queue back to its queue.
+    Redrive {
+        /// The consumer whose error queue is emptied.
+        #[arg(value_parser = CONSUMERS)]
+        consumer: String,
+        /// At most this many messages.
+        #[arg(default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+        limit: u32,
+    },
 }
 
 /// Runs `command` (the runner loop, or one operator command).
@@ -85,14 +75,14 @@ pub async fn main(
 ) -> anyhow::Result<()> {
     match command {
         Command::Run => run(settings, shutdown).await,
-        Command::Parked { limit } => {
+        Command::Parked { saga_type, limit } => {
             let db = infra::connect_database(&settings).await?;
-            let engine = infra::engine(&settings, db, Default::default());
-            let parked = engine.parked(limit).await?;
-            tracing::info!(count = parked.len(), "parked order sagas");
+            let parked = saga::engine::parked(&db, saga_type.as_deref(), limit).await?;
+            tracing::info!(count = parked.len(), "parked saga instances");
             for p in &parked {
                 tracing::info!(
-                    order_id = %p.correlation_id,
+                    saga_type = %p.saga_type,
+                    correlation_id = %p.correlation_id,
                     state = %p.state,
                     attempts = p.attempts,
                     parked_at = %p.parked_at.to_rfc3339(),
@@ -106,33 +96,32 @@ pub async fn main(
             writeln!(std::io::stdout(), "{out}")?;
             Ok(())
         }
-        Command::Resume { order_id } => {
+        Command::Resume {
+            saga_type,
+            correlation_id,
+        } => {
             let db = infra::connect_database(&settings).await?;
             let signal = Arc::new(tokio::sync::Notify::new());
-            let engine = infra::engine(&settings, db, signal);
-            let resumed = engine
-                .resume(&order_id)
+            let sagas = infra::sagas(&infra::engine(&settings, db, signal));
+            let resumed = sagas
+                .get(&saga_type)?
+                .resume(&correlation_id)
                 .await
-                .with_context(|| format!("Failed to resume order {order_id}"))?;
+                .with_context(|| format!("Failed to resume {saga_type} saga {correlation_id}"))?;
             tracing::info!(
-                order_id = %order_id,
-                state = %resumed.state,
+                saga_type = %saga_type,
+                correlation_id = %correlation_id,
+                state = resumed.state,
                 rerun = ?resumed.rerun,
                 "resumed; a running runner publishes what it queued"
             );
             Ok(())
         }
-        Command::Redrive { queue, limit } => {
-            let transport = infra::connect_broker(&settings, "order-saga redrive").await?;
+        Command::Redrive { consumer, limit } => {
             let prefix = &settings.rabbitmq.queue_prefix;
-            let (spec, consumer) = if queue == "saga" {
-                (topology::saga_queue(prefix), ORDER_SAGA_CONSUMER)
-            } else {
-                (
-                    topology::notifications_queue(prefix),
-                    NOTIFICATIONS_CONSUMER,
-                )
-            };
+            let spec = orders::topology::queue_of(&consumer, prefix)
+                .with_context(|| format!("no queue for consumer `{consumer}`"))?;
+            let transport = infra::connect_broker(&settings, "order-saga redrive").await?;
             let moved = transport.redrive(&spec, limit).await?;
             transport.close().await;
             // Messages without a saga instance keep their budget per message:
@@ -144,7 +133,7 @@ pub async fn main(
                 .filter_map(|id| id.parse().ok())
                 .collect();
             let db = infra::connect_database(&settings).await?;
-            let forgotten = saga::failures::forget(&db, consumer, &ids).await?;
+            let forgotten = saga::failures::forget(&db, &consumer, &ids).await?;
             tracing::info!(
                 moved = moved.len(),
                 budgets_reset = forgotten,
@@ -209,8 +198,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
                 // Each loop fires one timer per transaction; several share
                 // the due timers through SKIP LOCKED.
                 let workers = usize::try_from(settings.timers.workers).unwrap_or(1);
+                let worker = TimerWorker::new(engine.clone(), poll);
                 futures_util::future::join_all(
-                    (0..workers).map(|_| run_timers(&engine, poll, stop.clone())),
+                    (0..workers).map(|_| worker.run_until_stopped(stop.clone())),
                 )
                 .await;
             }),
@@ -232,53 +222,4 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     }
     tracing::info!("runner stopped");
     Ok(())
-}
-
-/// Fires due timers until none is due, then sleeps until the next one is due
-/// (at most `poll` so timers written by other runners are seen).
-pub async fn run_timers(engine: &OrderSagaEngine, poll: Duration, shutdown: CancellationToken) {
-    let mut failures: u32 = 0;
-    loop {
-        if shutdown.is_cancelled() {
-            return;
-        }
-        let mut failed = false;
-        loop {
-            match engine.try_fire_due_timer_once().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => break,
-                Err(e) => {
-                    failures = failures.saturating_add(1);
-                    // Repeated while the database is down: log the first
-                    // failures loudly, then back off quietly.
-                    if failures <= 3 {
-                        tracing::error!(error = %e, "firing a timer failed");
-                    } else {
-                        tracing::debug!(error = %e, failures, "firing a timer failed again");
-                    }
-                    failed = true;
-                    break;
-                }
-            }
-        }
-        let mut wait = poll;
-        if failed {
-            wait = (poll * 2u32.saturating_pow(failures.min(6))).min(Duration::from_secs(5));
-        } else {
-            if failures > 0 {
-                tracing::info!(failures, "timers fire again");
-            }
-            failures = 0;
-            if let Ok(Some(due)) = engine.next_timer_due().await {
-                let until = (due - engine.clock().now())
-                    .to_std()
-                    .unwrap_or(Duration::ZERO);
-                wait = wait.min(until);
-            }
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
-        }
-    }
 }

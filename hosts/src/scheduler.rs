@@ -1,11 +1,12 @@
-//! The scheduler: every `expiration.sweep_interval_seconds`, expires orders
-//! that have been `processing` for longer than the timeout, through the same
-//! state machine, and relays the resulting `OrderExpired` events.
+//! The scheduler: every `expiration.sweep_interval_seconds`, applies the
+//! order saga's state timeout (orders `processing` for longer than
+//! `expiration.processing_timeout_seconds` expire) through the same
+//! definition, and relays the resulting `OrderExpired` events.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use saga::engine::OrderSagaEngine;
+use saga::workers::SweepWorker;
 use tokio_util::sync::CancellationToken;
 
 use crate::settings::Settings;
@@ -37,12 +38,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         processing_timeout_seconds = settings.expiration.processing_timeout_seconds,
         "scheduler started"
     );
+    let sweeper = SweepWorker::new(engine.clone(), interval);
     let work = async {
         tokio::join!(
-            loops.run(
-                "expiration sweeps",
-                run_sweeps(&engine, interval, stop.clone())
-            ),
+            loops.run("expiration sweeps", sweeper.run_until_stopped(stop.clone())),
             loops.run("outbox relay", relay.run_until_stopped(stop.clone())),
             async {
                 let r = ops::serve(listener, monitor.clone(), stop.clone()).await;
@@ -59,27 +58,4 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     }
     tracing::info!("scheduler stopped");
     Ok(())
-}
-
-pub async fn run_sweeps(engine: &OrderSagaEngine, interval: Duration, shutdown: CancellationToken) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
-        let swept = engine.expire_all_stale().await;
-        saga::metrics::expiration_sweep(swept.as_ref().ok().map(|o| o.expired));
-        match swept {
-            Ok(outcome) if outcome.expired > 0 => {
-                tracing::info!(
-                    expired = outcome.expired,
-                    "expiration sweep expired stale orders"
-                )
-            }
-            Ok(_) => tracing::debug!("expiration sweep found nothing stale"),
-            Err(e) => tracing::error!(error = %e, "expiration sweep failed"),
-        }
-    }
 }

@@ -3,12 +3,13 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use entity::{order_items, orders, saga_instances, saga_outbox};
+use entity::{order_items, orders};
 use hosts::api::{self, AppState};
 use hosts::settings::{self, Settings};
 use poem::Endpoint;
 use poem::http::StatusCode;
 use poem::test::TestClient;
+use saga::schema::{instances as saga_instances, outbox as saga_outbox};
 use saga::testing::TestDatabase;
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 use serde_json::{Value, json};
@@ -173,7 +174,7 @@ fn assert_problem(status: StatusCode, content_type: &str, body: &Value, want: St
 
 #[tokio::test]
 async fn registering_twice_with_one_email_is_a_conflict_naming_the_field() {
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let api = api(&tdb).await;
     let body = json!({"name": "A", "email": "Dup@Example.com", "password": "password-1"});
     let (status, _, user) = api
@@ -191,7 +192,7 @@ async fn registering_twice_with_one_email_is_a_conflict_naming_the_field() {
 
 #[tokio::test]
 async fn bad_input_is_a_4xx_problem_never_a_500() {
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let api = api(&tdb).await;
     let (_, token) = api.user().await;
     let cases: Vec<(&str, Option<&str>, Value, StatusCode, &str)> = vec![
@@ -344,7 +345,7 @@ async fn bad_input_is_a_4xx_problem_never_a_500() {
 
 #[tokio::test]
 async fn placing_an_order_writes_order_items_saga_and_outbox_together_with_server_prices() {
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let api = api(&tdb).await;
     let (user_id, token) = api.user().await;
     let (_, _, products) = api.call("GET", "/api/products", Some(&token), None).await;
@@ -408,7 +409,7 @@ async fn placing_an_order_writes_order_items_saga_and_outbox_together_with_serve
 
 #[tokio::test]
 async fn another_users_order_and_its_notifications_answer_404() {
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let api = api(&tdb).await;
     let (_, alice) = api.user().await;
     let (_, bob) = api.user().await;
@@ -452,7 +453,7 @@ async fn another_users_order_and_its_notifications_answer_404() {
 
 #[tokio::test]
 async fn the_spec_documents_every_operation_with_the_bearer_scheme_and_swagger_ui_is_served() {
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let api = api(&tdb).await;
     let (status, _, spec) = api.call("GET", "/openapi.json", None, None).await;
     assert_eq!(status, StatusCode::OK);
@@ -519,7 +520,7 @@ async fn stock_of(tdb: &TestDatabase, id: i64) -> i32 {
 
 #[tokio::test]
 async fn passwords_are_stored_as_argon2id_with_owasp_parameters() {
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let api = api(&tdb).await;
     let (id, _) = api.user().await;
     let user = entity::users::Entity::find_by_id(id)
@@ -539,7 +540,7 @@ async fn passwords_are_stored_as_argon2id_with_owasp_parameters() {
 
 #[tokio::test]
 async fn admins_list_users_and_everyone_else_gets_403() {
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let api = api(&tdb).await;
     let (alice_id, alice) = api.user().await;
     let (status, ct, problem) = api.call("GET", "/api/users", Some(&alice), None).await;
@@ -567,7 +568,7 @@ async fn admins_list_users_and_everyone_else_gets_403() {
 
 #[tokio::test]
 async fn products_are_read_by_signed_in_users_and_written_by_admins_only() {
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let api = api(&tdb).await;
     let (_, user) = api.user().await;
     let admin = api.admin().await;
@@ -700,7 +701,7 @@ async fn products_are_read_by_signed_in_users_and_written_by_admins_only() {
 
 #[tokio::test]
 async fn not_enough_stock_is_409_naming_the_line_and_writes_nothing() {
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let api = api(&tdb).await;
     let (_, token) = api.user().await;
     let admin = api.admin().await;
@@ -754,7 +755,7 @@ async fn not_enough_stock_is_409_naming_the_line_and_writes_nothing() {
 
 #[tokio::test]
 async fn repeated_products_in_one_order_are_added_up_on_one_line() {
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let api = api(&tdb).await;
     let (_, token) = api.user().await;
     let stock = stock_of(&tdb, 1).await;
@@ -781,7 +782,7 @@ async fn repeated_products_in_one_order_are_added_up_on_one_line() {
 
 #[tokio::test]
 async fn an_order_total_beyond_the_largest_amount_is_422_and_writes_nothing() {
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let api = api(&tdb).await;
     let (_, token) = api.user().await;
     let admin = api.admin().await;
@@ -811,7 +812,7 @@ async fn an_order_total_beyond_the_largest_amount_is_422_and_writes_nothing() {
 
 #[tokio::test]
 async fn orders_are_listed_newest_first_with_pagination_and_a_status_filter() {
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let api = api(&tdb).await;
     let (_, alice) = api.user().await;
     let (_, bob) = api.user().await;
@@ -864,7 +865,7 @@ async fn orders_are_listed_newest_first_with_pagination_and_a_status_filter() {
 
 #[tokio::test]
 async fn an_idempotency_key_replays_the_first_response_and_places_nothing_new() {
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let api = api(&tdb).await;
     let (_, alice) = api.user().await;
     let (_, bob) = api.user().await;
@@ -926,7 +927,7 @@ async fn an_idempotency_key_replays_the_first_response_and_places_nothing_new() 
 
 #[tokio::test]
 async fn an_expired_idempotency_key_is_forgotten() {
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let api = api(&tdb).await;
     let (_, alice) = api.user().await;
     let key = [("idempotency-key", "k-expiring")];
@@ -965,7 +966,7 @@ async fn an_expired_idempotency_key_is_forgotten() {
 
 #[tokio::test]
 async fn a_stored_response_that_cannot_be_read_replays_the_order_itself() {
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let api = api(&tdb).await;
     let (_, alice) = api.user().await;
     let key = [("idempotency-key", "k-old-format")];
@@ -988,7 +989,7 @@ async fn a_stored_response_that_cannot_be_read_replays_the_order_itself() {
 
 #[tokio::test]
 async fn two_racing_requests_with_one_idempotency_key_place_one_order() {
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let api = api(&tdb).await;
     let (_, alice) = api.user().await;
     let body =
@@ -1010,7 +1011,7 @@ async fn two_racing_requests_with_one_idempotency_key_place_one_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_orders_for_the_same_products_all_succeed_and_reserve_their_stock() {
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let api = api(&tdb).await;
     let (_, alice) = api.user().await;
     let (_, bob) = api.user().await;
@@ -1040,7 +1041,7 @@ async fn concurrent_orders_for_the_same_products_all_succeed_and_reserve_their_s
 
 #[tokio::test]
 async fn notifications_are_read_only_filtered_and_scoped_to_their_owner() {
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let api = api(&tdb).await;
     let (alice_id, alice) = api.user().await;
     let (bob_id, bob) = api.user().await;
@@ -1155,7 +1156,7 @@ async fn notifications_are_read_only_filtered_and_scoped_to_their_owner() {
 
 #[tokio::test]
 async fn an_orders_history_is_its_journal_in_order() {
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let api = api(&tdb).await;
     let (_, alice) = api.user().await;
     let id = api.order(&alice, 1).await;
@@ -1185,7 +1186,7 @@ async fn an_orders_history_is_its_journal_in_order() {
 
 #[tokio::test]
 async fn the_saga_diagram_and_transition_table_are_public() {
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let api = api(&tdb).await;
     let resp = api.client.get("/api/sagas/order/diagram").send().await.0;
     assert_eq!(resp.status(), StatusCode::OK);
@@ -1196,7 +1197,10 @@ async fn the_saga_diagram_and_transition_table_are_public() {
             .is_some_and(|v| v.starts_with("text/plain"))
     );
     let text = resp.into_body().into_string().await.expect("text");
-    assert_eq!(text, saga::machine::mermaid());
+    assert_eq!(
+        text,
+        saga::describe::mermaid(&::orders::OrderSaga::default())
+    );
     assert!(text.starts_with("stateDiagram-v2"));
     let (status, _, table) = api
         .call("GET", "/api/sagas/order/transitions", None, None)
@@ -1204,7 +1208,7 @@ async fn the_saga_diagram_and_transition_table_are_public() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         table.as_array().expect("rows").len(),
-        saga::machine::describe().len()
+        saga::describe::transitions(&::orders::OrderSaga::default()).len()
     );
     assert!(table.as_array().expect("rows").iter().any(|r| {
         r["from"] == "processing"
@@ -1216,7 +1220,7 @@ async fn the_saga_diagram_and_transition_table_are_public() {
 
 #[tokio::test]
 async fn bodies_over_64_kib_are_413_with_or_without_content_length() {
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let api = api(&tdb).await;
     let (_, token) = api.user().await;
     let big = format!(
@@ -1278,7 +1282,7 @@ async fn bodies_over_64_kib_are_413_with_or_without_content_length() {
 
 #[tokio::test]
 async fn a_body_that_is_not_json_is_415() {
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let api = api(&tdb).await;
     let (_, token) = api.user().await;
     for content_type in [
@@ -1310,7 +1314,7 @@ async fn a_body_that_is_not_json_is_415() {
 
 #[tokio::test]
 async fn failed_logins_per_account_and_attempts_per_address_are_limited_with_429() {
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let mut s = settings();
     s.auth.login_max_failures_per_account = 3;
     s.auth.login_max_attempts_per_address = 8;
@@ -1389,7 +1393,7 @@ async fn failed_logins_per_account_and_attempts_per_address_are_limited_with_429
 
 #[tokio::test]
 async fn a_successful_login_clears_the_accounts_failures() {
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let mut s = settings();
     s.auth.login_max_failures_per_account = 2;
     let api = api_with(&tdb, s).await;
@@ -1424,7 +1428,7 @@ async fn a_successful_login_clears_the_accounts_failures() {
 #[tokio::test]
 async fn tokens_are_checked_for_algorithm_issuer_audience_and_lifetime() {
     use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let s = settings();
     let api = api(&tdb).await;
     let (id, good) = api.user().await;
@@ -1519,7 +1523,7 @@ fn a_signing_key_shorter_than_256_bits_is_refused() {
 
 #[tokio::test]
 async fn cors_headers_are_sent_only_for_configured_origins() {
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let mut s = settings();
     s.api.cors_allowed_origins = vec!["https://shop.example.com".into()];
     let api = api_with(&tdb, s).await;
@@ -1559,7 +1563,7 @@ async fn cors_headers_are_sent_only_for_configured_origins() {
 
 #[tokio::test]
 async fn an_unsupported_method_is_405_with_an_allow_header() {
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let api = api(&tdb).await;
     for (method, path, allow) in [
         ("DELETE", "/api/orders", "GET, POST"),

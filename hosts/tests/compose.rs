@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{Api, Processes, free_port};
-use entity::saga_transitions;
+use saga::schema::transitions as saga_transitions;
 use saga::testing::{amqp_url, database_url, with_database};
 use saga::transport::rabbitmq::{QueueType, RabbitTransport, Topology};
 use sea_orm::{ColumnTrait, ConnectionTrait, Database, EntityTrait, QueryFilter};
@@ -396,7 +396,7 @@ async fn create_broker(queue_type: QueueType) -> Broker {
     )
     .await
     .expect("RabbitMQ at AMQP_URL (see README, 'Services')");
-    let topology = saga::topology::topology(&exchange, &prefix, queue_type);
+    let topology = orders::topology::topology(&exchange, &prefix, queue_type);
     transport.declare(&topology).await.expect("test topology");
     Broker {
         transport,
@@ -575,7 +575,14 @@ async fn run_compose_flow(env_overrides: &[(&str, &str)], queue_type: QueueType)
     assert_eq!(decisions.len(), ORDERS, "one payment decision per order");
     let approved: Vec<i64> = decisions
         .iter()
-        .filter(|t| t.payment_approved == Some(true))
+        .filter(|t| {
+            matches!(
+                t.input
+                    .clone()
+                    .and_then(|i| serde_json::from_value::<orders::OrderInput>(i).ok()),
+                Some(orders::OrderInput::PaymentDecided { approved: true, .. })
+            )
+        })
         .map(|t| t.correlation_id.parse().expect("order id"))
         .collect();
     let declined: Vec<i64> = ids

@@ -9,7 +9,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{Api, Processes, free_port, host_env};
-use entity::{notifications, saga_instances};
+use entity::notifications;
+use saga::schema::instances as saga_instances;
 use saga::testing::{TcpProxy, TestBroker, TestDatabase, amqp_url, eventually};
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 use serde_json::Value;
@@ -135,8 +136,8 @@ fn server_addr(url: &str, default_port: u16) -> std::net::SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_payments_always_approved_every_order_completes_with_one_completed_notification() {
-    let tdb = TestDatabase::create().await;
-    let broker = TestBroker::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
+    let broker = TestBroker::create(orders::topology::queues).await;
     let mut stack = Stack::start(&tdb, &broker, "1").await;
     let (token, user) = stack.api.register_and_login().await;
     let ids = stack.api.place_orders(&token, user, ORDERS).await;
@@ -156,8 +157,8 @@ async fn with_payments_always_approved_every_order_completes_with_one_completed_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_payments_always_declined_every_order_expires_with_one_expired_notification() {
-    let tdb = TestDatabase::create().await;
-    let broker = TestBroker::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
+    let broker = TestBroker::create(orders::topology::queues).await;
     let mut stack = Stack::start(&tdb, &broker, "0").await;
     let (token, user) = stack.api.register_and_login().await;
     let ids = stack.api.place_orders(&token, user, ORDERS).await;
@@ -207,8 +208,8 @@ async fn ride_out_an_outage(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_runner_rides_out_a_broker_outage_without_exiting_or_losing_orders() {
-    let tdb = TestDatabase::create().await;
-    let broker = TestBroker::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
+    let broker = TestBroker::create(orders::topology::queues).await;
     let proxy = TcpProxy::start(server_addr(&amqp_url(), 5672))
         .await
         .expect("proxy");
@@ -228,8 +229,8 @@ async fn the_runner_rides_out_a_broker_outage_without_exiting_or_losing_orders()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_runner_rides_out_a_database_outage_without_exiting_or_losing_orders() {
-    let tdb = TestDatabase::create().await;
-    let broker = TestBroker::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
+    let broker = TestBroker::create(orders::topology::queues).await;
     let proxy = TcpProxy::start(server_addr(&tdb.url, 5432))
         .await
         .expect("proxy");
@@ -252,8 +253,8 @@ async fn the_runner_rides_out_a_database_outage_without_exiting_or_losing_orders
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_every_host_with_exit_0_and_a_restarted_runner_finishes_the_work() {
-    let tdb = TestDatabase::create().await;
-    let broker = TestBroker::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
+    let broker = TestBroker::create(orders::topology::queues).await;
     // A 2 s payment keeps every order in flight when the runner is stopped.
     let slow_payment = [("APP__PAYMENT__DELAY_MS", "2000".to_owned())];
     // No expiry race: the orders wait out the restart, so they must not be
@@ -295,8 +296,8 @@ async fn sigterm_stops_every_host_with_exit_0_and_a_restarted_runner_finishes_th
 async fn runner_operator_commands_list_parked_sagas_redrive_dead_letters_and_reject_bad_arguments()
 {
     use sea_orm::ConnectionTrait;
-    let tdb = TestDatabase::create().await;
-    let broker = TestBroker::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
+    let broker = TestBroker::create(orders::topology::queues).await;
     let config_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configuration");
     // The api would migrate; here the test database is migrated already.
     tdb.db
@@ -322,19 +323,48 @@ async fn runner_operator_commands_list_parked_sagas_redrive_dead_letters_and_rej
     let listed = run(&["parked"]);
     assert!(listed.status.success(), "{listed:?}");
     let parked: Value = serde_json::from_slice(&listed.stdout).expect("JSON on stdout");
+    assert_eq!(parked[0]["saga_type"], "order");
     assert_eq!(parked[0]["correlation_id"], "4242");
     assert_eq!(parked[0]["attempts"], 3);
     assert_eq!(parked[0]["last_error"], "boom");
+    let of_type = run(&["parked", "--saga", "order", "5"]);
+    assert!(of_type.status.success(), "{of_type:?}");
+    let parked: Value = serde_json::from_slice(&of_type.stdout).expect("JSON on stdout");
+    assert_eq!(parked.as_array().map(Vec::len), Some(1));
 
-    let bad = run(&["resume", "abc"]);
-    assert_eq!(bad.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("ORDER_ID must be an order id"));
-    let unknown = run(&["resume", "999"]);
+    // Bad command lines exit 2 and say what is wrong (clap).
+    let stderr = |out: &std::process::Output| String::from_utf8_lossy(&out.stderr).into_owned();
+    let unknown_type = run(&["resume", "invoice", "1"]);
+    assert_eq!(unknown_type.status.code(), Some(2), "{unknown_type:?}");
+    assert!(
+        stderr(&unknown_type).contains("invoice"),
+        "{unknown_type:?}"
+    );
+    let missing_id = run(&["resume", "order"]);
+    assert_eq!(missing_id.status.code(), Some(2), "{missing_id:?}");
+    assert!(
+        stderr(&missing_id).contains("CORRELATION_ID"),
+        "{missing_id:?}"
+    );
+    let zero = run(&["parked", "0"]);
+    assert_eq!(zero.status.code(), Some(2), "{zero:?}");
+    let unknown_command = run(&["explode"]);
+    assert_eq!(
+        unknown_command.status.code(),
+        Some(2),
+        "{unknown_command:?}"
+    );
+    let help = run(&["--help"]);
+    assert_eq!(help.status.code(), Some(0), "{help:?}");
+    assert!(String::from_utf8_lossy(&help.stdout).contains("redrive"));
+    // A well-formed command for an instance that does not exist fails with
+    // the reason.
+    let unknown = run(&["resume", "order", "999"]);
     assert_eq!(unknown.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no order saga instance"));
+    assert!(stderr(&unknown).contains("no order saga instance"));
 
     // Two dead letters in the saga's error queue; re-drive one, then the rest.
-    let queue = saga::topology::saga_queue(&broker.prefix);
+    let queue = orders::topology::saga_queue(&broker.prefix);
     for body in [&b"{first"[..], &b"{second"[..]] {
         broker
             .transport
@@ -342,7 +372,7 @@ async fn runner_operator_commands_list_parked_sagas_redrive_dead_letters_and_rej
             .await
             .expect("a dead letter");
     }
-    let one = run(&["redrive", "saga", "1"]);
+    let one = run(&["redrive", "order-saga", "1"]);
     assert!(one.status.success(), "{one:?}");
     assert!(String::from_utf8_lossy(&one.stderr).contains("moved=1"));
     let depth = |name: String| {
@@ -351,7 +381,7 @@ async fn runner_operator_commands_list_parked_sagas_redrive_dead_letters_and_rej
     };
     assert_eq!(depth(queue.name.clone()).await, 1);
     assert_eq!(depth(queue.error_queue()).await, 1);
-    let rest = run(&["redrive", "saga"]);
+    let rest = run(&["redrive", "order-saga"]);
     assert!(rest.status.success(), "{rest:?}");
     assert_eq!(depth(queue.name.clone()).await, 2);
     assert_eq!(depth(queue.error_queue()).await, 0);

@@ -155,8 +155,8 @@ async fn start_all(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scrape_after_three_completed_orders_shows_every_counter_moved_by_three() {
-    let tdb = TestDatabase::create().await;
-    let broker = TestBroker::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
+    let broker = TestBroker::create(orders::topology::queues).await;
     let (mut procs, api, env) = start_all(&tdb, &broker, "1").await;
     let runner = base_of(&env, "APP__MONITORING__RUNNER_LISTEN");
     let scheduler = base_of(&env, "APP__MONITORING__SCHEDULER_LISTEN");
@@ -218,7 +218,11 @@ async fn a_scrape_after_three_completed_orders_shows_every_counter_moved_by_thre
     assert_eq!(
         count(
             "saga_transitions_total",
-            &[("from", "pending"), ("to", "processing")]
+            &[
+                ("saga_type", "order"),
+                ("from", "pending"),
+                ("to", "processing")
+            ]
         ),
         3.0
     );
@@ -229,7 +233,10 @@ async fn a_scrape_after_three_completed_orders_shows_every_counter_moved_by_thre
         ),
         3.0
     );
-    assert_eq!(count("saga_timers_fired_total", &[]), 3.0);
+    assert_eq!(
+        count("saga_timers_fired_total", &[("saga_type", "order")]),
+        3.0
+    );
     assert_eq!(count("saga_timer_lateness_seconds_count", &[]), 3.0);
     assert_eq!(
         count(
@@ -251,6 +258,20 @@ async fn a_scrape_after_three_completed_orders_shows_every_counter_moved_by_thre
     for status in ["pending", "processing", "expired"] {
         assert_eq!(count("saga_orders", &[("status", status)]), 0.0, "{status}");
     }
+    // The library's own gauge: instances by saga type and state.
+    let order_saga = ("saga_type", "order");
+    assert_eq!(
+        count("saga_instances", &[order_saga, ("state", "completed")]),
+        3.0
+    );
+    for state in ["pending", "processing", "expired"] {
+        assert_eq!(
+            count("saga_instances", &[order_saga, ("state", state)]),
+            0.0,
+            "{state}"
+        );
+    }
+    assert_eq!(count("saga_instances_parked", &[order_saga]), 0.0);
     assert_eq!(count("saga_timers_pending", &[]), 0.0);
     assert_eq!(count("saga_timers_overdue", &[]), 0.0);
 
@@ -315,19 +336,23 @@ async fn a_scrape_after_three_completed_orders_shows_every_counter_moved_by_thre
         let scheduler = scheduler.clone();
         async move {
             let text = get_text(&format!("{scheduler}/metrics")).await?.1;
-            (metric(&text, "saga_expiration_sweeps_total", &[("outcome", "ok")]) >= 1.0)
+            (metric(
+                &text,
+                "saga_sweeps_total",
+                &[("saga_type", "order"), ("outcome", "ok")],
+            ) >= 1.0)
                 .then_some(text)
         }
     })
     .await;
     assert_eq!(
-        metric(&scheduler_text, "saga_orders_expired_total", &[]),
+        metric(&scheduler_text, "saga_state_timeouts_total", &[]),
         0.0
     );
     assert_eq!(
         metric(
             &scheduler_text,
-            "saga_expiration_sweeps_total",
+            "saga_sweeps_total",
             &[("outcome", "failed")]
         ),
         0.0
@@ -340,8 +365,8 @@ async fn a_scrape_after_three_completed_orders_shows_every_counter_moved_by_thre
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scrape_after_two_declined_orders_shows_two_expired_by_the_scheduler() {
-    let tdb = TestDatabase::create().await;
-    let broker = TestBroker::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
+    let broker = TestBroker::create(orders::topology::queues).await;
     let (mut procs, api, env) = start_all(&tdb, &broker, "0").await;
     let runner = base_of(&env, "APP__MONITORING__RUNNER_LISTEN");
     let scheduler = base_of(&env, "APP__MONITORING__SCHEDULER_LISTEN");
@@ -378,7 +403,11 @@ async fn a_scrape_after_two_declined_orders_shows_two_expired_by_the_scheduler()
     );
     let scheduler_text = scrape(&mut procs, &scheduler).await;
     assert_eq!(
-        metric(&scheduler_text, "saga_orders_expired_total", &[]),
+        metric(
+            &scheduler_text,
+            "saga_state_timeouts_total",
+            &[("saga_type", "order"), ("state", "processing")]
+        ),
         2.0
     );
     assert_eq!(
@@ -425,8 +454,8 @@ fn start_runner(env: &[(String, String)]) -> Processes {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_names_the_broker_while_its_connection_is_cut_and_recovers_when_it_returns() {
-    let tdb = TestDatabase::create().await;
-    let broker = TestBroker::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
+    let broker = TestBroker::create(orders::topology::queues).await;
     let upstream = format!(
         "127.0.0.1:{}",
         amqp_url()
@@ -492,8 +521,8 @@ async fn readiness_names_the_broker_while_its_connection_is_cut_and_recovers_whe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_whose_queue_is_deleted_under_it_is_reported_until_it_subscribes_again() {
-    let tdb = TestDatabase::create().await;
-    let broker = TestBroker::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
+    let broker = TestBroker::create(orders::topology::queues).await;
     // A long resubscribe backoff keeps the consumer away long enough to see.
     let env = with_overrides(
         &stack_env(&tdb, &broker, "1"),
@@ -507,7 +536,7 @@ async fn a_consumer_whose_queue_is_deleted_under_it_is_reported_until_it_subscri
     wait_ready(&mut procs, &runner, 200, "the runner to be ready").await;
 
     // The test's own queue: the broker cancels the runner's consumer on it.
-    let queue = saga::topology::saga_queue(&broker.prefix).name;
+    let queue = orders::topology::saga_queue(&broker.prefix).name;
     let deleted = std::process::Command::new("rabbitmqctl")
         .args(["delete_queue", &queue])
         .output()
@@ -544,8 +573,8 @@ async fn a_consumer_whose_queue_is_deleted_under_it_is_reported_until_it_subscri
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_taken_monitoring_port_stops_the_runner_with_a_message_naming_the_key() {
-    let tdb = TestDatabase::create().await;
-    let broker = TestBroker::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
+    let broker = TestBroker::create(orders::topology::queues).await;
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
     let address = taken.local_addr().expect("address").to_string();
     let env = with_overrides(

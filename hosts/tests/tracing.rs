@@ -184,8 +184,8 @@ fn same_id(value: Option<&Value>, id: i64) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_declined_order_is_one_trace_across_api_runner_and_scheduler_with_ids_in_every_log_line()
  {
-    let tdb = TestDatabase::create().await;
-    let broker = TestBroker::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
+    let broker = TestBroker::create(orders::topology::queues).await;
     let (collector, received, collector_task) = start_collector().await;
 
     let port = free_port();
@@ -276,8 +276,8 @@ async fn one_declined_order_is_one_trace_across_api_runner_and_scheduler_with_id
         assert!(names_of("runner").contains(name), "runner span {name}");
     }
     assert!(
-        names_of("scheduler").contains("order.expire"),
-        "scheduler span order.expire"
+        names_of("scheduler").contains("state.timeout"),
+        "scheduler span state.timeout"
     );
     // Every host runs a relay and any relay may publish any row: each event
     // was published once, by some host.
@@ -330,12 +330,24 @@ async fn one_declined_order_is_one_trace_across_api_runner_and_scheduler_with_id
         if let Some(order_id) = s.attributes.get("order_id") {
             assert_eq!(order_id, &id.to_string(), "{} {}", s.service, s.name);
         }
+        if let Some(correlation_id) = s.attributes.get("correlation_id") {
+            assert_eq!(correlation_id, &id.to_string(), "{} {}", s.service, s.name);
+        }
     }
-    // The expiry continues the runner's payment decision.
+    // The expiry (the order saga's state timeout) continues the runner's
+    // payment decision.
     let expire = trace
         .iter()
-        .find(|s| s.name == "order.expire")
-        .expect("order.expire");
+        .find(|s| s.name == "state.timeout")
+        .expect("state.timeout");
+    assert_eq!(
+        expire.attributes.get("saga_type").map(String::as_str),
+        Some("order")
+    );
+    assert_eq!(
+        expire.attributes.get("state").map(String::as_str),
+        Some("processing")
+    );
     let fire = trace
         .iter()
         .find(|s| s.name == "timer.fire")
@@ -366,7 +378,9 @@ async fn one_declined_order_is_one_trace_across_api_runner_and_scheduler_with_id
                 procs.fail(&format!("{name} wrote a line that is not JSON: {line}"));
             };
             let fields = fields_of(&parsed);
-            if !same_id(fields.get("order_id"), id) {
+            // The library names the instance by its correlation id (the
+            // order id); the order saga's own spans add `order_id`.
+            if !same_id(fields.get("correlation_id"), id) && !same_id(fields.get("order_id"), id) {
                 continue;
             }
             about_order += 1;
@@ -374,6 +388,9 @@ async fn one_declined_order_is_one_trace_across_api_runner_and_scheduler_with_id
                 same_id(fields.get("correlation_id"), id),
                 "{name}: no correlation_id: {line}"
             );
+            if let Some(order_id) = fields.get("order_id") {
+                assert!(same_id(Some(order_id), id), "{name}: another order: {line}");
+            }
             assert_eq!(
                 fields.get("trace_id").and_then(Value::as_str),
                 Some(trace_id.as_str()),

@@ -20,14 +20,6 @@ pub fn timestamp(col: impl IntoIden) -> ColumnDef {
         .to_owned()
 }
 
-/// `TIMESTAMPTZ NULL`.
-pub fn timestamp_null(col: impl IntoIden) -> ColumnDef {
-    ColumnDef::new(col)
-        .timestamp_with_time_zone()
-        .null()
-        .to_owned()
-}
-
 /// Money: `NUMERIC(12, 2) NOT NULL`.
 pub fn money(col: impl IntoIden) -> ColumnDef {
     ColumnDef::new(col).decimal_len(12, 2).not_null().to_owned()

@@ -1,4 +1,6 @@
-//! Schema of order-saga and its idempotent seed data.
+//! Schema of order-saga and its idempotent seed data: the `saga` library's
+//! tables (its own migrations, [`saga::schema::migrations`]) and the order
+//! domain's tables.
 //!
 //! Applied by the API host at start (`Migrator::up`), and runnable on its own
 //! with `cargo run -p migration --bin migrate` (reads `DATABASE_URL`).
@@ -7,25 +9,24 @@ pub use sea_orm_migration::prelude::*;
 
 mod columns;
 mod m20261124_000001_create_domain_tables;
-mod m20261124_000002_create_saga_tables;
 mod m20261124_000003_seed_products;
-mod m20261124_000004_create_message_failures;
 mod m20261124_000005_create_idempotency_keys;
-mod m20261124_000006_add_trace_context;
 
 pub struct Migrator;
 
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![
-            Box::new(m20261124_000001_create_domain_tables::Migration),
-            Box::new(m20261124_000002_create_saga_tables::Migration),
+        // The library's tables first (they do not refer to the domain's);
+        // the names of all migrations are what a migrated database
+        // remembers, so the order of the two lists does not matter to it.
+        let mut all = saga::schema::migrations();
+        all.extend([
+            Box::new(m20261124_000001_create_domain_tables::Migration) as Box<dyn MigrationTrait>,
             Box::new(m20261124_000003_seed_products::Migration),
-            Box::new(m20261124_000004_create_message_failures::Migration),
             Box::new(m20261124_000005_create_idempotency_keys::Migration),
-            Box::new(m20261124_000006_add_trace_context::Migration),
-        ]
+        ]);
+        all
     }
 }
 

@@ -4,17 +4,19 @@
 //! the consumer carries on.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::engine::Attempts;
+use crate::definition::Saga;
+use crate::engine::{Handled, SagaEngine};
 use crate::error::{SagaError, TransportError};
 use crate::message::Envelope;
 use crate::metrics::{self as saga_metrics, ConsumeResult};
+use crate::retry::Attempts;
+pub use crate::retry::RetryPolicy;
 use crate::trace;
 use crate::transport::status::ConsumerRegistry;
 use crate::transport::{Delivery, QueueSpec, Transport};
@@ -45,6 +47,13 @@ pub trait MessageHandler: Send + Sync + 'static {
         envelope: &Envelope,
         error: &SagaError,
     ) -> Result<Attempts, SagaError>;
+
+    /// The message types this handler takes; metrics label these by name
+    /// and everything else `other` (message types come from the wire; the
+    /// label set must stay bounded).
+    fn message_types(&self) -> &'static [&'static str] {
+        &[]
+    }
 }
 
 /// What became of one delivery.
@@ -69,41 +78,8 @@ pub enum ConsumeOutcome {
     HandedBack,
 }
 
-/// Retry schedule: `initial_backoff * 2^(attempt-1)`, capped, with jitter
-/// supplied by the caller (so the schedule itself is deterministic).
-#[derive(Clone, Debug)]
-pub struct RetryPolicy {
-    /// Attempts in one budget, the first included (`retry.max_attempts`).
-    pub max_attempts: u32,
-    /// Wait after the first failed attempt; doubles after each further one.
-    pub initial_backoff: Duration,
-    /// Upper bound of one wait.
-    pub max_backoff: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        Self {
-            max_attempts: 3,
-            initial_backoff: Duration::from_millis(200),
-            max_backoff: Duration::from_secs(5),
-        }
-    }
-}
-
-impl RetryPolicy {
-    /// Delay before attempt `attempt + 1`; `jitter` in `[0, 1)` adds up to half again.
-    pub fn delay_after(&self, attempt: u32, jitter: f64) -> Duration {
-        let exp = self
-            .initial_backoff
-            .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1).min(16)));
-        let base = exp.min(self.max_backoff);
-        base + base.mul_f64(jitter.clamp(0.0, 1.0) / 2.0)
-    }
-}
-
 /// Consumes one queue with a [`MessageHandler`]: decode, handle with a persisted retry budget, settle (ack, dead-letter or hand back).
-pub struct Consumer<H: MessageHandler> {
+pub struct Consumer<H: MessageHandler + ?Sized> {
     transport: Arc<dyn Transport>,
     queue: QueueSpec,
     name: String,
@@ -113,7 +89,7 @@ pub struct Consumer<H: MessageHandler> {
     status: Option<ConsumerRegistry>,
 }
 
-impl<H: MessageHandler> Consumer<H> {
+impl<H: MessageHandler + ?Sized> Consumer<H> {
     /// A consumer of `queue`, recording its inbox rows as `name`, with at most `prefetch` messages in flight.
     pub fn new(
         transport: Arc<dyn Transport>,
@@ -150,7 +126,7 @@ impl<H: MessageHandler> Consumer<H> {
     /// is retried with backoff until the database returns.
     ///
     /// The whole of it (decode, handle, commit, settle) runs in a
-    /// `message.handle` span with the order, message and correlation ids,
+    /// `message.handle` span with the message and correlation ids,
     /// continuing the trace in the message's `traceparent` header.
     pub async fn process_until(
         &self,
@@ -164,7 +140,10 @@ impl<H: MessageHandler> Consumer<H> {
             .as_ref()
             .map(|s| s.taken(&self.name, std::time::Instant::now()));
         let started = std::time::Instant::now();
-        let message_type = saga_metrics::message_type_label(delivery.message_type.as_deref());
+        let message_type = saga_metrics::message_type_label(
+            self.handler.message_types(),
+            delivery.message_type.as_deref(),
+        );
         let outcome = self.settle(delivery, shutdown).await;
         if let Ok(outcome) = &outcome {
             let result = match outcome {
@@ -191,7 +170,6 @@ impl<H: MessageHandler> Consumer<H> {
             consumer = %self.name,
             message_type = delivery.message_type.as_deref().unwrap_or(""),
             message_id = delivery.message_id.as_deref().unwrap_or(""),
-            order_id = tracing::field::Empty,
             correlation_id = tracing::field::Empty,
             redelivered = delivery.redelivered,
             trace_id = tracing::field::Empty,
@@ -218,7 +196,6 @@ impl<H: MessageHandler> Consumer<H> {
         let span = tracing::Span::current();
         span.record("message_type", envelope.message_type.as_str());
         span.record("message_id", tracing::field::display(envelope.message_id));
-        span.record("order_id", envelope.correlation_id.as_str());
         span.record("correlation_id", envelope.correlation_id.as_str());
         let mut tries: u32 = 0;
         let mut unrecorded: u32 = 0;
@@ -233,7 +210,7 @@ impl<H: MessageHandler> Consumer<H> {
                     tracing::info!(
                         consumer = %self.name,
                         message_id = %envelope.message_id,
-                        order_id = %envelope.correlation_id,
+                        correlation_id = %envelope.correlation_id,
                         "duplicate message skipped"
                     );
                     delivery.acker.ack().await?;
@@ -268,7 +245,7 @@ impl<H: MessageHandler> Consumer<H> {
                     tracing::warn!(
                         consumer = %self.name,
                         message_id = %envelope.message_id,
-                        order_id = %envelope.correlation_id,
+                        correlation_id = %envelope.correlation_id,
                         error = %error,
                         record_error = %record_error,
                         "handler failed and the failure could not be recorded \
@@ -287,7 +264,10 @@ impl<H: MessageHandler> Consumer<H> {
             };
             saga_metrics::consumed(
                 &self.name,
-                saga_metrics::message_type_label(Some(&envelope.message_type)),
+                saga_metrics::message_type_label(
+                    self.handler.message_types(),
+                    Some(&envelope.message_type),
+                ),
                 ConsumeResult::Retried,
             );
             tokio::select! {
@@ -296,7 +276,7 @@ impl<H: MessageHandler> Consumer<H> {
                     tracing::info!(
                         consumer = %self.name,
                         message_id = %envelope.message_id,
-                        order_id = %envelope.correlation_id,
+                        correlation_id = %envelope.correlation_id,
                         "shutting down: message handed back to the queue"
                     );
                     return Ok(ConsumeOutcome::HandedBack);
@@ -316,7 +296,7 @@ impl<H: MessageHandler> Consumer<H> {
         tracing::error!(
             consumer = %self.name,
             message_id = envelope.map(|e| e.message_id.to_string()).or(delivery.message_id.clone()),
-            order_id = envelope.map(|e| e.correlation_id.clone()),
+            correlation_id = envelope.map(|e| e.correlation_id.clone()),
             attempts,
             error = %reason,
             "message moved to the error queue {}",
@@ -366,20 +346,66 @@ impl<H: MessageHandler> Consumer<H> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// The consumer of a saga's queue: every message goes through
+/// [`SagaEngine::handle`] (inbox, routing, one transaction). A failure is
+/// counted against the instance's persisted budget, or against the message
+/// when there is no instance yet (a failing start).
+pub struct SagaHandler<S: Saga> {
+    engine: SagaEngine<S>,
+    consumer: String,
+}
 
-    #[test]
-    fn backoff_doubles_then_caps() {
-        let policy = RetryPolicy {
-            max_attempts: 5,
-            initial_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_millis(350),
-        };
-        assert_eq!(policy.delay_after(1, 0.0), Duration::from_millis(100));
-        assert_eq!(policy.delay_after(2, 0.0), Duration::from_millis(200));
-        assert_eq!(policy.delay_after(3, 0.0), Duration::from_millis(350));
-        assert_eq!(policy.delay_after(2, 1.0), Duration::from_millis(300));
+impl<S: Saga> SagaHandler<S> {
+    /// A handler recording its inbox rows as `consumer`.
+    pub fn new(engine: SagaEngine<S>, consumer: impl Into<String>) -> Self {
+        Self {
+            engine,
+            consumer: consumer.into(),
+        }
+    }
+}
+
+#[async_trait]
+impl<S: Saga> MessageHandler for SagaHandler<S> {
+    async fn handle(&self, envelope: &Envelope) -> Result<HandlerOutcome, SagaError> {
+        match self.engine.handle(&self.consumer, envelope).await? {
+            Handled::Duplicate => Ok(HandlerOutcome::Duplicate),
+            _ => Ok(HandlerOutcome::Done),
+        }
+    }
+
+    async fn record_failure(
+        &self,
+        envelope: &Envelope,
+        error: &SagaError,
+    ) -> Result<Attempts, SagaError> {
+        match self
+            .engine
+            .record_failure(
+                &envelope.correlation_id,
+                Some(envelope.message_id),
+                &envelope.message_type,
+                error,
+            )
+            .await
+        {
+            // No instance yet (a start that failed): the budget is the message's.
+            Err(SagaError::UnknownInstance { .. }) if error.is_retryable() => {
+                crate::failures::record(
+                    self.engine.db(),
+                    &self.consumer,
+                    envelope,
+                    error,
+                    self.engine.settings().retry.max_attempts,
+                    self.engine.clock().now(),
+                )
+                .await
+            }
+            other => other,
+        }
+    }
+
+    fn message_types(&self) -> &'static [&'static str] {
+        S::CONSUMES
     }
 }

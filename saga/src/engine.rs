@@ -1,128 +1,197 @@
-//! The engine: loads an order saga, asks the pure machine what to do, and
-//! commits the result in ONE transaction (instance with a version check, the
-//! order's status, the journal row, outbox rows, timer rows, the inbox row).
+//! The engine: runs any [`Saga`]. It loads an instance, asks the pure
+//! definition what to do, and commits the answer in ONE transaction: the
+//! instance row (conditional on its `version`), the journal row, outbox rows
+//! for published events, timer rows, the saga's own hook writes (domain
+//! effects) and, for a consumed message, the consumer's inbox row.
+//!
+//! Every saga type gets the same guarantees from the same code: optimistic
+//! concurrency with conflict retries, the journal, the outbox, the inbox,
+//! durable timers, a persisted retry budget with parking and resume, state
+//! timeouts, trace context and metrics labelled by saga type.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
-use entity::{order_items, orders, products, saga_instances, saga_timers, saga_transitions};
-use rust_decimal::Decimal;
-use sea_orm::sea_query::{Expr, ExprTrait, LockBehavior, LockType, OnConflict, Query};
+use sea_orm::sea_query::{Expr, ExprTrait as _, LockBehavior, LockType, OnConflict, Query};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect, TransactionTrait,
+    ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, DatabaseConnection,
+    DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
 };
 use serde::Serialize;
 use tokio::sync::Notify;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
-use crate::clock::Clock;
-use crate::consumer::RetryPolicy;
-use crate::error::SagaError;
-use crate::machine::{
-    Decision, Effect, ORDER_SAGA, OrderEvent, OrderInput, OrderState, TimerKind, decide,
+use crate::clock::{Clock, SystemClock};
+use crate::definition::{
+    Decision, Effect, Routed, Saga, SagaEvent, SagaInput, SagaState, SagaTimer, StateTimeout,
 };
-use crate::message::{Envelope, OrderEventPayload, OrderLine, OrderSnapshot};
-use crate::payment::PaymentSimulator;
+use crate::error::SagaError;
+use crate::hooks::{HookContext, Hooks, NoHooks};
+use crate::journal::{self, JournalOutcome};
+use crate::message::Envelope;
+use crate::retry::{Attempts, RetryPolicy};
+use crate::schema::{instances, timers};
 use crate::trace::{self, TraceContext};
 use crate::{inbox, outbox};
 
-/// Timings and limits of the order saga, from configuration.
+/// Limits of the engine (the saga's own timings live in its definition).
 #[derive(Clone, Debug)]
 pub struct EngineSettings {
-    /// How long the simulated payment takes (`payment.delay_ms`).
-    pub payment_delay: Duration,
-    /// How long an order may stay `processing` (`expiration.processing_timeout_seconds`).
-    pub processing_timeout: Duration,
-    /// How many stale orders one sweep transaction expires.
-    pub sweep_batch_size: u64,
     /// How often a transaction is retried after losing an optimistic-concurrency race.
     pub max_conflict_retries: u32,
     /// The retry budget of a failing input and the backoff between attempts.
     pub retry: RetryPolicy,
+    /// How many instances one state-timeout sweep transaction takes.
+    pub sweep_batch_size: u64,
 }
 
 impl Default for EngineSettings {
     fn default() -> Self {
         Self {
-            payment_delay: Duration::milliseconds(5000),
-            processing_timeout: Duration::seconds(600),
-            sweep_batch_size: 500,
             max_conflict_retries: 10,
             retry: RetryPolicy::default(),
+            sweep_batch_size: 500,
         }
     }
 }
 
 /// What handling one input did.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Handled {
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Handled<St> {
     /// The message id was already in the inbox: nothing was done.
     Duplicate,
-    /// The machine moved the instance (possibly to the same state).
+    /// A new instance began in `state`.
+    Started {
+        /// Its first state.
+        state: St,
+    },
+    /// The definition moved the instance (possibly to the same state).
     Applied {
         /// State before the input.
-        from: OrderState,
+        from: St,
         /// State after it.
-        to: OrderState,
-        /// Events queued in the outbox.
-        published: Vec<OrderEvent>,
+        to: St,
+        /// Message types of the events queued in the outbox.
+        published: Vec<&'static str>,
     },
-    /// The machine decided the input changes nothing (late or repeated).
+    /// The definition decided the input changes nothing (late or repeated).
     Ignored {
         /// The unchanged state.
-        state: OrderState,
+        state: St,
         /// Why the table ignored the input.
         reason: &'static str,
     },
 }
 
-/// A newly placed order, as committed by [`OrderSagaEngine::place_order`].
-#[derive(Clone, Debug)]
-pub struct PlacedOrder {
-    /// The `orders` row as inserted.
-    pub order: orders::Model,
-    /// What every event of the order carries.
-    pub snapshot: OrderSnapshot,
-    /// Id of the queued `OrderCreated` message.
-    pub message_id: Uuid,
-}
-
-/// Who places an order.
-#[derive(Clone, Debug)]
-pub struct Customer {
-    /// `users.id`.
-    pub user_id: i64,
-    /// Where the completion e-mail goes.
-    pub email: String,
-    /// Shown in the e-mail and the audit trail.
-    pub name: String,
+/// A new instance, as committed by [`SagaEngine::start`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Started {
+    /// `saga_instances.id`.
+    pub instance_id: i64,
+    /// Ids of the messages it queued in the outbox, in order.
+    pub message_ids: Vec<Uuid>,
 }
 
 /// What one fired timer did.
 #[derive(Clone, Debug, PartialEq)]
-pub struct TimerFired {
+pub struct TimerFired<St, I> {
     /// `saga_timers.id`.
     pub timer_id: i64,
-    /// The order id.
+    /// The instance's correlation id.
     pub correlation_id: String,
-    /// The payment decision.
-    pub approved: bool,
-    /// The random draw behind it.
-    pub draw: f64,
+    /// The timer's kind.
+    pub kind: String,
+    /// The input it became.
+    pub input: I,
     /// What applying it did.
-    pub handled: Handled,
+    pub handled: Handled<St>,
 }
 
-/// What one sweep batch did.
+/// What one state-timeout sweep did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SweepOutcome {
-    /// Stale instances locked by this batch.
+    /// Instances past a state timeout, locked by the sweep.
     pub examined: usize,
-    /// Of those, how many were expired.
-    pub expired: usize,
+    /// Of those, how many moved on their timeout input.
+    pub timed_out: usize,
+}
+
+impl std::ops::AddAssign for SweepOutcome {
+    fn add_assign(&mut self, other: Self) {
+        self.examined += other.examined;
+        self.timed_out += other.timed_out;
+    }
+}
+
+/// An instance as the engine sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Instance<St, D> {
+    /// `saga_instances.id`.
+    pub id: i64,
+    /// Its correlation id.
+    pub correlation_id: String,
+    /// Its state.
+    pub state: St,
+    /// Its data.
+    pub data: D,
+    /// Optimistic-concurrency version.
+    pub version: i32,
+    /// Failed attempts in the current retry budget.
+    pub attempts: i32,
+    /// Parked (faulted): waits for an operator.
+    pub parked: bool,
+    /// The error of the last failed attempt.
+    pub last_error: Option<String>,
+    /// When it entered its state.
+    pub state_entered_at: DateTime<Utc>,
+    /// When it began.
+    pub created_at: DateTime<Utc>,
+    /// When it last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A parked (faulted) saga instance, as listed for operators.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ParkedInstance {
+    /// Its saga type.
+    pub saga_type: String,
+    /// Its correlation id.
+    pub correlation_id: String,
+    /// Its current state.
+    pub state: String,
+    /// Attempts spent in the budget.
+    pub attempts: i32,
+    /// The error of the last attempt.
+    pub last_error: Option<String>,
+    /// When it was parked.
+    pub parked_at: DateTime<Utc>,
+}
+
+/// What resuming a parked instance did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resumed<St> {
+    /// The state the instance was resumed in.
+    pub state: St,
+    /// What re-running its current step did ([`Saga::resume_input`]);
+    /// `None` when the state waits for a timer or a state timeout, which
+    /// now pick it up again.
+    pub rerun: Option<Handled<St>>,
+}
+
+/// A seam for tests and instrumentation: called inside the transaction after
+/// an instance was loaded and the definition decided to apply an input,
+/// before the version-conditional update. Returning an error fails the
+/// attempt as if an effect had failed (the transaction rolls back).
+#[async_trait]
+pub trait ApplyProbe<S: Saga>: Send + Sync + 'static {
+    /// See the trait documentation.
+    async fn before_write(
+        &self,
+        instance: &instances::Model,
+        input: &S::Input,
+    ) -> Result<(), SagaError>;
 }
 
 /// Who or what gave the instance its input (for the journal and causation).
@@ -131,6 +200,18 @@ struct Trigger {
     message_id: Option<Uuid>,
     attempt: i32,
     detail: Option<String>,
+}
+
+/// Where an input comes from, which decides the inbox and the parked check.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    /// A consumed message: recorded in the inbox; a parked instance refuses it.
+    Message(&'a str, &'a Envelope),
+    /// A command from the saga's own code ([`SagaEngine::send`]): a parked
+    /// instance refuses it.
+    Command,
+    /// The re-run of a resumed instance.
+    Resume,
 }
 
 enum ApplyError {
@@ -150,86 +231,86 @@ impl From<sea_orm::DbErr> for ApplyError {
     }
 }
 
-/// The order saga engine. Cheap to clone.
-#[derive(Clone)]
-pub struct OrderSagaEngine {
+/// An instance row with its state and data read.
+struct Loaded<S: Saga> {
+    row: instances::Model,
+    state: S::State,
+    data: S::Data,
+}
+
+impl<S: Saga> Loaded<S> {
+    fn read(row: instances::Model) -> Result<Self, SagaError> {
+        let state = S::State::parse(&row.state).ok_or_else(|| {
+            SagaError::Corrupt(format!(
+                "{} instance {} has unknown state `{}`",
+                S::TYPE,
+                row.id,
+                row.state
+            ))
+        })?;
+        let data = serde_json::from_value(row.data.clone()).map_err(|e| {
+            SagaError::Corrupt(format!("{} instance {} data: {e}", S::TYPE, row.id))
+        })?;
+        Ok(Loaded { row, state, data })
+    }
+}
+
+/// Runs the saga `S`: starts instances, applies inputs, fires its timers,
+/// sweeps its state timeouts, parks and resumes. Cheap to clone.
+pub struct SagaEngine<S: Saga> {
+    saga: Arc<S>,
+    hooks: Arc<dyn Hooks<S>>,
     db: DatabaseConnection,
     clock: Arc<dyn Clock>,
-    payment: Arc<dyn PaymentSimulator>,
     settings: EngineSettings,
     outbox_signal: Arc<Notify>,
-    hook: Option<Arc<dyn ApplyHook>>,
+    probe: Option<Arc<dyn ApplyProbe<S>>>,
 }
 
-/// A seam for tests and instrumentation: called inside the transaction after
-/// an instance was loaded and the machine decided to apply an input, before
-/// the version-conditional update. Returning an error fails the attempt as if
-/// an effect had failed (the transaction rolls back).
-#[async_trait]
-pub trait ApplyHook: Send + Sync + 'static {
-    /// See the trait documentation.
-    async fn before_write(
-        &self,
-        instance: &saga_instances::Model,
-        input: &OrderInput,
-    ) -> Result<(), SagaError>;
-}
-
-/// The retry budget after one more failed attempt.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Attempts {
-    /// Failed attempts in the current budget, this one included.
-    pub spent: i32,
-    /// The budget is spent: the instance is now parked (faulted).
-    pub exhausted: bool,
-}
-
-/// A parked (faulted) saga instance, as listed for operators.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct ParkedInstance {
-    /// The order id.
-    pub correlation_id: String,
-    /// Its current state.
-    pub state: String,
-    /// Attempts spent in the budget.
-    pub attempts: i32,
-    /// The error of the last attempt.
-    pub last_error: Option<String>,
-    /// When it was parked.
-    pub parked_at: DateTime<Utc>,
-}
-
-/// What resuming a parked instance did.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Resumed {
-    /// The state the instance was resumed in.
-    pub state: OrderState,
-    /// What re-running its current step did (`None` when the state waits
-    /// for a timer or the expiration sweep, which now pick it up again).
-    pub rerun: Option<Handled>,
-}
-
-impl OrderSagaEngine {
-    /// An engine on `db`, taking time from `clock` and payment outcomes from `payment`.
-    pub fn new(
-        db: DatabaseConnection,
-        clock: Arc<dyn Clock>,
-        payment: Arc<dyn PaymentSimulator>,
-        settings: EngineSettings,
-    ) -> Self {
+impl<S: Saga> Clone for SagaEngine<S> {
+    fn clone(&self) -> Self {
         Self {
+            saga: self.saga.clone(),
+            hooks: self.hooks.clone(),
+            db: self.db.clone(),
+            clock: self.clock.clone(),
+            settings: self.settings.clone(),
+            outbox_signal: self.outbox_signal.clone(),
+            probe: self.probe.clone(),
+        }
+    }
+}
+
+impl<S: Saga> SagaEngine<S> {
+    /// An engine for `saga` on `db`, with the system clock, no hooks and
+    /// default settings; change them with the `with_*` methods.
+    pub fn new(saga: S, db: DatabaseConnection) -> Self {
+        Self {
+            saga: Arc::new(saga),
+            hooks: Arc::new(NoHooks),
             db,
-            clock,
-            payment,
-            settings,
+            clock: Arc::new(SystemClock),
+            settings: EngineSettings::default(),
             outbox_signal: Arc::new(Notify::new()),
-            hook: None,
+            probe: None,
         }
     }
 
-    /// Installs an [`ApplyHook`].
-    pub fn with_hook(mut self, hook: Arc<dyn ApplyHook>) -> Self {
-        self.hook = Some(hook);
+    /// The saga's effectful half.
+    pub fn with_hooks(mut self, hooks: impl Hooks<S>) -> Self {
+        self.hooks = Arc::new(hooks);
+        self
+    }
+
+    /// Where time comes from (a [`crate::clock::ManualClock`] in tests).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Limits and the retry budget.
+    pub fn with_settings(mut self, settings: EngineSettings) -> Self {
+        self.settings = settings;
         self
     }
 
@@ -238,6 +319,17 @@ impl OrderSagaEngine {
     pub fn with_outbox_signal(mut self, signal: Arc<Notify>) -> Self {
         self.outbox_signal = signal;
         self
+    }
+
+    /// Installs an [`ApplyProbe`] (tests: inject failures, force races).
+    pub fn with_probe(mut self, probe: Arc<dyn ApplyProbe<S>>) -> Self {
+        self.probe = Some(probe);
+        self
+    }
+
+    /// The saga definition.
+    pub fn saga(&self) -> &S {
+        &self.saga
     }
 
     /// The database connection.
@@ -255,106 +347,50 @@ impl OrderSagaEngine {
         &self.settings
     }
 
-    /// Places an order inside the caller's transaction: reserves the stock of
-    /// every line, writes the `pending` order row (total computed from
-    /// `lines`) and its items, and starts its saga (see [`Self::start_order`]).
-    /// The caller validates the lines and prices.
-    ///
-    /// Not enough stock for a line gives [`SagaError::OutOfStock`]; the caller
-    /// must then roll its transaction back (nothing it wrote is kept).
-    ///
-    /// Runs in an `order.place` span (a child of the caller's, e.g. the HTTP
-    /// request's); the saga instance and the `OrderCreated` outbox row keep
-    /// its trace context.
-    pub async fn place_order<C: ConnectionTrait>(
-        conn: &C,
-        now: DateTime<Utc>,
-        customer: &Customer,
-        lines: Vec<OrderLine>,
-    ) -> Result<PlacedOrder, SagaError> {
-        let span = tracing::info_span!(
-            "order.place",
-            user_id = customer.user_id,
-            order_id = tracing::field::Empty,
-            correlation_id = tracing::field::Empty,
-            message_id = tracing::field::Empty,
-        );
-        Self::place_order_in_span(conn, now, customer, lines)
-            .instrument(span)
-            .await
+    /// The signal that wakes the outbox relay. Call `notify_one` after
+    /// committing a transaction that started an instance
+    /// ([`SagaEngine::start`] runs in the caller's transaction).
+    pub fn outbox_signal(&self) -> &Arc<Notify> {
+        &self.outbox_signal
     }
 
-    async fn place_order_in_span<C: ConnectionTrait>(
-        conn: &C,
-        now: DateTime<Utc>,
-        customer: &Customer,
-        lines: Vec<OrderLine>,
-    ) -> Result<PlacedOrder, SagaError> {
-        reserve_stock(conn, &lines).await?;
-        let total: Decimal = lines
-            .iter()
-            .map(|l| l.unit_price * Decimal::from(l.quantity))
-            .sum();
-        let order = orders::Entity::insert(orders::ActiveModel {
-            user_id: Set(customer.user_id),
-            status: Set(OrderState::Pending.as_str().to_owned()),
-            total: Set(total),
-            created_at: Set(now),
-            updated_at: Set(now),
-            ..Default::default()
-        })
-        .exec_with_returning(conn)
-        .await?;
-        let span = tracing::Span::current();
-        span.record("order_id", order.id);
-        span.record("correlation_id", order.id);
-        order_items::Entity::insert_many(lines.iter().map(|l| order_items::ActiveModel {
-            order_id: Set(order.id),
-            product_id: Set(l.product_id),
-            quantity: Set(l.quantity),
-            unit_price: Set(l.unit_price),
-            ..Default::default()
-        }))
-        .exec(conn)
-        .await?;
-        let snapshot = OrderSnapshot {
-            order_id: order.id,
-            user_id: customer.user_id,
-            user_email: customer.email.clone(),
-            user_name: customer.name.clone(),
-            total,
-            items: lines,
-        };
-        let message_id = Self::start_order(conn, now, &snapshot).await?;
-        span.record("message_id", tracing::field::display(message_id));
-        Ok(PlacedOrder {
-            order,
-            snapshot,
-            message_id,
-        })
+    /// Starts an instance inside the caller's transaction: the instance row
+    /// in the saga's first state, its first journal row and the effects of
+    /// [`Saga::start`] (outbox rows, timers, hook writes). The caller
+    /// commits, then wakes the relay ([`SagaEngine::outbox_signal`]).
+    ///
+    /// A second start of the same correlation id fails with a unique
+    /// violation ([`SagaError::is_unique_violation`]).
+    pub async fn start(
+        &self,
+        txn: &DatabaseTransaction,
+        correlation_id: &str,
+        data: S::Data,
+    ) -> Result<Started, SagaError> {
+        self.start_in(txn, correlation_id, data, None).await
     }
 
-    /// Starts the saga of a new order inside the caller's transaction: the
-    /// instance (`pending`), its first journal row and the `OrderCreated`
-    /// outbox row. Returns the id of the `OrderCreated` message.
-    pub async fn start_order<C: ConnectionTrait>(
-        conn: &C,
-        now: DateTime<Utc>,
-        order: &OrderSnapshot,
-    ) -> Result<Uuid, SagaError> {
-        let correlation_id = order.order_id.to_string();
-        let data = serde_json::to_value(order)
-            .map_err(|e| SagaError::Corrupt(format!("order snapshot: {e}")))?;
+    async fn start_in(
+        &self,
+        txn: &DatabaseTransaction,
+        correlation_id: &str,
+        data: S::Data,
+        message_id: Option<Uuid>,
+    ) -> Result<Started, SagaError> {
+        let now = self.clock.now();
+        let start = self.saga.start(&data);
+        let json = serde_json::to_value(&data)
+            .map_err(|e| SagaError::Corrupt(format!("{} data: {e}", S::TYPE)))?;
         let (traceparent, tracestate) = TraceContext::columns(TraceContext::current().as_ref());
-        let instance = saga_instances::Entity::insert(saga_instances::ActiveModel {
-            saga_type: Set(ORDER_SAGA.to_owned()),
-            correlation_id: Set(correlation_id.clone()),
-            state: Set(OrderState::Pending.as_str().to_owned()),
+        let inserted = instances::Entity::insert(instances::ActiveModel {
+            saga_type: Set(S::TYPE.to_owned()),
+            correlation_id: Set(correlation_id.to_owned()),
+            state: Set(start.state.name().to_owned()),
             version: Set(0),
             attempts: Set(0),
             faulted: Set(false),
             last_error: Set(None),
-            data: Set(data),
+            data: Set(json),
             state_entered_at: Set(now),
             created_at: Set(now),
             updated_at: Set(now),
@@ -362,91 +398,205 @@ impl OrderSagaEngine {
             tracestate: Set(tracestate),
             ..Default::default()
         })
-        .exec(conn)
+        .exec(txn)
         .await?;
-        let envelope = order_event(
-            OrderEvent::OrderCreated,
-            order,
-            None,
-            OrderState::Pending,
-            None,
+        let instance_id = inserted.last_insert_id;
+        let cx = HookContext {
+            txn,
+            instance_id,
+            correlation_id,
+            data: &data,
             now,
-        )?;
-        outbox::enqueue(conn, &envelope, OrderEvent::OrderCreated.routing_key()).await?;
-        journal(
-            conn,
-            JournalRow {
-                instance_id: instance.last_insert_id,
-                correlation_id: &correlation_id,
+        };
+        let published = self
+            .carry_out(&cx, start.effects, None, start.state, message_id)
+            .await?;
+        // The consumed message that started it, or else the first message
+        // the start queued (what a reader follows next).
+        let journal_message = message_id.or(published.first().map(|(_, id)| *id));
+        journal::write(
+            txn,
+            journal::Entry {
+                saga_type: S::TYPE,
+                instance_id,
+                correlation_id,
                 from: None,
-                to: OrderState::Pending,
-                trigger: "OrderPlaced",
-                outcome: "applied",
-                message_id: Some(envelope.message_id),
+                to: start.state.name(),
+                trigger: start.trigger,
+                outcome: JournalOutcome::Applied,
+                message_id: journal_message,
                 attempt: 1,
-                payment: None,
-                detail: Some("order placed; OrderCreated queued".to_owned()),
+                input: None,
+                detail: Some(start.note.to_owned()),
                 error: None,
             },
             now,
         )
         .await?;
-        Ok(envelope.message_id)
+        tracing::info!(
+            saga_type = S::TYPE,
+            correlation_id,
+            message_id = journal_message.map(tracing::field::display),
+            state = start.state.name(),
+            trigger = start.trigger,
+            "saga started: {}",
+            start.note
+        );
+        Ok(Started {
+            instance_id,
+            message_ids: published.into_iter().map(|(_, id)| id).collect(),
+        })
     }
 
-    /// Handles a consumed `OrderCreated` for `consumer` exactly once.
-    pub async fn handle_order_created(
+    /// Handles a consumed message for `consumer` exactly once: routes it
+    /// ([`Saga::route`]) to a new instance or to the input of its
+    /// instance, records it in the inbox in the same transaction (a
+    /// duplicate changes nothing) and retries lost optimistic-concurrency
+    /// races. A parked instance refuses it ([`SagaError::Parked`]).
+    pub async fn handle(
         &self,
         consumer: &str,
         envelope: &Envelope,
-    ) -> Result<Handled, SagaError> {
-        if envelope.message_type != OrderEvent::OrderCreated.message_type() {
-            return Err(SagaError::Malformed(format!(
-                "expected OrderCreated, got {}",
-                envelope.message_type
-            )));
+    ) -> Result<Handled<S::State>, SagaError> {
+        match self.saga.route(envelope).map_err(SagaError::Malformed)? {
+            Routed::Start(data) => self.start_from_message(consumer, envelope, data).await,
+            Routed::Input(input) => {
+                self.apply_input(
+                    &envelope.correlation_id,
+                    input,
+                    Source::Message(consumer, envelope),
+                    None,
+                )
+                .await
+            }
         }
-        self.apply_order_created(&envelope.correlation_id, Some((consumer, envelope)), None)
+    }
+
+    /// Gives `input` to the instance `correlation_id` (a command from the
+    /// saga's own code, not a consumed message: no inbox row), retrying
+    /// lost optimistic-concurrency races.
+    pub async fn send(
+        &self,
+        correlation_id: &str,
+        input: S::Input,
+    ) -> Result<Handled<S::State>, SagaError> {
+        self.apply_input(correlation_id, input, Source::Command, None)
             .await
     }
 
-    /// Applies `OrderCreated` to the instance of `correlation_id`, retrying
-    /// lost optimistic-concurrency races. With `inbox`, the message is
-    /// recorded for its consumer in the same transaction (a duplicate changes
-    /// nothing) and a parked instance refuses it; without, it is the re-run of
-    /// a resumed saga.
-    async fn apply_order_created(
+    async fn start_from_message(
         &self,
-        correlation_id: &str,
-        inbox: Option<(&str, &Envelope)>,
-        detail: Option<&str>,
-    ) -> Result<Handled, SagaError> {
+        consumer: &str,
+        envelope: &Envelope,
+        data: S::Data,
+    ) -> Result<Handled<S::State>, SagaError> {
+        let correlation_id = envelope.correlation_id.as_str();
         let mut conflicts = 0;
         loop {
             let txn = self.db.begin().await?;
-            if let Some((consumer, envelope)) = inbox
+            if !inbox::record(&txn, consumer, envelope, self.clock.now()).await? {
+                txn.rollback().await?;
+                return Ok(Handled::Duplicate);
+            }
+            if let Some(row) = find(&txn, S::TYPE, correlation_id).await? {
+                // Another message started it: journal the late start.
+                let existing = Loaded::<S>::read(row)?;
+                let reason = "instance already started";
+                journal::write(
+                    &txn,
+                    journal::Entry {
+                        saga_type: S::TYPE,
+                        instance_id: existing.row.id,
+                        correlation_id,
+                        from: Some(existing.state.name()),
+                        to: existing.state.name(),
+                        trigger: &envelope.message_type,
+                        outcome: JournalOutcome::Ignored,
+                        message_id: Some(envelope.message_id),
+                        attempt: existing.row.attempts + 1,
+                        input: None,
+                        detail: Some(reason.to_owned()),
+                        error: None,
+                    },
+                    self.clock.now(),
+                )
+                .await?;
+                txn.commit().await?;
+                return Ok(Handled::Ignored {
+                    state: existing.state,
+                    reason,
+                });
+            }
+            match self
+                .start_in(
+                    &txn,
+                    correlation_id,
+                    data.clone(),
+                    Some(envelope.message_id),
+                )
+                .await
+            {
+                Ok(started) => {
+                    txn.commit().await?;
+                    if !started.message_ids.is_empty() {
+                        self.outbox_signal.notify_one();
+                    }
+                    let state = self.saga.start(&data).state;
+                    return Ok(Handled::Started { state });
+                }
+                Err(e) if e.is_unique_violation() => {
+                    // Two starts raced; the next round sees the winner.
+                    txn.rollback().await?;
+                    conflicts += 1;
+                    if conflicts > self.settings.max_conflict_retries {
+                        return Err(SagaError::Contention(correlation_id.to_owned()));
+                    }
+                }
+                Err(e) => {
+                    txn.rollback().await?;
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    async fn apply_input(
+        &self,
+        correlation_id: &str,
+        input: S::Input,
+        source: Source<'_>,
+        detail: Option<&str>,
+    ) -> Result<Handled<S::State>, SagaError> {
+        let mut conflicts = 0;
+        loop {
+            let txn = self.db.begin().await?;
+            if let Source::Message(consumer, envelope) = source
                 && !inbox::record(&txn, consumer, envelope, self.clock.now()).await?
             {
                 txn.rollback().await?;
                 return Ok(Handled::Duplicate);
             }
-            let instance = load(&txn, correlation_id).await?;
-            if inbox.is_some() && instance.faulted {
+            let row = load(&txn, S::TYPE, correlation_id).await?;
+            if row.faulted && !matches!(source, Source::Resume) {
                 txn.rollback().await?;
-                return Err(SagaError::Parked(correlation_id.to_owned()));
+                return Err(SagaError::Parked {
+                    saga_type: S::TYPE,
+                    correlation_id: correlation_id.to_owned(),
+                });
             }
+            let loaded = Loaded::<S>::read(row)?;
             let trigger = Trigger {
-                message_id: inbox.map(|(_, envelope)| envelope.message_id),
-                attempt: instance.attempts + 1,
+                message_id: match source {
+                    Source::Message(_, envelope) => Some(envelope.message_id),
+                    _ => None,
+                },
+                attempt: loaded.row.attempts + 1,
                 detail: detail.map(str::to_owned),
             };
-            match self
-                .apply(&txn, instance, OrderInput::OrderCreated, trigger)
-                .await
-            {
+            match self.apply(&txn, loaded, input.clone(), trigger).await {
                 Ok(handled) => {
                     txn.commit().await?;
-                    self.signal_if_published(&handled);
+                    self.committed(&handled);
                     return Ok(handled);
                 }
                 Err(ApplyError::Conflict) => {
@@ -464,18 +614,24 @@ impl OrderSagaEngine {
         }
     }
 
-    /// Fires at most one due timer: draws the payment, applies the decision,
-    /// marks the timer fired, all in one transaction. `None` when nothing is due.
-    pub async fn try_fire_due_timer_once(&self) -> Result<Option<TimerFired>, SagaError> {
+    /// Fires at most one due timer of this saga type: its hook turns it into
+    /// an input, which is applied, all in one transaction. `None` when
+    /// nothing is due. A timer whose handling fails spends one attempt of
+    /// its instance's budget and is tried again after a backoff (never once
+    /// the instance is parked), so it cannot hold up the timers behind it.
+    pub async fn try_fire_due_timer_once(
+        &self,
+    ) -> Result<Option<TimerFired<S::State, S::Input>>, SagaError> {
         let mut conflicts = 0;
         loop {
             let now = self.clock.now();
             let txn = self.db.begin().await?;
-            let timer = saga_timers::Entity::find()
-                .filter(saga_timers::Column::FiredAt.is_null())
-                .filter(saga_timers::Column::DueAt.lte(now))
-                .filter(not_parked(saga_timers::Column::SagaInstanceId))
-                .order_by_asc(saga_timers::Column::DueAt)
+            let timer = timers::Entity::find()
+                .filter(timers::Column::SagaType.eq(S::TYPE))
+                .filter(timers::Column::FiredAt.is_null())
+                .filter(timers::Column::DueAt.lte(now))
+                .filter(not_parked(timers::Column::SagaInstanceId))
+                .order_by_asc(timers::Column::DueAt)
                 .limit(1)
                 .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
                 .one(&txn)
@@ -484,20 +640,10 @@ impl OrderSagaEngine {
                 txn.commit().await?;
                 return Ok(None);
             };
-            let kind = TimerKind::parse(&timer.timer_kind).ok_or_else(|| {
-                SagaError::Corrupt(format!("timer {} has kind {}", timer.id, timer.timer_kind))
-            })?;
-            let instance = saga_instances::Entity::find_by_id(timer.saga_instance_id)
-                .one(&txn)
-                .await?
-                .ok_or_else(|| SagaError::UnknownInstance {
-                    saga_type: ORDER_SAGA,
-                    correlation_id: timer.correlation_id.clone(),
-                })?;
             // Firing continues the trace of whatever scheduled the timer.
             let span = tracing::info_span!(
                 "timer.fire",
-                order_id = %timer.correlation_id,
+                saga_type = S::TYPE,
                 correlation_id = %timer.correlation_id,
                 timer_id = timer.id,
                 timer_kind = %timer.timer_kind,
@@ -508,50 +654,20 @@ impl OrderSagaEngine {
                 timer.tracestate.as_deref(),
             );
             trace::continue_trace(&span, stored.as_ref());
-            let (input, draw) = match kind {
-                TimerKind::PaymentDue => {
-                    let draw = self.payment.draw();
-                    (
-                        OrderInput::PaymentDecided {
-                            approved: draw.approved,
-                            draw: draw.value,
-                        },
-                        draw,
-                    )
-                }
-            };
-            let trigger = Trigger {
-                message_id: None,
-                attempt: instance.attempts + 1,
-                detail: Some(format!(
-                    "timer {} ({}) due {} fired {}",
-                    timer.id,
-                    kind.as_str(),
-                    timer.due_at.to_rfc3339(),
-                    now.to_rfc3339()
-                )),
-            };
-            match self
-                .apply(&txn, instance, input, trigger)
-                .instrument(span)
-                .await
-            {
-                Ok(handled) => {
-                    saga_timers::Entity::update_many()
-                        .col_expr(saga_timers::Column::FiredAt, Expr::value(now))
-                        .filter(saga_timers::Column::Id.eq(timer.id))
-                        .exec(&txn)
-                        .await?;
+            let fired = self.fire(&txn, &timer, now).instrument(span).await;
+            match fired {
+                Ok((input, handled)) => {
                     txn.commit().await?;
-                    self.signal_if_published(&handled);
+                    self.committed(&handled);
                     crate::metrics::timer_fired(
+                        S::TYPE,
                         (now - timer.due_at).num_milliseconds() as f64 / 1000.0,
                     );
                     return Ok(Some(TimerFired {
                         timer_id: timer.id,
                         correlation_id: timer.correlation_id,
-                        approved: draw.approved,
-                        draw: draw.value,
+                        kind: timer.timer_kind,
+                        input,
                         handled,
                     }));
                 }
@@ -567,7 +683,7 @@ impl OrderSagaEngine {
                     // Spend one attempt of the instance's budget and try the
                     // timer again after a backoff (or never, once parked).
                     let attempts = self
-                        .record_failure(&timer.correlation_id, None, input.name(), &e)
+                        .record_failure(&timer.correlation_id, None, &timer.timer_kind, &e)
                         .await?;
                     let retry_at = self.clock.now()
                         + Duration::from_std(self.settings.retry.delay_after(
@@ -575,9 +691,10 @@ impl OrderSagaEngine {
                             rand::random::<f64>(),
                         ))
                         .unwrap_or(Duration::seconds(1));
-                    saga_timers::Entity::update_many()
-                        .col_expr(saga_timers::Column::DueAt, Expr::value(retry_at))
-                        .filter(saga_timers::Column::Id.eq(timer.id))
+                    timers::Entity::update_many()
+                        .col_expr(timers::Column::DueAt, Expr::value(retry_at))
+                        .filter(timers::Column::Id.eq(timer.id))
+                        .filter(timers::Column::FiredAt.is_null())
                         .exec(&self.db)
                         .await?;
                     return Err(e);
@@ -586,140 +703,192 @@ impl OrderSagaEngine {
         }
     }
 
-    /// When the next unfired timer is due, if any.
-    pub async fn next_timer_due(&self) -> Result<Option<DateTime<Utc>>, SagaError> {
-        let next = saga_timers::Entity::find()
-            .filter(saga_timers::Column::FiredAt.is_null())
-            .filter(not_parked(saga_timers::Column::SagaInstanceId))
-            .order_by_asc(saga_timers::Column::DueAt)
-            .one(&self.db)
+    /// Marks `timer` fired, asks the hook for its input and applies it.
+    async fn fire(
+        &self,
+        txn: &DatabaseTransaction,
+        timer: &timers::Model,
+        now: DateTime<Utc>,
+    ) -> Result<(S::Input, Handled<S::State>), ApplyError> {
+        // Marked first: a transition that schedules this kind again re-arms
+        // the same row (fired_at back to NULL) in this transaction.
+        timers::Entity::update_many()
+            .col_expr(timers::Column::FiredAt, Expr::value(now))
+            .filter(timers::Column::Id.eq(timer.id))
+            .exec(txn)
             .await?;
-        Ok(next.map(|t| t.due_at))
+        let row = instances::Entity::find_by_id(timer.saga_instance_id)
+            .one(txn)
+            .await?
+            .ok_or_else(|| SagaError::UnknownInstance {
+                saga_type: S::TYPE,
+                correlation_id: timer.correlation_id.clone(),
+            })?;
+        let loaded = Loaded::<S>::read(row)?;
+        // Timers written before payloads were kept carry their kind as payload.
+        let payload = timer
+            .payload
+            .clone()
+            .unwrap_or_else(|| serde_json::Value::String(timer.timer_kind.clone()));
+        let value: S::Timer = serde_json::from_value(payload).map_err(|e| {
+            SagaError::Corrupt(format!(
+                "{} timer {} ({}): {e}",
+                S::TYPE,
+                timer.id,
+                timer.timer_kind
+            ))
+        })?;
+        let cx = HookContext {
+            txn,
+            instance_id: loaded.row.id,
+            correlation_id: &timer.correlation_id,
+            data: &loaded.data,
+            now,
+        };
+        let input = self.hooks.timer_input(&cx, &value).await?;
+        let trigger = Trigger {
+            message_id: None,
+            attempt: loaded.row.attempts + 1,
+            detail: Some(format!(
+                "timer {} ({}) due {} fired {}",
+                timer.id,
+                timer.timer_kind,
+                timer.due_at.to_rfc3339(),
+                now.to_rfc3339()
+            )),
+        };
+        let handled = self.apply(txn, loaded, input.clone(), trigger).await?;
+        Ok((input, handled))
     }
 
-    /// Expires one batch of orders that have been `processing` for longer than
-    /// the timeout. Rows are locked with `SKIP LOCKED`, so several schedulers can
-    /// sweep at once without expiring an order twice.
-    pub async fn try_expire_once(&self) -> Result<SweepOutcome, SagaError> {
+    /// When this saga type's next unfired timer is due, if any.
+    pub async fn next_timer_due(&self) -> Result<Option<DateTime<Utc>>, SagaError> {
+        let next = timers::Entity::find()
+            .select_only()
+            .column(timers::Column::DueAt)
+            .filter(timers::Column::SagaType.eq(S::TYPE))
+            .filter(timers::Column::FiredAt.is_null())
+            .filter(not_parked(timers::Column::SagaInstanceId))
+            .order_by_asc(timers::Column::DueAt)
+            .limit(1)
+            .into_tuple::<DateTime<Utc>>()
+            .one(&self.db)
+            .await?;
+        Ok(next)
+    }
+
+    /// One sweep batch per state timeout ([`Saga::state_timeouts`]): gives
+    /// each instance that has been in the state for longer than the timeout
+    /// the timeout's input. Rows are locked with `SKIP LOCKED`, so several
+    /// sweepers can run at once without handling an instance twice.
+    pub async fn try_sweep_once(&self) -> Result<SweepOutcome, SagaError> {
+        let mut total = SweepOutcome::default();
+        for timeout in self.saga.state_timeouts() {
+            total += self.sweep(&timeout).await?;
+        }
+        Ok(total)
+    }
+
+    /// Sweeps batch after batch until no instance is past a state timeout.
+    pub async fn sweep_all(&self) -> Result<SweepOutcome, SagaError> {
+        let mut total = SweepOutcome::default();
+        for timeout in self.saga.state_timeouts() {
+            loop {
+                let batch = self.sweep(&timeout).await?;
+                let done = (batch.examined as u64) < self.settings.sweep_batch_size
+                    || batch.timed_out == 0;
+                total += batch;
+                if done {
+                    break;
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    async fn sweep(&self, timeout: &StateTimeout<S>) -> Result<SweepOutcome, SagaError> {
         let now = self.clock.now();
-        let cutoff = now - self.settings.processing_timeout;
+        let cutoff = now - timeout.after;
+        let state = timeout.state.name();
         let txn = self.db.begin().await?;
-        let stale = saga_instances::Entity::find()
-            .filter(saga_instances::Column::SagaType.eq(ORDER_SAGA))
-            .filter(saga_instances::Column::State.eq(OrderState::Processing.as_str()))
-            .filter(saga_instances::Column::StateEnteredAt.lte(cutoff))
-            .filter(saga_instances::Column::Faulted.eq(false))
-            .order_by_asc(saga_instances::Column::StateEnteredAt)
+        let stale = instances::Entity::find()
+            .filter(instances::Column::SagaType.eq(S::TYPE))
+            .filter(instances::Column::State.eq(state))
+            .filter(instances::Column::StateEnteredAt.lte(cutoff))
+            .filter(instances::Column::Faulted.eq(false))
+            .order_by_asc(instances::Column::StateEnteredAt)
             .limit(self.settings.sweep_batch_size)
             .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
             .all(&txn)
             .await?;
-        // Expiring releases stock. Lock every product this batch will give
-        // stock back to now, in id order (the order in which placing an order
-        // reserves), so the batch and concurrent orders cannot deadlock.
-        let order_ids: Vec<i64> = stale
-            .iter()
-            .filter_map(|i| i.correlation_id.parse().ok())
-            .collect();
-        if !order_ids.is_empty() {
-            products::Entity::find()
-                .select_only()
-                .column(products::Column::Id)
-                .filter(
-                    products::Column::Id.in_subquery(
-                        Query::select()
-                            .column(order_items::Column::ProductId)
-                            .from(order_items::Entity)
-                            .and_where(order_items::Column::OrderId.is_in(order_ids))
-                            .to_owned(),
-                    ),
-                )
-                .order_by_asc(products::Column::Id)
-                .lock(LockType::Update)
-                .into_tuple::<i64>()
-                .all(&txn)
-                .await?;
+        if stale.is_empty() {
+            txn.commit().await?;
+            return Ok(SweepOutcome::default());
         }
+        let ids: Vec<String> = stale.iter().map(|i| i.correlation_id.clone()).collect();
+        self.hooks.prepare_batch(&txn, &ids).await?;
         let mut outcome = SweepOutcome {
             examined: stale.len(),
-            expired: 0,
+            timed_out: 0,
         };
-        for instance in stale {
-            let entered = instance.state_entered_at;
-            let correlation_id = instance.correlation_id.clone();
-            // Expiring continues the order's trace (its latest transition).
+        let mut moved = Vec::new();
+        for row in stale {
+            let correlation_id = row.correlation_id.clone();
+            // The timeout continues the instance's trace (its latest transition).
             let span = tracing::info_span!(
-                "order.expire",
-                order_id = %correlation_id,
+                "state.timeout",
+                saga_type = S::TYPE,
                 correlation_id = %correlation_id,
+                state,
                 trace_id = tracing::field::Empty,
             );
-            let stored = TraceContext::from_columns(
-                instance.traceparent.as_deref(),
-                instance.tracestate.as_deref(),
-            );
+            let stored =
+                TraceContext::from_columns(row.traceparent.as_deref(), row.tracestate.as_deref());
             trace::continue_trace(&span, stored.as_ref());
-            let trigger = Trigger {
-                message_id: None,
-                attempt: instance.attempts + 1,
-                detail: Some(format!(
-                    "processing since {}, timeout {} s, swept at {}",
-                    entered.to_rfc3339(),
-                    self.settings.processing_timeout.num_seconds(),
-                    now.to_rfc3339()
-                )),
-            };
-            match self
-                .apply(&txn, instance, OrderInput::ExpirationDue, trigger)
-                .instrument(span)
-                .await
-            {
-                Ok(Handled::Applied {
-                    to: OrderState::Expired,
-                    ..
-                }) => outcome.expired += 1,
+            let detail = format!(
+                "{state} since {}, timeout {} s, swept at {}",
+                row.state_entered_at.to_rfc3339(),
+                timeout.after.num_seconds(),
+                now.to_rfc3339()
+            );
+            let attempt = row.attempts + 1;
+            let applied = async {
+                let loaded = Loaded::<S>::read(row)?;
+                let trigger = Trigger {
+                    message_id: None,
+                    attempt,
+                    detail: Some(detail),
+                };
+                self.apply(&txn, loaded, timeout.input.clone(), trigger)
+                    .await
+            }
+            .instrument(span)
+            .await;
+            match applied {
+                Ok(handled @ Handled::Applied { .. }) => {
+                    outcome.timed_out += 1;
+                    moved.push(handled);
+                }
                 Ok(_) => {}
-                // The row is locked by us, so a conflict means a writer that did
-                // not lock; skip it, the next sweep looks again.
+                // The row is locked by us, so a conflict means a writer that
+                // did not lock; skip it, the next sweep looks again.
                 Err(ApplyError::Conflict) => {}
                 Err(ApplyError::Saga(e)) => {
                     // The whole batch rolls back; the failing instance spends
                     // one attempt, and is left out once it is parked.
                     txn.rollback().await?;
-                    self.record_failure(
-                        &correlation_id,
-                        None,
-                        OrderInput::ExpirationDue.name(),
-                        &e,
-                    )
-                    .await?;
+                    self.record_failure(&correlation_id, None, timeout.input.name(), &e)
+                        .await?;
                     return Err(e);
                 }
             }
         }
         txn.commit().await?;
-        crate::metrics::transitions(
-            OrderState::Processing,
-            OrderState::Expired,
-            outcome.expired as u64,
-        );
-        if outcome.expired > 0 {
-            self.outbox_signal.notify_one();
+        for handled in &moved {
+            self.committed(handled);
         }
+        crate::metrics::state_timeouts(S::TYPE, state, outcome.timed_out as u64);
         Ok(outcome)
-    }
-
-    /// Sweeps batch after batch until no stale order is left.
-    pub async fn expire_all_stale(&self) -> Result<SweepOutcome, SagaError> {
-        let mut total = SweepOutcome::default();
-        loop {
-            let batch = self.try_expire_once().await?;
-            total.examined += batch.examined;
-            total.expired += batch.expired;
-            if (batch.examined as u64) < self.settings.sweep_batch_size || batch.expired == 0 {
-                return Ok(total);
-            }
-        }
     }
 
     /// Spends one attempt of the instance's retry budget after a failed
@@ -732,44 +901,41 @@ impl OrderSagaEngine {
         &self,
         correlation_id: &str,
         message_id: Option<Uuid>,
-        trigger: &'static str,
+        trigger: &str,
         error: &SagaError,
     ) -> Result<Attempts, SagaError> {
         let now = self.clock.now();
-        let budget = if error.is_retryable() {
-            i32::try_from(Ord::max(self.settings.retry.max_attempts, 1)).unwrap_or(i32::MAX)
-        } else {
-            1
-        };
+        let budget = self.settings.retry.budget_for(error.is_retryable());
         let text = error.to_string();
         let txn = self.db.begin().await?;
-        let instance = load(&txn, correlation_id).await?;
+        let instance = load(&txn, S::TYPE, correlation_id).await?;
         let spent = instance.attempts.saturating_add(1);
         let exhausted = instance.faulted || spent >= budget;
-        saga_instances::Entity::update_many()
-            .col_expr(saga_instances::Column::Attempts, Expr::value(spent))
-            .col_expr(saga_instances::Column::LastError, Expr::value(text.clone()))
-            .col_expr(saga_instances::Column::Faulted, Expr::value(exhausted))
-            .col_expr(saga_instances::Column::UpdatedAt, Expr::value(now))
-            .filter(saga_instances::Column::Id.eq(instance.id))
+        instances::Entity::update_many()
+            .col_expr(instances::Column::Attempts, Expr::value(spent))
+            .col_expr(instances::Column::LastError, Expr::value(text.clone()))
+            .col_expr(instances::Column::Faulted, Expr::value(exhausted))
+            .col_expr(instances::Column::UpdatedAt, Expr::value(now))
+            .filter(instances::Column::Id.eq(instance.id))
             .exec(&txn)
             .await?;
-        let state: OrderState = instance
-            .state
-            .parse()
-            .map_err(|e| SagaError::Corrupt(format!("instance {}: {e}", instance.id)))?;
-        journal(
+        journal::write(
             &txn,
-            JournalRow {
+            journal::Entry {
+                saga_type: S::TYPE,
                 instance_id: instance.id,
                 correlation_id,
-                from: Some(state),
-                to: state,
+                from: Some(&instance.state),
+                to: &instance.state,
                 trigger,
-                outcome: if exhausted { "parked" } else { "failed" },
+                outcome: if exhausted {
+                    JournalOutcome::Parked
+                } else {
+                    JournalOutcome::Failed
+                },
                 message_id,
                 attempt: spent,
-                payment: None,
+                input: None,
                 detail: Some(if exhausted {
                     format!("attempt {spent} of {budget} failed; instance parked")
                 } else {
@@ -783,70 +949,55 @@ impl OrderSagaEngine {
         txn.commit().await?;
         if exhausted {
             tracing::error!(
-                order_id = %correlation_id,
+                saga_type = S::TYPE,
+                correlation_id,
                 message_id = message_id.map(tracing::field::display),
                 attempts = spent,
                 error = %text,
-                "order saga parked: retry budget spent"
+                "saga parked: retry budget spent"
             );
         } else {
             tracing::warn!(
-                order_id = %correlation_id,
+                saga_type = S::TYPE,
+                correlation_id,
                 message_id = message_id.map(tracing::field::display),
                 attempt = spent,
                 error = %text,
-                "order saga input failed; will retry"
+                "saga input failed; will retry"
             );
         }
         Ok(Attempts { spent, exhausted })
     }
 
-    /// Parked (faulted) order sagas, oldest first.
+    /// Parked (faulted) instances of this saga type, oldest first.
     pub async fn parked(&self, limit: u64) -> Result<Vec<ParkedInstance>, SagaError> {
-        Ok(saga_instances::Entity::find()
-            .filter(saga_instances::Column::SagaType.eq(ORDER_SAGA))
-            .filter(saga_instances::Column::Faulted.eq(true))
-            .order_by_asc(saga_instances::Column::UpdatedAt)
-            .limit(limit)
-            .all(&self.db)
-            .await?
-            .into_iter()
-            .map(|i| ParkedInstance {
-                correlation_id: i.correlation_id,
-                state: i.state,
-                attempts: i.attempts,
-                last_error: i.last_error,
-                parked_at: i.updated_at,
-            })
-            .collect())
+        parked(&self.db, Some(S::TYPE), limit).await
     }
 
-    /// Resumes a parked instance with a fresh budget and re-runs it from its
-    /// current state: a `pending` order is started again (as if its
-    /// `OrderCreated` had arrived), a `processing` order's unfired payment
-    /// timer is made due now, and the sweep may expire it again.
-    pub async fn resume(&self, correlation_id: &str) -> Result<Resumed, SagaError> {
+    /// Resumes a parked instance with a fresh budget: its pending timers are
+    /// made due now, sweeps see it again, and [`Saga::resume_input`] (if any)
+    /// is re-run.
+    pub async fn resume(&self, correlation_id: &str) -> Result<Resumed<S::State>, SagaError> {
         let now = self.clock.now();
         let txn = self.db.begin().await?;
-        let instance = load(&txn, correlation_id).await?;
-        if !instance.faulted {
+        let row = load(&txn, S::TYPE, correlation_id).await?;
+        if !row.faulted {
             txn.rollback().await?;
-            return Err(SagaError::NotParked(correlation_id.to_owned()));
+            return Err(SagaError::NotParked {
+                saga_type: S::TYPE,
+                correlation_id: correlation_id.to_owned(),
+            });
         }
-        let state: OrderState = instance
-            .state
-            .parse()
-            .map_err(|e| SagaError::Corrupt(format!("instance {}: {e}", instance.id)))?;
-        let resumed = saga_instances::Entity::update_many()
-            .col_expr(saga_instances::Column::Faulted, Expr::value(false))
-            .col_expr(saga_instances::Column::Attempts, Expr::value(0))
-            .col_expr(
-                saga_instances::Column::Version,
-                Expr::value(instance.version + 1),
-            )
-            .col_expr(saga_instances::Column::UpdatedAt, Expr::value(now))
-            .filter(saga_instances::Column::Id.eq(instance.id))
-            .filter(saga_instances::Column::Version.eq(instance.version))
+        let instance = Loaded::<S>::read(row)?;
+        let state = instance.state;
+        let row = instance.row;
+        let resumed = instances::Entity::update_many()
+            .col_expr(instances::Column::Faulted, Expr::value(false))
+            .col_expr(instances::Column::Attempts, Expr::value(0))
+            .col_expr(instances::Column::Version, Expr::value(row.version + 1))
+            .col_expr(instances::Column::UpdatedAt, Expr::value(now))
+            .filter(instances::Column::Id.eq(row.id))
+            .filter(instances::Column::Version.eq(row.version))
             .exec(&txn)
             .await?;
         if resumed.rows_affected != 1 {
@@ -854,27 +1005,28 @@ impl OrderSagaEngine {
             txn.rollback().await?;
             return Err(SagaError::Contention(correlation_id.to_owned()));
         }
-        saga_timers::Entity::update_many()
-            .col_expr(saga_timers::Column::DueAt, Expr::value(now))
-            .filter(saga_timers::Column::SagaInstanceId.eq(instance.id))
-            .filter(saga_timers::Column::FiredAt.is_null())
+        timers::Entity::update_many()
+            .col_expr(timers::Column::DueAt, Expr::value(now))
+            .filter(timers::Column::SagaInstanceId.eq(row.id))
+            .filter(timers::Column::FiredAt.is_null())
             .exec(&txn)
             .await?;
-        journal(
+        journal::write(
             &txn,
-            JournalRow {
-                instance_id: instance.id,
+            journal::Entry {
+                saga_type: S::TYPE,
+                instance_id: row.id,
                 correlation_id,
-                from: Some(state),
-                to: state,
+                from: Some(state.name()),
+                to: state.name(),
                 trigger: "Resumed",
-                outcome: "resumed",
+                outcome: JournalOutcome::Resumed,
                 message_id: None,
                 attempt: 0,
-                payment: None,
+                input: None,
                 detail: Some(format!(
                     "resumed by an operator with a fresh budget; last error: {}",
-                    instance.last_error.as_deref().unwrap_or("none")
+                    row.last_error.as_deref().unwrap_or("none")
                 )),
                 error: None,
             },
@@ -882,150 +1034,177 @@ impl OrderSagaEngine {
         )
         .await?;
         txn.commit().await?;
-        tracing::info!(order_id = %correlation_id, state = %state, "parked order saga resumed");
-        let rerun = if state == OrderState::Pending {
-            Some(
-                self.apply_order_created(correlation_id, None, Some("re-run after resume"))
-                    .await?,
-            )
-        } else {
-            None
+        tracing::info!(
+            saga_type = S::TYPE,
+            correlation_id,
+            state = state.name(),
+            "parked saga resumed"
+        );
+        let rerun = match self.saga.resume_input(state) {
+            Some(input) => Some(
+                self.apply_input(
+                    correlation_id,
+                    input,
+                    Source::Resume,
+                    Some("re-run after resume"),
+                )
+                .await?,
+            ),
+            None => None,
         };
         Ok(Resumed { state, rerun })
     }
 
-    fn signal_if_published(&self, handled: &Handled) {
-        // Called right after each commit of an applied input: count it here.
-        if let Handled::Applied { from, to, .. } = handled {
-            crate::metrics::transitions(*from, *to, 1);
-        }
-        if let Handled::Applied { published, .. } = handled
-            && !published.is_empty()
+    /// The instance `correlation_id`, if it exists.
+    pub async fn instance(
+        &self,
+        correlation_id: &str,
+    ) -> Result<Option<Instance<S::State, S::Data>>, SagaError> {
+        let Some(row) = find(&self.db, S::TYPE, correlation_id).await? else {
+            return Ok(None);
+        };
+        let loaded = Loaded::<S>::read(row)?;
+        let row = loaded.row;
+        Ok(Some(Instance {
+            id: row.id,
+            correlation_id: row.correlation_id,
+            state: loaded.state,
+            data: loaded.data,
+            version: row.version,
+            attempts: row.attempts,
+            parked: row.faulted,
+            last_error: row.last_error,
+            state_entered_at: row.state_entered_at,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+        }))
+    }
+
+    /// The state of the instance `correlation_id`.
+    pub async fn state(&self, correlation_id: &str) -> Result<S::State, SagaError> {
+        self.instance(correlation_id)
+            .await?
+            .map(|i| i.state)
+            .ok_or_else(|| SagaError::UnknownInstance {
+                saga_type: S::TYPE,
+                correlation_id: correlation_id.to_owned(),
+            })
+    }
+
+    /// Right after each commit of an applied input: count it and wake the relay.
+    fn committed(&self, handled: &Handled<S::State>) {
+        if let Handled::Applied {
+            from,
+            to,
+            published,
+        } = handled
         {
-            self.outbox_signal.notify_one();
+            crate::metrics::transitions(S::TYPE, from.name(), to.name(), 1);
+            if !published.is_empty() {
+                self.outbox_signal.notify_one();
+            }
         }
     }
 
     /// Applies one input to a loaded instance inside `txn`.
-    async fn apply<C: ConnectionTrait>(
+    async fn apply(
         &self,
-        txn: &C,
-        instance: saga_instances::Model,
-        input: OrderInput,
+        txn: &DatabaseTransaction,
+        instance: Loaded<S>,
+        input: S::Input,
         trigger: Trigger,
-    ) -> Result<Handled, ApplyError> {
+    ) -> Result<Handled<S::State>, ApplyError> {
         let now = self.clock.now();
-        let state: OrderState = instance
-            .state
-            .parse()
-            .map_err(|e| SagaError::Corrupt(format!("instance {}: {e}", instance.id)))?;
-        let payment = match input {
-            OrderInput::PaymentDecided { approved, draw } => Some((draw, approved)),
-            _ => None,
-        };
-        let (to, outcome, note, handled) = match decide(state, input) {
+        let Loaded { row, state, data } = instance;
+        let input_json = serde_json::to_value(&input)
+            .map_err(|e| SagaError::Corrupt(format!("{} input: {e}", S::TYPE)))?;
+        let (to, outcome, note, handled) = match self.saga.decide(state, &data, &input) {
             Decision::Apply {
                 next,
                 effects,
+                data: new_data,
                 note,
             } => {
-                let order: OrderSnapshot =
-                    serde_json::from_value(instance.data.clone()).map_err(|e| {
-                        SagaError::Corrupt(format!("instance {} data: {e}", instance.id))
-                    })?;
+                if let Some(probe) = &self.probe {
+                    probe.before_write(&row, &input).await?;
+                }
                 let entered = if next == state {
-                    instance.state_entered_at
+                    row.state_entered_at
                 } else {
                     now
                 };
-                if let Some(hook) = &self.hook {
-                    hook.before_write(&instance, &input).await?;
-                }
-                let mut update = saga_instances::Entity::update_many();
+                let mut update = instances::Entity::update_many();
                 // The instance continues the trace of its latest transition
-                // (what the expiration sweep picks up).
+                // (what a state-timeout sweep picks up).
                 if let Some(current) = TraceContext::current() {
                     update = update
                         .col_expr(
-                            saga_instances::Column::Traceparent,
+                            instances::Column::Traceparent,
                             Expr::value(current.traceparent()),
                         )
                         .col_expr(
-                            saga_instances::Column::Tracestate,
+                            instances::Column::Tracestate,
                             Expr::value(current.tracestate().map(str::to_owned)),
                         );
                 }
+                if let Some(new_data) = &new_data {
+                    let json = serde_json::to_value(new_data)
+                        .map_err(|e| SagaError::Corrupt(format!("{} data: {e}", S::TYPE)))?;
+                    update = update.col_expr(instances::Column::Data, Expr::value(json));
+                }
                 let updated = update
-                    .col_expr(saga_instances::Column::State, Expr::value(next.as_str()))
+                    .col_expr(instances::Column::State, Expr::value(next.name()))
                     // Success: the retry budget starts afresh.
-                    .col_expr(saga_instances::Column::Attempts, Expr::value(0))
+                    .col_expr(instances::Column::Attempts, Expr::value(0))
                     .col_expr(
-                        saga_instances::Column::LastError,
+                        instances::Column::LastError,
                         Expr::value(Option::<String>::None),
                     )
-                    .col_expr(
-                        saga_instances::Column::Version,
-                        Expr::value(instance.version + 1),
-                    )
-                    .col_expr(saga_instances::Column::StateEnteredAt, Expr::value(entered))
-                    .col_expr(saga_instances::Column::UpdatedAt, Expr::value(now))
-                    .filter(saga_instances::Column::Id.eq(instance.id))
-                    .filter(saga_instances::Column::Version.eq(instance.version))
+                    .col_expr(instances::Column::Version, Expr::value(row.version + 1))
+                    .col_expr(instances::Column::StateEnteredAt, Expr::value(entered))
+                    .col_expr(instances::Column::UpdatedAt, Expr::value(now))
+                    .filter(instances::Column::Id.eq(row.id))
+                    .filter(instances::Column::Version.eq(row.version))
                     .exec(txn)
                     .await?;
                 if updated.rows_affected != 1 {
                     return Err(ApplyError::Conflict);
                 }
+                let data = new_data.unwrap_or(data);
+                let cx = HookContext {
+                    txn,
+                    instance_id: row.id,
+                    correlation_id: &row.correlation_id,
+                    data: &data,
+                    now,
+                };
                 if next != state {
-                    orders::Entity::update_many()
-                        .col_expr(orders::Column::Status, Expr::value(next.as_str()))
-                        .col_expr(orders::Column::UpdatedAt, Expr::value(now))
-                        .filter(orders::Column::Id.eq(order.order_id))
-                        .exec(txn)
-                        .await?;
+                    self.hooks.entered(&cx, state, next).await?;
                 }
-                let mut published = Vec::new();
-                for effect in effects {
-                    match effect {
-                        Effect::Publish(event) => {
-                            let envelope = order_event(
-                                event,
-                                &order,
-                                Some(state),
-                                next,
-                                trigger.message_id,
-                                now,
-                            )?;
-                            outbox::enqueue(txn, &envelope, event.routing_key()).await?;
-                            published.push(event);
-                        }
-                        Effect::ScheduleTimer(kind) => {
-                            let delay = match kind {
-                                TimerKind::PaymentDue => self.settings.payment_delay,
-                            };
-                            schedule_timer(txn, &instance, kind, now + delay, now).await?;
-                        }
-                        Effect::ReleaseStock => release_stock(txn, order.order_id).await?,
-                    }
-                }
+                let published = self
+                    .carry_out(&cx, effects, Some(state), next, trigger.message_id)
+                    .await?;
                 (
                     next,
-                    "applied",
+                    JournalOutcome::Applied,
                     note,
                     Handled::Applied {
                         from: state,
                         to: next,
-                        published,
+                        published: published.into_iter().map(|(t, _)| t).collect(),
                     },
                 )
             }
-            Decision::Ignore { reason } => {
-                (state, "ignored", reason, Handled::Ignored { state, reason })
-            }
+            Decision::Ignore { reason } => (
+                state,
+                JournalOutcome::Ignored,
+                reason,
+                Handled::Ignored { state, reason },
+            ),
             Decision::Reject { reason } => {
                 return Err(ApplyError::Saga(SagaError::Rejected {
-                    state: state.as_str().to_owned(),
-                    input: input.name(),
+                    state: state.name().to_owned(),
+                    input: input.name().to_owned(),
                     reason,
                 }));
             }
@@ -1034,18 +1213,19 @@ impl OrderSagaEngine {
             Some(d) => format!("{note}; {d}"),
             None => note.to_owned(),
         };
-        journal(
+        journal::write(
             txn,
-            JournalRow {
-                instance_id: instance.id,
-                correlation_id: &instance.correlation_id,
-                from: Some(state),
-                to,
+            journal::Entry {
+                saga_type: S::TYPE,
+                instance_id: row.id,
+                correlation_id: &row.correlation_id,
+                from: Some(state.name()),
+                to: to.name(),
                 trigger: input.name(),
                 outcome,
                 message_id: trigger.message_id,
                 attempt: trigger.attempt,
-                payment,
+                input: Some(input_json),
                 detail: Some(detail),
                 error: None,
             },
@@ -1053,199 +1233,182 @@ impl OrderSagaEngine {
         )
         .await?;
         tracing::info!(
-            order_id = %instance.correlation_id,
+            saga_type = S::TYPE,
+            correlation_id = %row.correlation_id,
             message_id = trigger.message_id.map(tracing::field::display),
-            from = %state,
-            to = %to,
+            from = state.name(),
+            to = to.name(),
             trigger = input.name(),
-            outcome,
-            "order saga: {note}"
+            outcome = outcome.as_str(),
+            "saga: {note}"
         );
         Ok(handled)
     }
-}
 
-/// `instance_id NOT IN (parked instances)`.
-fn not_parked(instance_id: saga_timers::Column) -> sea_orm::Condition {
-    sea_orm::Condition::all().add(
-        instance_id.not_in_subquery(
-            Query::select()
-                .column(saga_instances::Column::Id)
-                .from(saga_instances::Entity)
-                .and_where(Expr::col(saga_instances::Column::Faulted).eq(true))
-                .to_owned(),
-        ),
-    )
-}
-
-async fn load<C: ConnectionTrait>(
-    conn: &C,
-    correlation_id: &str,
-) -> Result<saga_instances::Model, SagaError> {
-    saga_instances::Entity::find()
-        .filter(saga_instances::Column::SagaType.eq(ORDER_SAGA))
-        .filter(saga_instances::Column::CorrelationId.eq(correlation_id))
-        .one(conn)
-        .await?
-        .ok_or_else(|| SagaError::UnknownInstance {
-            saga_type: ORDER_SAGA,
-            correlation_id: correlation_id.to_owned(),
-        })
-}
-
-fn order_event(
-    event: OrderEvent,
-    order: &OrderSnapshot,
-    previous: Option<OrderState>,
-    status: OrderState,
-    causation_id: Option<Uuid>,
-    now: DateTime<Utc>,
-) -> Result<Envelope, SagaError> {
-    let payload = OrderEventPayload {
-        order: order.clone(),
-        previous_status: previous.map(|s| s.as_str().to_owned()),
-        status: status.as_str().to_owned(),
-    };
-    Ok(Envelope {
-        message_id: Uuid::new_v4(),
-        message_type: event.message_type().to_owned(),
-        correlation_id: order.order_id.to_string(),
-        causation_id,
-        occurred_at: now,
-        initiated_by: Some(order.user_id),
-        payload: serde_json::to_value(payload)
-            .map_err(|e| SagaError::Corrupt(format!("event payload: {e}")))?,
-    })
-}
-
-/// Takes every line's quantity off its product's stock, in product id order
-/// (so concurrent orders lock rows in the same order and cannot deadlock).
-/// Each update is conditional on enough stock being left.
-async fn reserve_stock<C: ConnectionTrait>(conn: &C, lines: &[OrderLine]) -> Result<(), SagaError> {
-    let mut sorted: Vec<&OrderLine> = lines.iter().collect();
-    sorted.sort_by_key(|l| l.product_id);
-    for line in sorted {
-        let reserved = products::Entity::update_many()
-            .col_expr(
-                products::Column::Stock,
-                Expr::col(products::Column::Stock).sub(line.quantity),
-            )
-            .filter(products::Column::Id.eq(line.product_id))
-            .filter(products::Column::Stock.gte(line.quantity))
-            .exec(conn)
-            .await?;
-        if reserved.rows_affected != 1 {
-            let available = products::Entity::find_by_id(line.product_id)
-                .one(conn)
-                .await?
-                .map_or(0, |p| p.stock);
-            return Err(SagaError::OutOfStock {
-                product_id: line.product_id,
-                requested: line.quantity,
-                available,
-            });
+    /// Carries out a transition's effects in order; returns the published
+    /// message types and ids.
+    async fn carry_out(
+        &self,
+        cx: &HookContext<'_, S>,
+        effects: Vec<Effect<S>>,
+        from: Option<S::State>,
+        to: S::State,
+        causation_id: Option<Uuid>,
+    ) -> Result<Vec<(&'static str, Uuid)>, SagaError> {
+        let mut published = Vec::new();
+        for effect in effects {
+            match effect {
+                Effect::Publish(event) => {
+                    let payload = self
+                        .saga
+                        .event_payload(&event, cx.data, from, to)
+                        .map_err(|e| SagaError::Corrupt(format!("event payload: {e}")))?;
+                    let envelope = Envelope {
+                        message_id: Uuid::new_v4(),
+                        message_type: event.message_type().to_owned(),
+                        correlation_id: cx.correlation_id.to_owned(),
+                        causation_id,
+                        occurred_at: cx.now,
+                        initiated_by: self.saga.initiated_by(cx.data),
+                        payload,
+                    };
+                    outbox::enqueue(cx.txn, &envelope, event.routing_key()).await?;
+                    published.push((event.message_type(), envelope.message_id));
+                }
+                Effect::Schedule { timer, after } => {
+                    schedule_timer::<S>(cx, &timer, cx.now + after).await?;
+                }
+                Effect::Cancel(kind) => {
+                    timers::Entity::delete_many()
+                        .filter(timers::Column::SagaInstanceId.eq(cx.instance_id))
+                        .filter(timers::Column::TimerKind.eq(kind))
+                        .filter(timers::Column::FiredAt.is_null())
+                        .exec(cx.txn)
+                        .await?;
+                }
+                Effect::Domain(effect) => self.hooks.effect(cx, &effect).await?,
+            }
         }
+        Ok(published)
     }
-    Ok(())
 }
 
-/// Gives an order's reserved quantities back to their products. Runs as an
-/// effect of the transition that ends the order, so it happens exactly once.
-async fn release_stock<C: ConnectionTrait>(conn: &C, order_id: i64) -> Result<(), SagaError> {
-    let mut items = order_items::Entity::find()
-        .filter(order_items::Column::OrderId.eq(order_id))
-        .all(conn)
-        .await?;
-    items.sort_by_key(|i| i.product_id);
-    for item in items {
-        products::Entity::update_many()
-            .col_expr(
-                products::Column::Stock,
-                Expr::col(products::Column::Stock).add(item.quantity),
-            )
-            .filter(products::Column::Id.eq(item.product_id))
-            .exec(conn)
-            .await?;
+/// Parked (faulted) instances of `saga_type` (or of every type), oldest first.
+pub async fn parked<C: ConnectionTrait>(
+    db: &C,
+    saga_type: Option<&str>,
+    limit: u64,
+) -> Result<Vec<ParkedInstance>, SagaError> {
+    let mut query = instances::Entity::find().filter(instances::Column::Faulted.eq(true));
+    if let Some(saga_type) = saga_type {
+        query = query.filter(instances::Column::SagaType.eq(saga_type));
     }
-    Ok(())
+    Ok(query
+        .order_by_asc(instances::Column::UpdatedAt)
+        .limit(limit)
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|i| ParkedInstance {
+            saga_type: i.saga_type,
+            correlation_id: i.correlation_id,
+            state: i.state,
+            attempts: i.attempts,
+            last_error: i.last_error,
+            parked_at: i.updated_at,
+        })
+        .collect())
 }
 
-async fn schedule_timer<C: ConnectionTrait>(
-    conn: &C,
-    instance: &saga_instances::Model,
-    kind: TimerKind,
+/// Arms the instance's timer of `timer`'s kind: inserted, or re-armed with a
+/// new due time and payload (also after it fired).
+async fn schedule_timer<S: Saga>(
+    cx: &HookContext<'_, S>,
+    timer: &S::Timer,
     due_at: DateTime<Utc>,
-    now: DateTime<Utc>,
 ) -> Result<(), SagaError> {
-    use saga_timers::Column as T;
+    use timers::Column as T;
+    let payload = serde_json::to_value(timer)
+        .map_err(|e| SagaError::Corrupt(format!("{} timer payload: {e}", S::TYPE)))?;
     let (traceparent, tracestate) = TraceContext::columns(TraceContext::current().as_ref());
     let mut insert = Query::insert();
     insert
-        .into_table(saga_timers::Entity)
+        .into_table(timers::Entity)
         .columns([
+            T::SagaType,
             T::SagaInstanceId,
             T::CorrelationId,
             T::TimerKind,
+            T::Payload,
             T::DueAt,
             T::CreatedAt,
+            T::FiredAt,
             T::Traceparent,
             T::Tracestate,
         ])
         .values([
-            instance.id.into(),
-            instance.correlation_id.clone().into(),
-            kind.as_str().into(),
+            S::TYPE.into(),
+            cx.instance_id.into(),
+            cx.correlation_id.into(),
+            timer.kind().into(),
+            payload.into(),
             due_at.into(),
-            now.into(),
+            cx.now.into(),
+            Option::<DateTime<Utc>>::None.into(),
             traceparent.into(),
             tracestate.into(),
         ])
         .map_err(|e| SagaError::Corrupt(e.to_string()))?
         .on_conflict(
             OnConflict::columns([T::SagaInstanceId, T::TimerKind])
-                .do_nothing()
+                .update_columns([
+                    T::Payload,
+                    T::DueAt,
+                    T::CreatedAt,
+                    T::FiredAt,
+                    T::Traceparent,
+                    T::Tracestate,
+                ])
                 .to_owned(),
         );
-    conn.execute(&insert).await?;
+    cx.txn.execute(&insert).await?;
     Ok(())
 }
 
-struct JournalRow<'a> {
-    instance_id: i64,
-    correlation_id: &'a str,
-    from: Option<OrderState>,
-    to: OrderState,
-    trigger: &'static str,
-    outcome: &'static str,
-    message_id: Option<Uuid>,
-    attempt: i32,
-    payment: Option<(f64, bool)>,
-    detail: Option<String>,
-    error: Option<String>,
+/// `instance_id NOT IN (parked instances)`.
+fn not_parked(instance_id: timers::Column) -> Condition {
+    Condition::all().add(
+        instance_id.not_in_subquery(
+            Query::select()
+                .column(instances::Column::Id)
+                .from(instances::Entity)
+                .and_where(Expr::col(instances::Column::Faulted).eq(true))
+                .to_owned(),
+        ),
+    )
 }
 
-async fn journal<C: ConnectionTrait>(
+async fn find<C: ConnectionTrait>(
     conn: &C,
-    row: JournalRow<'_>,
-    now: DateTime<Utc>,
-) -> Result<(), SagaError> {
-    saga_transitions::Entity::insert(saga_transitions::ActiveModel {
-        saga_instance_id: Set(row.instance_id),
-        correlation_id: Set(row.correlation_id.to_owned()),
-        from_state: Set(row.from.map(|s| s.as_str().to_owned())),
-        to_state: Set(row.to.as_str().to_owned()),
-        trigger: Set(row.trigger.to_owned()),
-        outcome: Set(row.outcome.to_owned()),
-        message_id: Set(row.message_id),
-        attempt: Set(row.attempt),
-        payment_draw: Set(row.payment.map(|(draw, _)| draw)),
-        payment_approved: Set(row.payment.map(|(_, approved)| approved)),
-        detail: Set(row.detail),
-        error: Set(row.error),
-        occurred_at: Set(now),
-        ..Default::default()
-    })
-    .exec(conn)
-    .await?;
-    Ok(())
+    saga_type: &str,
+    correlation_id: &str,
+) -> Result<Option<instances::Model>, SagaError> {
+    Ok(instances::Entity::find()
+        .filter(instances::Column::SagaType.eq(saga_type))
+        .filter(instances::Column::CorrelationId.eq(correlation_id))
+        .one(conn)
+        .await?)
+}
+
+async fn load<C: ConnectionTrait>(
+    conn: &C,
+    saga_type: &'static str,
+    correlation_id: &str,
+) -> Result<instances::Model, SagaError> {
+    find(conn, saga_type, correlation_id)
+        .await?
+        .ok_or_else(|| SagaError::UnknownInstance {
+            saga_type,
+            correlation_id: correlation_id.to_owned(),
+        })
 }

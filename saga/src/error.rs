@@ -10,7 +10,7 @@ pub enum SagaError {
     /// The database failed (unreachable, a statement error): retryable.
     Db(#[from] DbErr),
     #[error("no {saga_type} saga instance with correlation id `{correlation_id}`")]
-    /// No saga instance has this correlation id.
+    /// No saga instance of this type has this correlation id.
     UnknownInstance {
         /// The saga type looked up.
         saga_type: &'static str,
@@ -23,7 +23,7 @@ pub enum SagaError {
         /// The state the instance was in.
         state: String,
         /// The input's name.
-        input: &'static str,
+        input: String,
         /// Why the table rejects it.
         reason: &'static str,
     },
@@ -38,28 +38,47 @@ pub enum SagaError {
     Malformed(String),
     /// The instance is parked (its retry budget is spent): nothing is
     /// applied to it until an operator resumes it.
-    #[error("order saga `{0}` is parked; resume it first")]
-    Parked(String),
-    /// Only a parked instance can be resumed.
-    #[error("order saga `{0}` is not parked")]
-    NotParked(String),
-    /// Placing an order would take a product's stock below zero.
-    #[error("product {product_id} has {available} in stock, {requested} requested")]
-    OutOfStock {
-        /// The product short of stock.
-        product_id: i64,
-        /// Quantity asked for.
-        requested: i32,
-        /// Quantity left.
-        available: i32,
+    #[error("{saga_type} saga `{correlation_id}` is parked; resume it first")]
+    Parked {
+        /// The saga type.
+        saga_type: &'static str,
+        /// The instance.
+        correlation_id: String,
     },
+    /// Only a parked instance can be resumed.
+    #[error("{saga_type} saga `{correlation_id}` is not parked")]
+    NotParked {
+        /// The saga type.
+        saga_type: &'static str,
+        /// The instance.
+        correlation_id: String,
+    },
+    /// A saga's hook failed in a way trying again may fix (a service it
+    /// calls is down): retryable.
+    #[error("{0}")]
+    Transient(String),
+    /// A saga's hook failed for good (a domain rule, a missing row).
+    #[error("{0}")]
+    Effect(String),
 }
 
 impl SagaError {
-    /// Whether trying the same message again may succeed. Database trouble and
-    /// contention pass; a rejected input or a malformed message never will.
+    /// Whether trying the same message again may succeed. Database trouble,
+    /// contention and transient hook failures pass; a rejected input or a
+    /// malformed message never will.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, SagaError::Db(_) | SagaError::Contention(_))
+        matches!(
+            self,
+            SagaError::Db(_) | SagaError::Contention(_) | SagaError::Transient(_)
+        )
+    }
+
+    /// Whether the database refused a row because its unique key exists.
+    pub fn is_unique_violation(&self) -> bool {
+        matches!(
+            self,
+            SagaError::Db(e) if matches!(e.sql_err(), Some(sea_orm::SqlErr::UniqueConstraintViolation(_)))
+        )
     }
 }
 

@@ -1,16 +1,16 @@
 //! The persisted retry budget of a message at a consumer that has no saga
-//! instance to keep it on (the notifications consumer): one row per
+//! instance to keep it on (a notifications consumer, a failing start): one row per
 //! `(consumer, message_id)`, counted in the database so every runner and
 //! every restart share it.
 
+use crate::schema::message_failures as failures;
 use chrono::{DateTime, Utc};
-use entity::saga_message_failures as failures;
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Query};
 use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter};
 
-use crate::engine::Attempts;
 use crate::error::SagaError;
 use crate::message::Envelope;
+use crate::retry::Attempts;
 
 /// Counts one failed attempt of `envelope` at `consumer`. Non-retryable
 /// errors spend the whole budget at once.

@@ -1,8 +1,8 @@
 //! The inbox: `(consumer, message_id)` rows written in the same transaction as
 //! a handler's effects, so a redelivered or duplicated message is skipped.
 
+use crate::schema::inbox as saga_inbox;
 use chrono::{DateTime, Utc};
-use entity::saga_inbox;
 use sea_orm::ConnectionTrait;
 use sea_orm::sea_query::{OnConflict, Query};
 

@@ -5,23 +5,23 @@
 //!
 //! Counters and histograms are recorded where things happen (a delivery
 //! settled, a transition committed, a timer fired, an event published, a
-//! reconnect). The backlog gauges (orders by status, unsent outbox rows,
-//! timers) describe the shared database, not one process: a host computes
-//! them when it is scraped with [`backlog`] and [`record_backlog`].
+//! reconnect). The backlog gauges (instances by saga type and state, parked
+//! instances, unsent outbox rows, timers) describe the shared database, not
+//! one process: a host computes them when it is scraped with [`backlog`] and
+//! [`record_backlog`].
 //!
-//! Label values come from fixed sets (consumer names, state names, known
-//! message types, outcomes), never from message contents, so the number of
-//! series stays bounded.
+//! Label values come from fixed sets (saga types, consumer names, state
+//! names, the message types a consumer takes, outcomes), never from message
+//! contents, so the number of series stays bounded.
 
 use chrono::{DateTime, Utc};
-use entity::{orders, saga_outbox, saga_timers};
 use sea_orm::sea_query::{Expr, Func};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
 };
 
 use crate::error::SagaError;
-use crate::machine::{OrderEvent, OrderState};
+use crate::schema::{instances, outbox as saga_outbox, timers as saga_timers};
 
 /// Counter: deliveries settled or retried, by `consumer`, `message_type` and
 /// `outcome` (`ok`, `duplicate`, `retried`, `dead_lettered`, `handed_back`).
@@ -30,27 +30,30 @@ pub const MESSAGES_CONSUMED: &str = "saga_messages_consumed_total";
 /// Histogram (seconds): from taking a delivery to settling it, by `consumer`
 /// and `message_type` (retries and their backoff included).
 pub const HANDLER_DURATION: &str = "saga_handler_duration_seconds";
-/// Counter: committed saga transitions, by `from` and `to` state.
+/// Counter: committed saga transitions, by `saga_type`, `from` and `to` state.
 pub const TRANSITIONS: &str = "saga_transitions_total";
-/// Counter: timers fired.
+/// Counter: timers fired, by `saga_type`.
 pub const TIMERS_FIRED: &str = "saga_timers_fired_total";
-/// Histogram (seconds): fire time minus due time of each fired timer.
+/// Histogram (seconds): fire time minus due time of each fired timer, by `saga_type`.
 pub const TIMER_LATENESS: &str = "saga_timer_lateness_seconds";
 /// Counter: outbox events confirmed by the broker and marked sent.
 pub const OUTBOX_PUBLISHED: &str = "saga_outbox_published_total";
 /// Counter: outbox events the broker did not take (retried later).
 pub const OUTBOX_PUBLISH_FAILURES: &str = "saga_outbox_publish_failures_total";
-/// Counter: expiration sweeps, by `outcome` (`ok`, `failed`).
-pub const EXPIRATION_SWEEPS: &str = "saga_expiration_sweeps_total";
-/// Counter: orders expired by sweeps.
-pub const ORDERS_EXPIRED: &str = "saga_orders_expired_total";
+/// Counter: state-timeout sweeps, by `saga_type` and `outcome` (`ok`, `failed`).
+pub const SWEEPS: &str = "saga_sweeps_total";
+/// Counter: instances moved on by a state timeout, by `saga_type` and the
+/// `state` that timed out.
+pub const STATE_TIMEOUTS: &str = "saga_state_timeouts_total";
 /// Counter: broker connections re-established after a loss.
 pub const BROKER_RECONNECTS: &str = "saga_broker_reconnects_total";
 /// Counter: consumer subscriptions lost (channel closed, consumer cancelled,
 /// connection lost), by `consumer`.
 pub const CONSUMER_SUBSCRIPTIONS_LOST: &str = "saga_consumer_subscriptions_lost_total";
-/// Gauge: orders by `status` (whole database, computed at scrape).
-pub const ORDERS: &str = "saga_orders";
+/// Gauge: instances by `saga_type` and `state` (whole database, computed at scrape).
+pub const INSTANCES: &str = "saga_instances";
+/// Gauge: parked instances by `saga_type` (whole database, computed at scrape).
+pub const INSTANCES_PARKED: &str = "saga_instances_parked";
 /// Gauge: outbox rows not yet sent (whole database, computed at scrape).
 pub const OUTBOX_UNSENT: &str = "saga_outbox_unsent";
 /// Gauge (seconds): age of the oldest unsent outbox row; 0 when none.
@@ -90,18 +93,15 @@ impl ConsumeResult {
     }
 }
 
-/// The `message_type` label: a known event type, else `other` (message
-/// types come from the wire; the label set must stay bounded).
-pub fn message_type_label(message_type: Option<&str>) -> &'static str {
-    [
-        OrderEvent::OrderCreated,
-        OrderEvent::OrderCompleted,
-        OrderEvent::OrderExpired,
-    ]
-    .into_iter()
-    .map(OrderEvent::message_type)
-    .find(|known| Some(*known) == message_type)
-    .unwrap_or("other")
+/// The `message_type` label: one of the consumer's `known` types, else
+/// `other` (message types come from the wire; the label set must stay
+/// bounded).
+pub fn message_type_label(known: &[&'static str], message_type: Option<&str>) -> &'static str {
+    known
+        .iter()
+        .copied()
+        .find(|k| Some(*k) == message_type)
+        .unwrap_or("other")
 }
 
 /// Counts one consume outcome.
@@ -125,17 +125,18 @@ pub fn handler_duration(consumer: &str, message_type: &'static str, seconds: f64
     .record(seconds);
 }
 
-/// Counts `n` committed transitions `from -> to`.
-pub fn transitions(from: OrderState, to: OrderState, n: u64) {
+/// Counts `n` committed transitions `from -> to` of `saga_type`.
+pub fn transitions(saga_type: &'static str, from: &'static str, to: &'static str, n: u64) {
     if n > 0 {
-        metrics::counter!(TRANSITIONS, "from" => from.as_str(), "to" => to.as_str()).increment(n);
+        metrics::counter!(TRANSITIONS, "saga_type" => saga_type, "from" => from, "to" => to)
+            .increment(n);
     }
 }
 
-/// Counts one fired timer, `lateness_seconds` after it was due.
-pub fn timer_fired(lateness_seconds: f64) {
-    metrics::counter!(TIMERS_FIRED).increment(1);
-    metrics::histogram!(TIMER_LATENESS).record(lateness_seconds.max(0.0));
+/// Counts one fired timer of `saga_type`, `lateness_seconds` after it was due.
+pub fn timer_fired(saga_type: &'static str, lateness_seconds: f64) {
+    metrics::counter!(TIMERS_FIRED, "saga_type" => saga_type).increment(1);
+    metrics::histogram!(TIMER_LATENESS, "saga_type" => saga_type).record(lateness_seconds.max(0.0));
 }
 
 /// Counts one relay round's published and failed events.
@@ -148,14 +149,16 @@ pub fn outbox_relayed(published: usize, failed: usize) {
     }
 }
 
-/// Counts one expiration sweep and the orders it expired.
-pub fn expiration_sweep(expired: Option<usize>) {
-    let outcome = if expired.is_some() { "ok" } else { "failed" };
-    metrics::counter!(EXPIRATION_SWEEPS, "outcome" => outcome).increment(1);
-    if let Some(n) = expired
-        && n > 0
-    {
-        metrics::counter!(ORDERS_EXPIRED).increment(n as u64);
+/// Counts one state-timeout sweep of `saga_type` (`ok` or `failed`).
+pub fn sweep(saga_type: &'static str, ok: bool) {
+    let outcome = if ok { "ok" } else { "failed" };
+    metrics::counter!(SWEEPS, "saga_type" => saga_type, "outcome" => outcome).increment(1);
+}
+
+/// Counts `n` instances of `saga_type` moved on because `state` timed out.
+pub fn state_timeouts(saga_type: &'static str, state: &'static str, n: u64) {
+    if n > 0 {
+        metrics::counter!(STATE_TIMEOUTS, "saga_type" => saga_type, "state" => state).increment(n);
     }
 }
 
@@ -184,9 +187,9 @@ pub fn describe() {
     );
     describe_counter!(
         TRANSITIONS,
-        "Committed order saga transitions by from and to state"
+        "Committed saga transitions by saga type, from and to state"
     );
-    describe_counter!(TIMERS_FIRED, "Durable timers fired");
+    describe_counter!(TIMERS_FIRED, "Durable timers fired, by saga type");
     describe_histogram!(
         TIMER_LATENESS,
         metrics::Unit::Seconds,
@@ -197,14 +200,24 @@ pub fn describe() {
         OUTBOX_PUBLISH_FAILURES,
         "Outbox events the broker did not take (retried)"
     );
-    describe_counter!(EXPIRATION_SWEEPS, "Expiration sweeps by outcome");
-    describe_counter!(ORDERS_EXPIRED, "Orders expired by sweeps");
+    describe_counter!(SWEEPS, "State-timeout sweeps by saga type and outcome");
+    describe_counter!(
+        STATE_TIMEOUTS,
+        "Instances moved on by a state timeout, by saga type and state"
+    );
     describe_counter!(BROKER_RECONNECTS, "Broker connections re-established");
     describe_counter!(
         CONSUMER_SUBSCRIPTIONS_LOST,
         "Consumer subscriptions lost (channel closed, cancelled by the broker, connection lost)"
     );
-    describe_gauge!(ORDERS, "Orders by status (whole database)");
+    describe_gauge!(
+        INSTANCES,
+        "Saga instances by saga type and state (whole database)"
+    );
+    describe_gauge!(
+        INSTANCES_PARKED,
+        "Parked saga instances by saga type (whole database)"
+    );
     describe_gauge!(
         OUTBOX_UNSENT,
         "Outbox events not yet published (whole database)"
@@ -226,8 +239,11 @@ pub fn describe() {
 /// The database-wide backlog at one moment.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Backlog {
-    /// Orders per status, for every status (0 included).
-    pub orders: Vec<(OrderState, u64)>,
+    /// Instances per (saga type, state): every state of the known sagas (0
+    /// included) and whatever else the table holds.
+    pub instances: Vec<(String, String, u64)>,
+    /// Parked instances per saga type (known types included with 0).
+    pub parked: Vec<(String, u64)>,
     /// Outbox rows not sent.
     pub outbox_unsent: u64,
     /// When the oldest unsent row was written.
@@ -279,26 +295,65 @@ pub async fn outbox_backlog<C: ConnectionTrait>(
     Ok((unsent, oldest))
 }
 
+/// The states of one saga type, for zero-filled gauges.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KnownSaga {
+    /// The saga type.
+    pub saga_type: &'static str,
+    /// Every state name.
+    pub states: Vec<&'static str>,
+}
+
+impl KnownSaga {
+    /// The saga type and states of `S`.
+    pub fn of<S: crate::definition::Saga>() -> Self {
+        use crate::definition::SagaState as _;
+        KnownSaga {
+            saga_type: S::TYPE,
+            states: S::State::ALL.iter().map(|s| s.name()).collect(),
+        }
+    }
+}
+
 /// Reads the database-wide backlog at `now` (injected: the engine's clock).
-pub async fn backlog<C: ConnectionTrait>(db: &C, now: DateTime<Utc>) -> Result<Backlog, SagaError> {
-    let counted: Vec<(String, i64)> = orders::Entity::find()
+/// The states of `known` sagas are reported even when no instance is in them.
+pub async fn backlog<C: ConnectionTrait>(
+    db: &C,
+    now: DateTime<Utc>,
+    known: &[KnownSaga],
+) -> Result<Backlog, SagaError> {
+    let counted: Vec<(String, String, bool, i64)> = instances::Entity::find()
         .select_only()
-        .column(orders::Column::Status)
-        .column_as(Expr::from(Func::count(Expr::col(orders::Column::Id))), "n")
-        .group_by(orders::Column::Status)
+        .column(instances::Column::SagaType)
+        .column(instances::Column::State)
+        .column(instances::Column::Faulted)
+        .column_as(
+            Expr::from(Func::count(Expr::col(instances::Column::Id))),
+            "n",
+        )
+        .group_by(instances::Column::SagaType)
+        .group_by(instances::Column::State)
+        .group_by(instances::Column::Faulted)
         .into_tuple()
         .all(db)
         .await?;
-    let orders = OrderState::ALL
-        .into_iter()
-        .map(|state| {
-            let n = counted
+    let mut by_state: std::collections::BTreeMap<(String, String), u64> = known
+        .iter()
+        .flat_map(|k| {
+            k.states
                 .iter()
-                .find(|(status, _)| status == state.as_str())
-                .map_or(0, |(_, n)| u64::try_from(*n).unwrap_or(0));
-            (state, n)
+                .map(|s| ((k.saga_type.to_owned(), (*s).to_owned()), 0))
         })
         .collect();
+    let mut parked: std::collections::BTreeMap<String, u64> =
+        known.iter().map(|k| (k.saga_type.to_owned(), 0)).collect();
+    for (saga_type, state, faulted, n) in counted {
+        let n = u64::try_from(n).unwrap_or(0);
+        *by_state.entry((saga_type.clone(), state)).or_default() += n;
+        if faulted {
+            *parked.entry(saga_type).or_default() += n;
+        }
+    }
     let (outbox_unsent, outbox_oldest_unsent) = outbox_backlog(db).await?;
     let timers_pending = saga_timers::Entity::find()
         .filter(saga_timers::Column::FiredAt.is_null())
@@ -320,7 +375,8 @@ pub async fn backlog<C: ConnectionTrait>(db: &C, now: DateTime<Utc>) -> Result<B
         .one(db)
         .await?;
     Ok(Backlog {
-        orders,
+        instances: by_state.into_iter().map(|((t, s), n)| (t, s, n)).collect(),
+        parked: parked.into_iter().collect(),
         outbox_unsent,
         outbox_oldest_unsent,
         timers_pending,
@@ -332,8 +388,12 @@ pub async fn backlog<C: ConnectionTrait>(db: &C, now: DateTime<Utc>) -> Result<B
 
 /// Sets the backlog gauges.
 pub fn record_backlog(backlog: &Backlog) {
-    for (state, n) in &backlog.orders {
-        metrics::gauge!(ORDERS, "status" => state.as_str()).set(*n as f64);
+    for (saga_type, state, n) in &backlog.instances {
+        metrics::gauge!(INSTANCES, "saga_type" => saga_type.clone(), "state" => state.clone())
+            .set(*n as f64);
+    }
+    for (saga_type, n) in &backlog.parked {
+        metrics::gauge!(INSTANCES_PARKED, "saga_type" => saga_type.clone()).set(*n as f64);
     }
     metrics::gauge!(OUTBOX_UNSENT).set(backlog.outbox_unsent as f64);
     metrics::gauge!(OUTBOX_OLDEST_UNSENT_AGE)
@@ -350,10 +410,17 @@ mod tests {
 
     #[test]
     fn message_type_labels_are_a_closed_set() {
-        assert_eq!(message_type_label(Some("OrderCreated")), "OrderCreated");
-        assert_eq!(message_type_label(Some("OrderExpired")), "OrderExpired");
-        assert_eq!(message_type_label(Some("DropTables")), "other");
-        assert_eq!(message_type_label(None), "other");
+        let known = &["OrderCreated", "OrderExpired"];
+        assert_eq!(
+            message_type_label(known, Some("OrderCreated")),
+            "OrderCreated"
+        );
+        assert_eq!(
+            message_type_label(known, Some("OrderExpired")),
+            "OrderExpired"
+        );
+        assert_eq!(message_type_label(known, Some("DropTables")), "other");
+        assert_eq!(message_type_label(known, None), "other");
     }
 
     #[test]

@@ -11,8 +11,8 @@
 use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
+use crate::schema::outbox as saga_outbox;
 use chrono::{DateTime, Duration, Utc};
-use entity::saga_outbox;
 use sea_orm::sea_query::{Expr, ExprTrait as _, LockBehavior, LockType};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, EntityTrait,
@@ -136,7 +136,6 @@ impl OutboxRelay {
                 TraceContext::from_columns(row.traceparent.as_deref(), row.tracestate.as_deref());
             let span = tracing::info_span!(
                 "outbox.publish",
-                order_id = %row.correlation_id,
                 correlation_id = %row.correlation_id,
                 message_id = %row.message_id,
                 message_type = %row.message_type,
@@ -182,7 +181,7 @@ impl OutboxRelay {
                 Err(e) => {
                     tracing::warn!(
                         message_id = %row.message_id,
-                        order_id = %row.correlation_id,
+                        correlation_id = %row.correlation_id,
                         error = %e,
                         "broker did not accept an outbox message; will retry"
                     );

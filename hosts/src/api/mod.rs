@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ::orders::OrderSaga;
 use anyhow::Context;
 use chrono::Utc;
 use entity::users as user_entity;
@@ -15,6 +16,7 @@ use poem::web::Html;
 use poem::{Endpoint, EndpointExt, Response, Route, Server, get};
 use poem_openapi::{OpenApiService, Tags};
 use saga::clock::{Clock, SystemClock};
+use saga::engine::SagaEngine;
 use sea_orm::sea_query::{OnConflict, Query};
 use sea_orm::{ConnectionTrait, DatabaseConnection};
 use tokio::sync::Notify;
@@ -58,6 +60,8 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     /// Wakes the outbox relay when an order commits.
     pub outbox_signal: Arc<Notify>,
+    /// The order saga's engine (placing an order starts its saga).
+    pub orders: SagaEngine<OrderSaga>,
     pub login_limiter: ratelimit::LoginLimiter,
     /// How long an `Idempotency-Key` is remembered.
     pub idempotency_ttl: chrono::Duration,
@@ -75,12 +79,14 @@ impl AppState {
     /// key shorter than 256 bits.
     pub fn new(db: DatabaseConnection, settings: &Settings) -> anyhow::Result<Self> {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let outbox_signal = Arc::new(Notify::new());
         Ok(Self {
             monitor: Arc::new(crate::ops::Monitor::new(db.clone(), clock, settings)),
+            orders: crate::infra::engine(settings, db.clone(), outbox_signal.clone()),
             db,
             jwt: auth::JwtKeys::new(&settings.auth)?,
             clock: Arc::new(SystemClock),
-            outbox_signal: Arc::new(Notify::new()),
+            outbox_signal,
             login_limiter: ratelimit::LoginLimiter::new(&settings.auth),
             idempotency_ttl: chrono::Duration::seconds(
                 i64::try_from(settings.api.idempotency_ttl_seconds).unwrap_or(i64::MAX / 1000),

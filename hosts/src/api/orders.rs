@@ -1,18 +1,18 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use ::orders::contracts::OrderLine;
+use ::orders::{Customer, OrderError, OrderInput, OrderSaga};
 use chrono::{DateTime, TimeZone, Utc};
-use entity::{
-    idempotency_keys, notifications, order_items, orders, products, saga_transitions, users,
-};
+use entity::{idempotency_keys, notifications, order_items, orders, products, users};
 use poem::web::Data;
 use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::types::{ParseFromJSON, ToJSON};
 use poem_openapi::{ApiResponse, Object, OpenApi};
 use rust_decimal::Decimal;
-use saga::message::OrderLine;
-use saga::{Customer, OrderSagaEngine};
+use saga::Saga as _;
+use saga::schema::{instances, transitions};
 use sea_orm::sea_query::{Expr, OnConflict, Query as SqlQuery};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder,
@@ -191,8 +191,18 @@ impl poem_openapi::types::Example for TransitionView {
     }
 }
 
-impl From<saga_transitions::Model> for TransitionView {
-    fn from(t: saga_transitions::Model) -> Self {
+impl From<transitions::Model> for TransitionView {
+    fn from(t: transitions::Model) -> Self {
+        // The payment draw is the order saga's `PaymentDecided` input, kept
+        // as JSON in the journal.
+        let payment = t
+            .input
+            .clone()
+            .and_then(|input| serde_json::from_value::<OrderInput>(input).ok())
+            .and_then(|input| match input {
+                OrderInput::PaymentDecided { approved, draw } => Some((draw, approved)),
+                _ => None,
+            });
         Self {
             id: t.id,
             from_state: t.from_state,
@@ -201,8 +211,8 @@ impl From<saga_transitions::Model> for TransitionView {
             outcome: t.outcome,
             message_id: t.message_id.map(|m| m.to_string()),
             attempt: t.attempt,
-            payment_draw: t.payment_draw,
-            payment_approved: t.payment_approved,
+            payment_draw: payment.map(|(draw, _)| draw),
+            payment_approved: payment.map(|(_, approved)| approved),
             detail: t.detail,
             error: t.error,
             occurred_at: t.occurred_at,
@@ -530,9 +540,9 @@ impl OrdersApi {
             email: user.email,
             name: user.name,
         };
-        let placed = match OrderSagaEngine::place_order(&txn, now, &customer, lines).await {
+        let placed = match ::orders::place_order(&state.orders, &txn, &customer, lines).await {
             Ok(placed) => placed,
-            Err(saga::SagaError::OutOfStock {
+            Err(OrderError::OutOfStock {
                 product_id,
                 requested,
                 available,
@@ -657,9 +667,20 @@ impl OrdersApi {
         id: Path<i64>,
     ) -> Result<HistoryResponse, ApiError> {
         let order = visible_order(&state, &auth.0, id.0).await?;
-        let rows = saga_transitions::Entity::find()
-            .filter(saga_transitions::Column::CorrelationId.eq(order.id.to_string()))
-            .order_by_asc(saga_transitions::Column::Id)
+        // The journal of the order's saga instance (by its id: the journal's
+        // index leads with it).
+        let rows = transitions::Entity::find()
+            .filter(
+                transitions::Column::SagaInstanceId.in_subquery(
+                    sea_orm::sea_query::Query::select()
+                        .column(instances::Column::Id)
+                        .from(instances::Entity)
+                        .and_where(instances::Column::SagaType.eq(OrderSaga::TYPE))
+                        .and_where(instances::Column::CorrelationId.eq(order.id.to_string()))
+                        .to_owned(),
+                ),
+            )
+            .order_by_asc(transitions::Column::Id)
             .all(&state.db)
             .await?;
         Ok(HistoryResponse::Ok(Json(

@@ -263,6 +263,15 @@ impl From<saga::SagaError> for ApiError {
     }
 }
 
+impl From<::orders::OrderError> for ApiError {
+    fn from(e: ::orders::OrderError) -> Self {
+        match e {
+            ::orders::OrderError::Saga(e) => e.into(),
+            e => ApiError::internal("order error", &e),
+        }
+    }
+}
+
 /// Renders any error that did not come from an operation's own `ApiError`
 /// (unknown route, wrong method, unreadable body, bad token) as problem JSON.
 pub async fn render_error(err: poem::Error) -> Response {

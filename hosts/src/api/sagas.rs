@@ -1,11 +1,15 @@
 //! The order saga's state machine as the engine runs it: a Mermaid diagram
-//! and the full transition table, both derived from `saga::machine::decide`.
-//! Public: they describe the system, not anyone's data.
+//! and the full transition table, both generated from its definition by
+//! `saga::describe` (which does the same for any saga). Public: they
+//! describe the system, not anyone's data.
 
+use std::sync::Arc;
+
+use poem::web::Data;
 use poem_openapi::payload::{Json, PlainText};
 use poem_openapi::{ApiResponse, Object, OpenApi};
 
-use super::ApiTags;
+use super::{ApiTags, AppState};
 
 /// How the machine answers one (state, input) pair.
 #[derive(Object)]
@@ -60,8 +64,8 @@ impl SagasApi {
     ///
     /// Mermaid text generated from the live transition table (public).
     #[oai(path = "/api/sagas/order/diagram", method = "get")]
-    async fn diagram(&self) -> DiagramResponse {
-        DiagramResponse::Ok(PlainText(saga::machine::mermaid()))
+    async fn diagram(&self, state: Data<&Arc<AppState>>) -> DiagramResponse {
+        DiagramResponse::Ok(PlainText(saga::describe::mermaid(state.orders.saga())))
     }
 
     /// The order saga's transition table
@@ -69,15 +73,15 @@ impl SagasApi {
     /// Every state with every input: applied, ignored or rejected, the next
     /// state and the effects (public).
     #[oai(path = "/api/sagas/order/transitions", method = "get")]
-    async fn transitions(&self) -> TransitionsResponse {
+    async fn transitions(&self, state: Data<&Arc<AppState>>) -> TransitionsResponse {
         TransitionsResponse::Ok(Json(
-            saga::machine::describe()
+            saga::describe::transitions(state.orders.saga())
                 .into_iter()
                 .map(|row| TransitionRuleView {
-                    from: row.from.as_str().to_owned(),
+                    from: row.from.to_owned(),
                     input: row.input.to_owned(),
-                    policy: row.policy.to_owned(),
-                    to: row.to.map(|s| s.as_str().to_owned()),
+                    policy: row.policy.as_str().to_owned(),
+                    to: row.to.map(str::to_owned),
                     effects: row.effects,
                     why: row.why.to_owned(),
                 })

@@ -14,11 +14,18 @@ use std::time::Duration;
 const DEFAULT_URL: &str = "http://127.0.0.1:8080/health/ready";
 const TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Exits 0 when `GET URL` answers 2xx within 3 s, else 1.
+#[derive(clap::Parser)]
+#[command(name = "healthcheck", version)]
+struct Args {
+    /// The health endpoint to probe.
+    #[arg(default_value = DEFAULT_URL)]
+    url: String,
+}
+
 fn main() -> ExitCode {
+    let Args { url } = clap::Parser::parse();
     hosts::telemetry::init("info");
-    let url = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| DEFAULT_URL.to_owned());
     match probe(&url) {
         Ok(status) => {
             tracing::debug!(%url, status, "healthy");

@@ -133,13 +133,13 @@ impl Stack {
     /// Starts the api, then `runners` runners (`runner-1`...) and
     /// `schedulers` schedulers (`scheduler-1`...).
     pub async fn start(label: &str, runners: usize, schedulers: usize) -> Stack {
-        let tdb = TestDatabase::create().await;
+        let tdb = TestDatabase::create_with::<migration::Migrator>().await;
         // Stock is not what is tested: enough for any run.
         tdb.db
             .execute_unprepared("UPDATE products SET stock = 1000000000")
             .await
             .expect("stock");
-        let broker = TestBroker::create().await;
+        let broker = TestBroker::create(orders::topology::queues).await;
         let port = free_port();
         let base = format!("http://127.0.0.1:{port}");
         let config_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configuration");

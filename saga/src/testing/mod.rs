@@ -1,6 +1,8 @@
 //! Test support (feature `testing`): every test gets its own PostgreSQL
-//! database (migrated) and its own RabbitMQ exchange and queues, so tests run
-//! in parallel against the real services and leave nothing behind.
+//! database (migrated with the saga tables, or with a service's own
+//! migrator) and its own RabbitMQ exchange and queues, so tests run in
+//! parallel against the real services and leave nothing behind. Plus the
+//! in-process [`harness::SagaHarness`] and a TCP proxy for fault tests.
 //!
 //! URLs come from `DATABASE_URL` (any database on the server; a fresh one is
 //! created next to it) and `AMQP_URL`, with this machine's defaults otherwise.
@@ -11,10 +13,11 @@ pub mod harness;
 pub mod proxy;
 pub use proxy::TcpProxy;
 
-use migration::{Migrator, MigratorTrait};
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection};
+use sea_orm_migration::MigratorTrait;
 use uuid::Uuid;
 
+use crate::transport::QueueSpec;
 use crate::transport::rabbitmq::{QueueType, RabbitTransport, Topology};
 
 /// PostgreSQL of this machine (trust auth).
@@ -56,9 +59,16 @@ pub struct TestDatabase {
 }
 
 impl TestDatabase {
-    /// Creates `os_test_<uuid>` on the server of `DATABASE_URL` and migrates it.
-    /// Panics with how to start PostgreSQL when it cannot be reached.
+    /// Creates `os_test_<uuid>` on the server of `DATABASE_URL` with the saga
+    /// tables ([`crate::schema::Migrator`]). Panics with how to start
+    /// PostgreSQL when it cannot be reached.
     pub async fn create() -> Self {
+        Self::create_with::<crate::schema::Migrator>().await
+    }
+
+    /// Like [`Self::create`], migrated with `M` (a service's migrator, which
+    /// includes [`crate::schema::migrations`]).
+    pub async fn create_with<M: MigratorTrait>() -> Self {
         let server = database_url();
         let admin = connect(&with_database(&server, "postgres"), 2)
             .await
@@ -74,7 +84,7 @@ impl TestDatabase {
         let db = connect(&url, 10)
             .await
             .unwrap_or_else(|e| panic!("cannot connect to test database {name}: {e}"));
-        Migrator::up(&db, None)
+        M::up(&db, None)
             .await
             .unwrap_or_else(|e| panic!("migrations failed on {name}: {e}"));
         Self {
@@ -124,9 +134,10 @@ pub struct TestBroker {
 }
 
 impl TestBroker {
-    /// Connects to `AMQP_URL` and declares `test.<uuid>` exchange and queues.
-    /// Panics with how to start RabbitMQ when it cannot be reached.
-    pub async fn create() -> Self {
+    /// Connects to `AMQP_URL` and declares the exchange `test.<uuid>.events`
+    /// and the queues `queues` gives for the prefix `test.<uuid>`. Panics
+    /// with how to start RabbitMQ when it cannot be reached.
+    pub async fn create(queues: impl FnOnce(&str) -> Vec<QueueSpec>) -> Self {
         let url = amqp_url();
         let id = Uuid::new_v4().simple().to_string();
         let exchange = format!("test.{id}.events");
@@ -137,7 +148,11 @@ impl TestBroker {
                 .unwrap_or_else(|e| {
                     panic!("RabbitMQ at {url} is not reachable ({e}); {START_RABBITMQ}")
                 });
-        let topology = crate::topology::topology(&exchange, &prefix, QueueType::Classic);
+        let topology = Topology {
+            exchange: exchange.clone(),
+            queue_type: QueueType::Classic,
+            queues: queues(&prefix),
+        };
         transport
             .declare(&topology)
             .await

@@ -5,10 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use entity::saga_instances;
+use saga::schema::instances as saga_instances;
 
+use orders::topology;
 use saga::testing::{TcpProxy, TestBroker, TestDatabase, eventually};
-use saga::topology;
 use saga::transport::rabbitmq::{RabbitTransport, ReconnectPolicy};
 use sea_orm::{ColumnTrait, ConnectOptions, Database, EntityTrait, QueryFilter};
 use tokio::sync::Notify;
@@ -44,8 +44,8 @@ async fn status_is(tdb: &TestDatabase, order_id: i64, status: &str) -> Option<()
 
 #[tokio::test]
 async fn consumers_and_the_relay_resume_after_the_broker_connection_is_cut() {
-    let tdb = TestDatabase::create().await;
-    let broker = TestBroker::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
+    let broker = TestBroker::create(orders::topology::queues).await;
     let upstream = server_addr(&broker.url, 5672);
     let proxy = TcpProxy::start(upstream).await.expect("proxy");
     let transport = proxied_transport(&broker, &proxy, Duration::from_secs(5)).await;
@@ -71,8 +71,8 @@ async fn consumers_and_the_relay_resume_after_the_broker_connection_is_cut() {
         Duration::from_secs(10),
         "the relay noticing the cut",
         || async {
-            let row = entity::saga_outbox::Entity::find()
-                .filter(entity::saga_outbox::Column::CorrelationId.eq(second.order_id.to_string()))
+            let row = saga::schema::outbox::Entity::find()
+                .filter(saga::schema::outbox::Column::CorrelationId.eq(second.order_id.to_string()))
                 .one(&tdb.db)
                 .await
                 .expect("outbox")?;
@@ -101,8 +101,8 @@ async fn consumers_and_the_relay_resume_after_the_broker_connection_is_cut() {
 
 #[tokio::test]
 async fn a_database_outage_is_waited_out_without_spending_the_retry_budget() {
-    let tdb = TestDatabase::create().await;
-    let broker = TestBroker::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
+    let broker = TestBroker::create(orders::topology::queues).await;
     let proxy = TcpProxy::start(server_addr(&tdb.url, 5432))
         .await
         .expect("proxy");
@@ -179,8 +179,8 @@ fn server_addr(url: &str, default_port: u16) -> std::net::SocketAddr {
 
 #[tokio::test]
 async fn a_consumer_whose_queue_is_deleted_declares_the_topology_again_and_resumes() {
-    let tdb = TestDatabase::create().await;
-    let broker = TestBroker::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
+    let broker = TestBroker::create(orders::topology::queues).await;
     let transport = connect(&broker).await;
     transport.declare(&broker.topology).await.expect("declare");
     let clock = saga::clock::ManualClock::new(t0());
@@ -217,8 +217,8 @@ async fn a_consumer_whose_queue_is_deleted_declares_the_topology_again_and_resum
 /// swallowed by the stall stays open and silent for the rest of the test.
 #[tokio::test]
 async fn a_reconnect_into_a_broker_that_never_answers_times_out_and_tries_again() {
-    let tdb = TestDatabase::create().await;
-    let broker = TestBroker::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
+    let broker = TestBroker::create(orders::topology::queues).await;
     let proxy = TcpProxy::start(server_addr(&broker.url, 5672))
         .await
         .expect("proxy");

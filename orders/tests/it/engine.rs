@@ -2,10 +2,10 @@
 //! payment outcome.
 
 use chrono::Duration;
-use entity::saga_timers;
+use orders::{OrderInput, OrderState};
 use saga::clock::ManualClock;
 use saga::engine::Handled;
-use saga::machine::{OrderEvent, OrderState};
+use saga::schema::timers as saga_timers;
 use saga::testing::TestDatabase;
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 
@@ -13,14 +13,14 @@ use crate::helpers::*;
 
 #[tokio::test]
 async fn order_created_moves_the_order_to_processing_and_schedules_the_payment_timer() {
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let clock = ManualClock::new(t0());
     let engine = engine(&tdb.db, &clock, true);
     let (order, created) = place_order(&tdb.db, t0()).await;
     assert_eq!(order_status(&tdb.db, order.order_id).await, "pending");
 
     let handled = engine
-        .handle_order_created("order-saga", &created)
+        .handle("order-saga", &created)
         .await
         .expect("handled");
     assert_eq!(
@@ -61,14 +61,14 @@ async fn order_created_moves_the_order_to_processing_and_schedules_the_payment_t
 
 #[tokio::test]
 async fn duplicate_order_created_is_processed_once_even_when_both_arrive_together() {
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let clock = ManualClock::new(t0());
     let engine = engine(&tdb.db, &clock, true);
     let (order, created) = place_order(&tdb.db, t0()).await;
 
     let (a, b) = tokio::join!(
-        engine.handle_order_created("order-saga", &created),
-        engine.handle_order_created("order-saga", &created),
+        engine.handle("order-saga", &created),
+        engine.handle("order-saga", &created),
     );
     let outcomes = [a.expect("first"), b.expect("second")];
     assert_eq!(
@@ -81,10 +81,7 @@ async fn duplicate_order_created_is_processed_once_even_when_both_arrive_togethe
     );
     // A third, later redelivery is a duplicate too.
     assert_eq!(
-        engine
-            .handle_order_created("order-saga", &created)
-            .await
-            .expect("third"),
+        engine.handle("order-saga", &created).await.expect("third"),
         Handled::Duplicate
     );
     let timers = saga_timers::Entity::find()
@@ -99,12 +96,12 @@ async fn duplicate_order_created_is_processed_once_even_when_both_arrive_togethe
 
 #[tokio::test]
 async fn the_payment_timer_fires_only_when_due_and_an_approval_completes_the_order() {
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let clock = ManualClock::new(t0());
     let engine = engine(&tdb.db, &clock, true);
     let (order, created) = place_order(&tdb.db, t0()).await;
     engine
-        .handle_order_created("order-saga", &created)
+        .handle("order-saga", &created)
         .await
         .expect("handled");
 
@@ -118,13 +115,16 @@ async fn the_payment_timer_fires_only_when_due_and_an_approval_completes_the_ord
         .await
         .expect("poll")
         .expect("a timer was due");
-    assert!(fired.approved);
+    assert!(matches!(
+        fired.input,
+        OrderInput::PaymentDecided { approved: true, .. }
+    ));
     assert_eq!(
         fired.handled,
         Handled::Applied {
             from: OrderState::Processing,
             to: OrderState::Completed,
-            published: vec![OrderEvent::OrderCompleted],
+            published: vec!["OrderCompleted"],
         }
     );
     assert_eq!(order_status(&tdb.db, order.order_id).await, "completed");
@@ -137,19 +137,18 @@ async fn the_payment_timer_fires_only_when_due_and_an_approval_completes_the_ord
         .await
         .pop()
         .expect("journal row");
-    assert_eq!(last.payment_approved, Some(true));
-    assert_eq!(last.payment_draw, Some(0.0));
+    assert_eq!(payment_of(&last), Some((0.0, true)));
     tdb.drop().await;
 }
 
 #[tokio::test]
 async fn a_declined_payment_leaves_the_order_processing_until_the_sweep_expires_it() {
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let clock = ManualClock::new(t0());
     let engine = engine(&tdb.db, &clock, false);
     let (order, created) = place_order(&tdb.db, t0()).await;
     engine
-        .handle_order_created("order-saga", &created)
+        .handle("order-saga", &created)
         .await
         .expect("handled");
     clock.advance(Duration::seconds(5));
@@ -158,21 +157,27 @@ async fn a_declined_payment_leaves_the_order_processing_until_the_sweep_expires_
         .await
         .expect("poll")
         .expect("due");
-    assert!(!fired.approved);
+    assert!(matches!(
+        fired.input,
+        OrderInput::PaymentDecided {
+            approved: false,
+            ..
+        }
+    ));
     assert_eq!(order_status(&tdb.db, order.order_id).await, "processing");
 
     // Not stale yet: 599 s after entering processing.
     clock.set(t0() + Duration::seconds(599));
-    assert_eq!(engine.expire_all_stale().await.expect("sweep").expired, 0);
+    assert_eq!(engine.sweep_all().await.expect("sweep").timed_out, 0);
     clock.set(t0() + Duration::seconds(600));
-    assert_eq!(engine.expire_all_stale().await.expect("sweep").expired, 1);
+    assert_eq!(engine.sweep_all().await.expect("sweep").timed_out, 1);
     assert_eq!(order_status(&tdb.db, order.order_id).await, "expired");
     assert_eq!(
         outbox_count(&tdb.db, order.order_id, "OrderExpired").await,
         1
     );
     // A second sweep finds nothing.
-    assert_eq!(engine.expire_all_stale().await.expect("sweep").expired, 0);
+    assert_eq!(engine.sweep_all().await.expect("sweep").timed_out, 0);
     assert_eq!(
         outbox_count(&tdb.db, order.order_id, "OrderExpired").await,
         1
@@ -182,14 +187,14 @@ async fn a_declined_payment_leaves_the_order_processing_until_the_sweep_expires_
 
 #[tokio::test]
 async fn expiry_racing_a_payment_approval_ends_in_exactly_one_terminal_state() {
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let clock = ManualClock::new(t0());
     let engine = engine(&tdb.db, &clock, true);
     let mut orders = Vec::new();
     for _ in 0..10 {
         let (order, created) = place_order(&tdb.db, t0()).await;
         engine
-            .handle_order_created("order-saga", &created)
+            .handle("order-saga", &created)
             .await
             .expect("handled");
         orders.push(order);
@@ -208,7 +213,7 @@ async fn expiry_racing_a_payment_approval_ends_in_exactly_one_terminal_state() {
         }
         fired
     };
-    let (fired, swept) = tokio::join!(timers, engine.expire_all_stale());
+    let (fired, swept) = tokio::join!(timers, engine.sweep_all());
     let swept = swept.expect("sweep");
     assert_eq!(fired, 10, "every timer fires exactly once");
     for order in &orders {
@@ -234,27 +239,25 @@ async fn expiry_racing_a_payment_approval_ends_in_exactly_one_terminal_state() {
         }
         n
     };
-    assert_eq!(swept.expired as u64, expired_total);
+    assert_eq!(swept.timed_out as u64, expired_total);
     tdb.drop().await;
 }
 
 #[tokio::test]
 async fn two_schedulers_sweeping_at_once_expire_each_order_once() {
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let clock = ManualClock::new(t0());
     let a = engine(&tdb.db, &clock, false);
     let b = engine(&tdb.db, &clock, false);
     let mut orders = Vec::new();
     for _ in 0..120 {
         let (order, created) = place_order(&tdb.db, t0()).await;
-        a.handle_order_created("order-saga", &created)
-            .await
-            .expect("handled");
+        a.handle("order-saga", &created).await.expect("handled");
         orders.push(order);
     }
     clock.advance(Duration::seconds(700));
-    let (ra, rb) = tokio::join!(a.expire_all_stale(), b.expire_all_stale());
-    let total = ra.expect("a").expired + rb.expect("b").expired;
+    let (ra, rb) = tokio::join!(a.sweep_all(), b.sweep_all());
+    let total = ra.expect("a").timed_out + rb.expect("b").timed_out;
     assert_eq!(total, 120);
     for order in &orders {
         assert_eq!(order_status(&tdb.db, order.order_id).await, "expired");
@@ -268,14 +271,14 @@ async fn two_schedulers_sweeping_at_once_expire_each_order_once() {
 
 #[tokio::test]
 async fn an_order_created_for_an_unknown_order_is_an_error_not_a_silent_success() {
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let clock = ManualClock::new(t0());
     let engine = engine(&tdb.db, &clock, true);
     let (_, mut created) = place_order(&tdb.db, t0()).await;
     created.message_id = uuid::Uuid::new_v4();
     created.correlation_id = "999999".into();
     let err = engine
-        .handle_order_created("order-saga", &created)
+        .handle("order-saga", &created)
         .await
         .expect_err("unknown instance");
     assert!(!err.is_retryable(), "{err}");

@@ -6,19 +6,21 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use entity::{saga_instances, saga_timers};
 use futures_util::StreamExt;
 use lapin::BasicProperties;
 use lapin::types::ShortString;
+use orders::OrderSaga;
+use orders::topology;
+use orders::{OrderInput, OrderState};
 use saga::SagaError;
 use saga::clock::ManualClock;
 use saga::consumer::{ConsumeOutcome, Consumer};
-use saga::engine::{ApplyHook, Handled};
-use saga::machine::{OrderInput, OrderState};
+use saga::engine::{ApplyProbe, Handled};
 use saga::message::Envelope;
 use saga::outbox::{OutboxRelay, RelaySettings};
+use saga::schema::instances as saga_instances;
+use saga::schema::timers as saga_timers;
 use saga::testing::{TestBroker, TestDatabase, eventually};
-use saga::topology;
 use saga::transport::Transport;
 use saga::transport::rabbitmq::RabbitTransport;
 use sea_orm::{
@@ -41,7 +43,7 @@ struct FlakyEffect {
 }
 
 #[async_trait]
-impl ApplyHook for FlakyEffect {
+impl ApplyProbe<OrderSaga> for FlakyEffect {
     async fn before_write(
         &self,
         instance: &saga_instances::Model,
@@ -91,8 +93,8 @@ async fn instance(db: &DatabaseConnection, order_id: i64) -> saga_instances::Mod
 
 #[tokio::test]
 async fn the_retry_budget_is_persisted_shared_across_runners_and_parks_when_spent() {
-    let tdb = TestDatabase::create().await;
-    let broker = TestBroker::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
+    let broker = TestBroker::create(orders::topology::queues).await;
     let clock = ManualClock::new(t0());
     let transport = connect(&broker).await;
     let order_id = order_on_the_queue(&tdb.db, &transport).await;
@@ -106,7 +108,7 @@ async fn the_retry_budget_is_persisted_shared_across_runners_and_parks_when_spen
         stop_after_first: Some(stopping.clone()),
         ..FlakyEffect::default()
     });
-    let engine = engine(&tdb.db, &clock, true).with_hook(flaky.clone());
+    let engine = engine(&tdb.db, &clock, true).with_probe(flaky.clone());
     let runner1 = saga_consumer(transport.clone(), &broker.prefix, &engine);
     let mut stream = transport
         .subscribe(&queue, "runner-1", 1)
@@ -208,7 +210,7 @@ async fn the_retry_budget_is_persisted_shared_across_runners_and_parks_when_spen
     assert_eq!(order_status(&tdb.db, order_id).await, "processing");
     assert!(matches!(
         engine.resume(&order_id.to_string()).await,
-        Err(SagaError::NotParked(_))
+        Err(SagaError::NotParked { .. })
     ));
 
     // Re-drive the dead letter: it goes back to the queue and is consumed;
@@ -260,8 +262,8 @@ async fn the_retry_budget_is_persisted_shared_across_runners_and_parks_when_spen
 
 #[tokio::test]
 async fn a_retry_reloads_the_instance_instead_of_reusing_the_failed_attempt() {
-    let tdb = TestDatabase::create().await;
-    let broker = TestBroker::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
+    let broker = TestBroker::create(orders::topology::queues).await;
     let clock = ManualClock::new(t0());
     let transport = connect(&broker).await;
     let order_id = order_on_the_queue(&tdb.db, &transport).await;
@@ -272,7 +274,7 @@ async fn a_retry_reloads_the_instance_instead_of_reusing_the_failed_attempt() {
         versions: Mutex<Vec<i32>>,
     }
     #[async_trait]
-    impl ApplyHook for MovedUnderUs {
+    impl ApplyProbe<OrderSaga> for MovedUnderUs {
         async fn before_write(
             &self,
             instance: &saga_instances::Model,
@@ -301,7 +303,7 @@ async fn a_retry_reloads_the_instance_instead_of_reusing_the_failed_attempt() {
         db: tdb.db.clone(),
         versions: Mutex::new(Vec::new()),
     });
-    let engine = engine(&tdb.db, &clock, true).with_hook(hook.clone());
+    let engine = engine(&tdb.db, &clock, true).with_probe(hook.clone());
     let consumer = saga_consumer(transport.clone(), &broker.prefix, &engine);
     let mut stream = transport
         .subscribe(&topology::saga_queue(&broker.prefix), "t", 1)
@@ -325,13 +327,13 @@ async fn a_retry_reloads_the_instance_instead_of_reusing_the_failed_attempt() {
 
 #[tokio::test]
 async fn an_unknown_message_type_goes_to_the_error_queue_at_once() {
-    let tdb = TestDatabase::create().await;
-    let broker = TestBroker::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
+    let broker = TestBroker::create(orders::topology::queues).await;
     let clock = ManualClock::new(t0());
     let transport = connect(&broker).await;
     let (snapshot, created) = place_order(&tdb.db, t0()).await;
     let flaky = Arc::new(FlakyEffect::default());
-    let engine = engine(&tdb.db, &clock, true).with_hook(flaky.clone());
+    let engine = engine(&tdb.db, &clock, true).with_probe(flaky.clone());
     let queue = topology::saga_queue(&broker.prefix);
     let bogus = Envelope {
         message_type: "OrderShipped".to_owned(),
@@ -377,12 +379,12 @@ async fn an_unknown_message_type_goes_to_the_error_queue_at_once() {
 
 #[tokio::test]
 async fn a_notification_that_keeps_failing_is_dead_lettered_and_redriven_with_a_fresh_budget() {
-    use entity::saga_message_failures;
-    use saga::notifications::NotificationHandler;
-    use saga::topology::NOTIFICATIONS_CONSUMER;
+    use orders::notifications::NotificationHandler;
+    use orders::topology::NOTIFICATIONS_CONSUMER;
+    use saga::schema::message_failures as saga_message_failures;
 
-    let tdb = TestDatabase::create().await;
-    let broker = TestBroker::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
+    let broker = TestBroker::create(orders::topology::queues).await;
     let transport = connect(&broker).await;
     let order_id = order_on_the_queue(&tdb.db, &transport).await;
     let queue = topology::notifications_queue(&broker.prefix);

@@ -4,19 +4,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration as StdDuration;
 
+use ::orders::contracts::OrderLine;
+use ::orders::notifications::NotificationHandler;
+use ::orders::topology::{self, NOTIFICATIONS_CONSUMER};
+use ::orders::{Customer, OrderError, OrderInput, OrderSaga, OrderState};
 use async_trait::async_trait;
 use chrono::Duration;
-use entity::{orders, products, saga_instances};
-use saga::clock::{Clock, ManualClock, SystemClock};
+use entity::{orders, products};
+use saga::SagaError;
+use saga::clock::{ManualClock, SystemClock};
 use saga::consumer::Consumer;
 use saga::consumer::RetryPolicy;
-use saga::engine::{ApplyHook, Customer, Handled};
-use saga::machine::{OrderInput, OrderState};
-use saga::message::OrderLine;
-use saga::notifications::NotificationHandler;
+use saga::engine::{ApplyProbe, Handled};
+use saga::schema::instances as saga_instances;
 use saga::testing::{TestBroker, TestDatabase, eventually};
-use saga::topology::{self, NOTIFICATIONS_CONSUMER};
-use saga::{OrderSagaEngine, SagaError};
 use sea_orm::{ConnectionTrait, EntityTrait, PaginatorTrait, QueryOrder, TransactionTrait};
 use tokio::sync::{Barrier, Notify};
 use tokio_util::sync::CancellationToken;
@@ -31,7 +32,7 @@ struct Collide {
 }
 
 #[async_trait]
-impl ApplyHook for Collide {
+impl ApplyProbe<OrderSaga> for Collide {
     async fn before_write(
         &self,
         _instance: &saga_instances::Model,
@@ -50,23 +51,23 @@ impl ApplyHook for Collide {
 
 #[tokio::test]
 async fn expiry_and_payment_success_forced_to_collide_end_in_one_terminal_state() {
-    let tdb = TestDatabase::create().await;
-    let broker = TestBroker::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
+    let broker = TestBroker::create(topology::queues).await;
     let clock = ManualClock::new(t0());
     let collide = Arc::new(Collide {
         barrier: Barrier::new(2),
         arrived: AtomicUsize::new(0),
     });
-    let engine = engine(&tdb.db, &clock, true).with_hook(collide.clone());
+    let engine = engine(&tdb.db, &clock, true).with_probe(collide.clone());
     let (order, created) = place_order(&tdb.db, t0()).await;
     engine
-        .handle_order_created("order-saga", &created)
+        .handle("order-saga", &created)
         .await
         .expect("processing");
     // Both the payment timer (+5 s) and the expiry (+600 s) are due now.
     clock.advance(Duration::seconds(601));
 
-    let (fired, swept) = tokio::join!(engine.try_fire_due_timer_once(), engine.try_expire_once());
+    let (fired, swept) = tokio::join!(engine.try_fire_due_timer_once(), engine.try_sweep_once());
     let fired = fired.expect("timer").expect("a due timer");
     let swept = swept.expect("sweep");
     assert_eq!(
@@ -76,7 +77,7 @@ async fn expiry_and_payment_success_forced_to_collide_end_in_one_terminal_state(
     );
     // The sweep holds the row lock, so it wins; the payment reloads, sees
     // `expired` and is ignored.
-    assert_eq!(swept.expired, 1);
+    assert_eq!(swept.timed_out, 1);
     assert!(
         matches!(
             fired.handled,
@@ -164,7 +165,7 @@ async fn stock_of(tdb: &TestDatabase, id: i64) -> i32 {
 
 #[tokio::test]
 async fn stock_is_reserved_when_placed_and_released_exactly_once_when_expired() {
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let clock = ManualClock::new(t0());
     let engine = engine(&tdb.db, &clock, false);
     let product = first_product(&tdb).await;
@@ -173,7 +174,7 @@ async fn stock_is_reserved_when_placed_and_released_exactly_once_when_expired() 
     let (order, created) = place_order(&tdb.db, t0()).await;
     assert_eq!(stock_of(&tdb, product.id).await, before - 2, "reserved");
     engine
-        .handle_order_created("order-saga", &created)
+        .handle("order-saga", &created)
         .await
         .expect("processing");
     clock.advance(Duration::seconds(5));
@@ -185,9 +186,9 @@ async fn stock_is_reserved_when_placed_and_released_exactly_once_when_expired() 
     );
     clock.advance(Duration::seconds(600));
     // Two schedulers at once, then another sweep: one release in all.
-    let (a, b) = tokio::join!(engine.try_expire_once(), engine.try_expire_once());
-    assert_eq!(a.expect("a").expired + b.expect("b").expired, 1);
-    engine.expire_all_stale().await.expect("again");
+    let (a, b) = tokio::join!(engine.try_sweep_once(), engine.try_sweep_once());
+    assert_eq!(a.expect("a").timed_out + b.expect("b").timed_out, 1);
+    engine.sweep_all().await.expect("again");
     assert_eq!(order_status(&tdb.db, order.order_id).await, "expired");
     assert_eq!(stock_of(&tdb, product.id).await, before, "released once");
     tdb.drop().await;
@@ -195,13 +196,14 @@ async fn stock_is_reserved_when_placed_and_released_exactly_once_when_expired() 
 
 #[tokio::test]
 async fn an_order_larger_than_the_stock_is_refused_and_writes_nothing() {
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let product = first_product(&tdb).await;
     let orders_before = orders::Entity::find().count(&tdb.db).await.expect("count");
     let txn = tdb.db.begin().await.expect("begin");
-    let result = OrderSagaEngine::place_order(
+    let clock = ManualClock::new(t0());
+    let result = ::orders::place_order(
+        &engine(&tdb.db, &clock, true),
         &txn,
-        SystemClock.now(),
         &Customer {
             user_id: 1,
             email: "admin@example.com".into(),
@@ -216,7 +218,7 @@ async fn an_order_larger_than_the_stock_is_refused_and_writes_nothing() {
     )
     .await;
     match result {
-        Err(SagaError::OutOfStock {
+        Err(OrderError::OutOfStock {
             product_id,
             requested,
             available,
@@ -238,22 +240,16 @@ async fn an_order_larger_than_the_stock_is_refused_and_writes_nothing() {
 
 #[tokio::test]
 async fn a_sweep_releasing_stock_does_not_deadlock_with_an_order_reserving_it() {
-    let tdb = TestDatabase::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let clock = ManualClock::new(t0());
     let engine = engine(&tdb.db, &clock, false);
     // Order A (product 3) went stale first, order B (product 2) later: the
     // sweep expires A before B.
     let (a, created_a) = place_order_of(&tdb.db, t0(), 3, 1).await;
-    engine
-        .handle_order_created("order-saga", &created_a)
-        .await
-        .expect("A");
+    engine.handle("order-saga", &created_a).await.expect("A");
     clock.advance(Duration::seconds(1));
     let (b, created_b) = place_order_of(&tdb.db, t0(), 2, 1).await;
-    engine
-        .handle_order_created("order-saga", &created_b)
-        .await
-        .expect("B");
+    engine.handle("order-saga", &created_b).await.expect("B");
     clock.advance(Duration::seconds(700));
     let (stock2, stock3) = (stock_of(&tdb, 2).await, stock_of(&tdb, 3).await);
 
@@ -266,7 +262,7 @@ async fn a_sweep_releasing_stock_does_not_deadlock_with_an_order_reserving_it() 
         .expect("reserve 2");
     let sweep = {
         let engine = engine.clone();
-        tokio::spawn(async move { engine.try_expire_once().await })
+        tokio::spawn(async move { engine.try_sweep_once().await })
     };
     // Wait until the sweep is blocked on a row lock the customer holds.
     eventually(
@@ -299,7 +295,7 @@ async fn a_sweep_releasing_stock_does_not_deadlock_with_an_order_reserving_it() 
         .await
         .expect("join")
         .expect("sweep without a deadlock");
-    assert_eq!(swept.expired, 2);
+    assert_eq!(swept.timed_out, 2);
     assert_eq!(order_status(&tdb.db, a.order_id).await, "expired");
     assert_eq!(order_status(&tdb.db, b.order_id).await, "expired");
     // Each order gave its unit back; the customer took one of each.

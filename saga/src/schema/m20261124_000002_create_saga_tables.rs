@@ -2,7 +2,7 @@
 
 use sea_orm_migration::prelude::*;
 
-use crate::columns::*;
+use super::columns::*;
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;

@@ -4,7 +4,7 @@
 
 use sea_orm_migration::prelude::*;
 
-use crate::columns::*;
+use super::columns::*;
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;

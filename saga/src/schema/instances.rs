@@ -1,7 +1,7 @@
 use sea_orm::entity::prelude::*;
 use serde::{Deserialize, Serialize};
 
-/// One persisted saga (state machine instance), e.g. the lifecycle of one order.
+/// One persisted saga instance: its state, version, retry budget and data.
 #[derive(Clone, Debug, PartialEq, DeriveEntityModel, Serialize, Deserialize)]
 #[sea_orm(table_name = "saga_instances")]
 pub struct Model {
@@ -18,12 +18,12 @@ pub struct Model {
     pub last_error: Option<String>,
     #[sea_orm(column_type = "JsonBinary")]
     pub data: Json,
-    /// When the instance entered its current state (drives expiry).
+    /// When the instance entered its current state (drives state timeouts).
     pub state_entered_at: DateTimeUtc,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
     /// W3C `traceparent` of the span of the instance's latest transition: the
-    /// expiration sweep continues that trace.
+    /// state-timeout sweep continues that trace.
     pub traceparent: Option<String>,
     /// W3C `tracestate` that goes with it.
     pub tracestate: Option<String>,

@@ -1,20 +1,22 @@
-//! The order saga through `saga::testing::harness`: the real engine, relay
-//! and consumers in-process, a virtual clock, no services and no waiting.
+//! The order saga through the generic `saga::testing::harness` (as
+//! `orders::testing::OrderHarness`): the real engine, relay and consumers
+//! in-process, a virtual clock, no services and no waiting.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use chrono::Duration;
-use entity::saga_instances;
+use orders::OrderSaga;
+use orders::testing::OrderHarness;
+use orders::{OrderInput, OrderState};
 use saga::SagaError;
 use saga::consumer::ConsumeOutcome;
-use saga::engine::ApplyHook;
-use saga::machine::{OrderInput, OrderState};
-use saga::testing::harness::SagaHarness;
+use saga::engine::ApplyProbe;
+use saga::schema::instances as saga_instances;
 use saga::transport::memory::QueuedMessage;
 
-fn outcomes(h: &SagaHarness, consumer: &str, order: i64) -> Vec<(String, ConsumeOutcome)> {
+fn outcomes(h: &OrderHarness, consumer: &str, order: i64) -> Vec<(String, ConsumeOutcome)> {
     h.consumed()
         .into_iter()
         .filter(|c| c.consumer == consumer && c.correlation_id == Some(order.to_string()))
@@ -24,23 +26,35 @@ fn outcomes(h: &SagaHarness, consumer: &str, order: i64) -> Vec<(String, Consume
 
 #[tokio::test]
 async fn an_approved_order_completes_exactly_when_the_payment_timer_is_due() {
-    let h = SagaHarness::builder()
+    let h = OrderHarness::builder()
         .approve_payments(true)
         .start()
         .await
         .expect("harness");
     let order = h.place_order(2).await.expect("order");
     h.run_until_idle().await.expect("idle");
-    assert_eq!(h.state(order).await.expect("state"), OrderState::Processing);
+    assert_eq!(
+        h.order_state(order).await.expect("state"),
+        OrderState::Processing
+    );
 
     h.advance(Duration::milliseconds(4_999))
         .await
         .expect("idle");
-    assert_eq!(h.state(order).await.expect("state"), OrderState::Processing);
+    assert_eq!(
+        h.order_state(order).await.expect("state"),
+        OrderState::Processing
+    );
     h.advance(Duration::milliseconds(1)).await.expect("idle");
-    assert_eq!(h.state(order).await.expect("state"), OrderState::Completed);
+    assert_eq!(
+        h.order_state(order).await.expect("state"),
+        OrderState::Completed
+    );
 
-    assert_eq!(h.published_types(order), ["OrderCreated", "OrderCompleted"]);
+    assert_eq!(
+        h.published_types(&order.to_string()),
+        ["OrderCreated", "OrderCompleted"]
+    );
     let handled = ConsumeOutcome::Handled { attempts: 1 };
     assert_eq!(
         outcomes(&h, "order-saga", order),
@@ -65,19 +79,31 @@ async fn an_approved_order_completes_exactly_when_the_payment_timer_is_due() {
 
 #[tokio::test]
 async fn a_declined_order_expires_at_the_timeout_and_a_duplicate_changes_nothing() {
-    let h = SagaHarness::builder()
+    let h = OrderHarness::builder()
         .approve_payments(false)
         .start()
         .await
         .expect("harness");
     let order = h.place_order(1).await.expect("order");
     h.advance(Duration::seconds(5)).await.expect("declined");
-    assert_eq!(h.state(order).await.expect("state"), OrderState::Processing);
+    assert_eq!(
+        h.order_state(order).await.expect("state"),
+        OrderState::Processing
+    );
     h.advance(Duration::seconds(599)).await.expect("idle");
-    assert_eq!(h.state(order).await.expect("state"), OrderState::Processing);
+    assert_eq!(
+        h.order_state(order).await.expect("state"),
+        OrderState::Processing
+    );
     h.advance(Duration::seconds(1)).await.expect("idle");
-    assert_eq!(h.state(order).await.expect("state"), OrderState::Expired);
-    assert_eq!(h.published_types(order), ["OrderCreated", "OrderExpired"]);
+    assert_eq!(
+        h.order_state(order).await.expect("state"),
+        OrderState::Expired
+    );
+    assert_eq!(
+        h.published_types(&order.to_string()),
+        ["OrderCreated", "OrderExpired"]
+    );
 
     // The same OrderCreated delivered again is skipped by the inbox.
     let created = h
@@ -97,15 +123,21 @@ async fn a_declined_order_expires_at_the_timeout_and_a_duplicate_changes_nothing
             .map(|(_, o)| o.clone()),
         Some(ConsumeOutcome::Duplicate)
     );
-    assert_eq!(h.state(order).await.expect("state"), OrderState::Expired);
-    assert_eq!(h.published_types(order), ["OrderCreated", "OrderExpired"]);
+    assert_eq!(
+        h.order_state(order).await.expect("state"),
+        OrderState::Expired
+    );
+    assert_eq!(
+        h.published_types(&order.to_string()),
+        ["OrderCreated", "OrderExpired"]
+    );
 }
 
 /// Fails every write until told otherwise.
 struct Broken(AtomicUsize);
 
 #[async_trait]
-impl ApplyHook for Broken {
+impl ApplyProbe<OrderSaga> for Broken {
     async fn before_write(
         &self,
         _instance: &saga_instances::Model,
@@ -124,15 +156,15 @@ impl ApplyHook for Broken {
 #[tokio::test]
 async fn a_saga_whose_budget_is_spent_is_parked_and_resumes() {
     let broken = Arc::new(Broken(AtomicUsize::new(3)));
-    let h = SagaHarness::builder()
-        .hook(broken.clone())
+    let h = OrderHarness::builder()
+        .probe(broken.clone())
         .start()
         .await
         .expect("harness");
     let order = h.place_order(1).await.expect("order");
     h.run_until_idle().await.expect("idle");
-    let parked = h.instance(order).await.expect("instance");
-    assert!(parked.faulted);
+    let parked = h.instance(&order.to_string()).await.expect("instance");
+    assert!(parked.parked);
     assert_eq!(parked.attempts, 3);
     assert!(matches!(
         outcomes(&h, "order-saga", order).as_slice(),
@@ -150,14 +182,20 @@ async fn a_saga_whose_budget_is_spent_is_parked_and_resumes() {
 
     // Parked: time passing changes nothing.
     h.advance(Duration::seconds(3600)).await.expect("idle");
-    assert_eq!(h.state(order).await.expect("state"), OrderState::Pending);
+    assert_eq!(
+        h.order_state(order).await.expect("state"),
+        OrderState::Pending
+    );
 
     let resumed = h.engine().resume(&order.to_string()).await.expect("resume");
     assert_eq!(resumed.state, OrderState::Pending);
     h.advance(Duration::seconds(5)).await.expect("idle");
-    assert_eq!(h.state(order).await.expect("state"), OrderState::Completed);
+    assert_eq!(
+        h.order_state(order).await.expect("state"),
+        OrderState::Completed
+    );
     let outcomes: Vec<String> = h
-        .journal(order)
+        .journal(&order.to_string())
         .await
         .expect("journal")
         .into_iter()

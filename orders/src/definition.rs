@@ -1,18 +1,48 @@
-//! The order lifecycle as a pure state machine.
+//! The order lifecycle as a saga definition: states, inputs, events, the
+//! payment timer, the stock release, and the pure transition table.
 //!
-//! `decide(state, input)` never reads the clock, a random number generator or
-//! the database: the caller passes everything in (including the payment draw)
-//! and carries out the returned effects. The `match` below is the whole
-//! transition table; every (state, input) pair is decided explicitly, so the
-//! compiler rejects a new state or input until someone decides what it means.
+//! | input | from | to | effects |
+//! |---|---|---|---|
+//! | (placed) | | pending | publish `OrderCreated` |
+//! | `OrderCreated` (consumed) | pending | processing | schedule the payment timer |
+//! | `PaymentDecided(approved)` (timer fired) | processing | completed | publish `OrderCompleted` |
+//! | `PaymentDecided(declined)` | processing | processing | none (waits to expire) |
+//! | `ExpirationDue` (state timeout) | processing | expired | release stock, publish `OrderExpired` |
+//!
+//! Every other (state, input) pair is decided explicitly as *ignore* (a
+//! duplicate or a late input) or *reject* (a fault).
 
 use std::fmt;
 use std::str::FromStr;
 
+use chrono::Duration;
+use saga::definition::{
+    Decision, Routed, Saga, SagaEffect, SagaEvent, SagaInput, SagaState, SagaTimer, Start,
+    StateTimeout,
+};
+use saga::message::Envelope;
 use serde::{Deserialize, Serialize};
 
-/// The saga type name stored in `saga_instances.saga_type`.
-pub const ORDER_SAGA: &str = "order";
+use crate::contracts::{OrderEventPayload, OrderSnapshot};
+
+/// The order saga, with its timings (`payment.delay_ms`,
+/// `expiration.processing_timeout_seconds`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OrderSaga {
+    /// How long the simulated payment takes.
+    pub payment_delay: Duration,
+    /// How long an order may stay `processing`.
+    pub processing_timeout: Duration,
+}
+
+impl Default for OrderSaga {
+    fn default() -> Self {
+        Self {
+            payment_delay: Duration::milliseconds(5000),
+            processing_timeout: Duration::seconds(600),
+        }
+    }
+}
 
 /// Where an order is in its lifecycle. Mirrors `orders.status`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -29,16 +59,26 @@ pub enum OrderState {
 }
 
 impl OrderState {
-    /// Every state, in lifecycle order.
-    pub const ALL: [OrderState; 4] = [
+    /// The name stored in `orders.status` and `saga_instances.state`.
+    pub fn as_str(self) -> &'static str {
+        self.name()
+    }
+
+    /// A terminal state accepts no further change.
+    pub fn is_terminal(self) -> bool {
+        self.is_final()
+    }
+}
+
+impl SagaState for OrderState {
+    const ALL: &'static [Self] = &[
         OrderState::Pending,
         OrderState::Processing,
         OrderState::Completed,
         OrderState::Expired,
     ];
 
-    /// The name stored in `orders.status` and `saga_instances.state`.
-    pub fn as_str(self) -> &'static str {
+    fn name(self) -> &'static str {
         match self {
             OrderState::Pending => "pending",
             OrderState::Processing => "processing",
@@ -47,36 +87,32 @@ impl OrderState {
         }
     }
 
-    /// A terminal state accepts no further change.
-    pub fn is_terminal(self) -> bool {
+    fn is_final(self) -> bool {
         matches!(self, OrderState::Completed | OrderState::Expired)
     }
 }
 
 impl fmt::Display for OrderState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.write_str(self.name())
     }
 }
 
+/// A state name that is not an order state.
 #[derive(Debug, thiserror::Error)]
 #[error("unknown order state `{0}`")]
-/// A state name that is not one of [`OrderState::ALL`].
 pub struct UnknownState(pub String);
 
 impl FromStr for OrderState {
     type Err = UnknownState;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        OrderState::ALL
-            .into_iter()
-            .find(|state| state.as_str() == s)
-            .ok_or_else(|| UnknownState(s.to_owned()))
+        OrderState::parse(s).ok_or_else(|| UnknownState(s.to_owned()))
     }
 }
 
-/// What can happen to an order saga.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// What can happen to an order saga (kept as JSON in the journal).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub enum OrderInput {
     /// The `OrderCreated` event was consumed: start processing.
     OrderCreated,
@@ -87,18 +123,38 @@ pub enum OrderInput {
         /// The random value behind it.
         draw: f64,
     },
-    /// The expiration sweep found the order in `processing` for too long.
+    /// The order has been `processing` for longer than the timeout.
     ExpirationDue,
 }
 
-impl OrderInput {
-    /// A short stable name, used as `trigger` in the journal.
-    pub fn name(&self) -> &'static str {
+impl SagaInput for OrderInput {
+    fn name(&self) -> &'static str {
         match self {
             OrderInput::OrderCreated => "OrderCreated",
             OrderInput::PaymentDecided { .. } => "PaymentDecided",
             OrderInput::ExpirationDue => "ExpirationDue",
         }
+    }
+
+    fn samples() -> Vec<(&'static str, Self)> {
+        vec![
+            ("OrderCreated", OrderInput::OrderCreated),
+            (
+                "PaymentDecided(approved)",
+                OrderInput::PaymentDecided {
+                    approved: true,
+                    draw: 0.0,
+                },
+            ),
+            (
+                "PaymentDecided(declined)",
+                OrderInput::PaymentDecided {
+                    approved: false,
+                    draw: 1.0,
+                },
+            ),
+            ("ExpirationDue", OrderInput::ExpirationDue),
+        ]
     }
 }
 
@@ -114,8 +170,21 @@ pub enum OrderEvent {
 }
 
 impl OrderEvent {
-    /// The envelope's `message_type` and the AMQP `type` property.
-    pub fn message_type(self) -> &'static str {
+    /// Every event.
+    pub const ALL: [OrderEvent; 3] = [
+        OrderEvent::OrderCreated,
+        OrderEvent::OrderCompleted,
+        OrderEvent::OrderExpired,
+    ];
+
+    /// The event whose message type is `s`.
+    pub fn from_message_type(s: &str) -> Option<Self> {
+        OrderEvent::ALL.into_iter().find(|e| e.message_type() == s)
+    }
+}
+
+impl SagaEvent for OrderEvent {
+    fn message_type(&self) -> &'static str {
         match self {
             OrderEvent::OrderCreated => "OrderCreated",
             OrderEvent::OrderCompleted => "OrderCompleted",
@@ -123,285 +192,170 @@ impl OrderEvent {
         }
     }
 
-    /// The routing key on the events exchange.
-    pub fn routing_key(self) -> &'static str {
+    fn routing_key(&self) -> &'static str {
         match self {
             OrderEvent::OrderCreated => "order.created",
             OrderEvent::OrderCompleted => "order.completed",
             OrderEvent::OrderExpired => "order.expired",
         }
     }
-
-    /// The event whose [`OrderEvent::message_type`] is `s`.
-    pub fn from_message_type(s: &str) -> Option<Self> {
-        [
-            OrderEvent::OrderCreated,
-            OrderEvent::OrderCompleted,
-            OrderEvent::OrderExpired,
-        ]
-        .into_iter()
-        .find(|e| e.message_type() == s)
-    }
 }
 
-/// Durable timers the saga can ask for. Their delays come from configuration.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum TimerKind {
-    /// Fires when the simulated payment is done (`payment.delay_ms`).
+/// The order saga's durable timer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OrderTimer {
+    /// The simulated payment is done: draw its outcome.
+    #[serde(rename = "payment_due")]
     PaymentDue,
 }
 
-impl TimerKind {
-    /// The name stored in `saga_timers.timer_kind`.
-    pub fn as_str(self) -> &'static str {
+impl SagaTimer for OrderTimer {
+    fn kind(&self) -> &'static str {
         match self {
-            TimerKind::PaymentDue => "payment_due",
-        }
-    }
-
-    /// The kind whose [`TimerKind::as_str`] is `s`.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "payment_due" => Some(TimerKind::PaymentDue),
-            _ => None,
+            OrderTimer::PaymentDue => "payment_due",
         }
     }
 }
 
-/// Something the engine must do, in the same transaction as the state change.
+/// The order saga's domain effect, carried out by [`crate::hooks::OrderHooks`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Effect {
-    /// Queue the event in the outbox (the relay publishes it after commit).
-    Publish(OrderEvent),
-    /// Insert a durable timer row; its delay comes from configuration.
-    ScheduleTimer(TimerKind),
+pub enum OrderEffect {
     /// Give the stock reserved by the order's items back to the products
     /// (the compensation of the reservation made when the order was placed).
     ReleaseStock,
 }
 
-/// The machine's answer to one input.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Decision {
-    /// Move to `next` (possibly the same state) and carry out `effects`.
-    Apply {
-        /// The state to move to.
-        next: OrderState,
-        /// What the engine carries out in the same transaction.
-        effects: Vec<Effect>,
-        /// Why, for the journal.
-        note: &'static str,
-    },
-    /// A duplicate or late input: change nothing, record why.
-    Ignore {
-        /// Why, for the journal.
-        reason: &'static str,
-    },
-    /// An input that must not happen in this state: a fault.
-    Reject {
-        /// Why, for the error.
-        reason: &'static str,
-    },
-}
-
-/// The transition table of the order saga.
-///
-/// ```
-/// use saga::machine::{decide, Decision, Effect, OrderEvent, OrderInput, OrderState};
-///
-/// let approved = OrderInput::PaymentDecided { approved: true, draw: 0.2 };
-/// match decide(OrderState::Processing, approved) {
-///     Decision::Apply { next, effects, .. } => {
-///         assert_eq!(next, OrderState::Completed);
-///         assert_eq!(effects, vec![Effect::Publish(OrderEvent::OrderCompleted)]);
-///     }
-///     other => panic!("unexpected {other:?}"),
-/// }
-/// // A late payment after expiry changes nothing.
-/// assert!(matches!(decide(OrderState::Expired, approved), Decision::Ignore { .. }));
-/// ```
-pub fn decide(state: OrderState, input: OrderInput) -> Decision {
-    use Decision::{Apply, Ignore, Reject};
-    use OrderInput as I;
-    use OrderState as S;
-
-    match (state, input) {
-        // Initially
-        (S::Pending, I::OrderCreated) => Apply {
-            next: S::Processing,
-            effects: vec![Effect::ScheduleTimer(TimerKind::PaymentDue)],
-            note: "processing started; payment timer scheduled",
-        },
-        (S::Pending, I::PaymentDecided { .. }) => Reject {
-            reason: "payment decided for an order that never started processing",
-        },
-        (S::Pending, I::ExpirationDue) => Ignore {
-            reason: "only processing orders expire",
-        },
-
-        // During Processing
-        (S::Processing, I::OrderCreated) => Ignore {
-            reason: "duplicate OrderCreated: already processing",
-        },
-        (S::Processing, I::PaymentDecided { approved: true, .. }) => Apply {
-            next: S::Completed,
-            effects: vec![Effect::Publish(OrderEvent::OrderCompleted)],
-            note: "payment approved",
-        },
-        (
-            S::Processing,
-            I::PaymentDecided {
-                approved: false, ..
-            },
-        ) => Apply {
-            next: S::Processing,
-            effects: vec![],
-            note: "payment declined; the order stays processing until it expires",
-        },
-        (S::Processing, I::ExpirationDue) => Apply {
-            next: S::Expired,
-            effects: vec![
-                Effect::ReleaseStock,
-                Effect::Publish(OrderEvent::OrderExpired),
-            ],
-            note: "processing timed out",
-        },
-
-        // Terminal states: everything is late or duplicated.
-        (S::Completed, I::OrderCreated) | (S::Expired, I::OrderCreated) => Ignore {
-            reason: "duplicate OrderCreated: order already finished",
-        },
-        (S::Completed, I::PaymentDecided { .. }) => Ignore {
-            reason: "payment already decided",
-        },
-        (S::Expired, I::PaymentDecided { .. }) => Ignore {
-            reason: "payment decided after the order expired",
-        },
-        (S::Completed, I::ExpirationDue) => Ignore {
-            reason: "order completed before it could expire",
-        },
-        (S::Expired, I::ExpirationDue) => Ignore {
-            reason: "order already expired",
-        },
-    }
-}
-
-/// How the machine answers one (state, input) pair, for diagrams and docs.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct TransitionRow {
-    /// The state the input arrives in.
-    pub from: OrderState,
-    /// The input, with the payment outcome spelled out where it matters.
-    pub input: &'static str,
-    /// `apply`, `ignore` or `reject`.
-    pub policy: &'static str,
-    /// The next state (`None` unless the policy is `apply`).
-    pub to: Option<OrderState>,
-    /// What the engine does, in words.
-    pub effects: Vec<String>,
-    /// The note or the reason given by the table.
-    pub why: &'static str,
-}
-
-/// One representative of every input the table distinguishes.
-pub const SAMPLE_INPUTS: [(&str, OrderInput); 4] = [
-    ("OrderCreated", OrderInput::OrderCreated),
-    (
-        "PaymentDecided(approved)",
-        OrderInput::PaymentDecided {
-            approved: true,
-            draw: 0.0,
-        },
-    ),
-    (
-        "PaymentDecided(declined)",
-        OrderInput::PaymentDecided {
-            approved: false,
-            draw: 1.0,
-        },
-    ),
-    ("ExpirationDue", OrderInput::ExpirationDue),
-];
-
-/// The whole transition table, produced by asking [`decide`] about every
-/// state and every sample input, so it cannot drift from what the engine runs.
-pub fn describe() -> Vec<TransitionRow> {
-    let mut rows = Vec::new();
-    for from in OrderState::ALL {
-        for (label, input) in SAMPLE_INPUTS {
-            rows.push(match decide(from, input) {
-                Decision::Apply {
-                    next,
-                    effects,
-                    note,
-                } => TransitionRow {
-                    from,
-                    input: label,
-                    policy: "apply",
-                    to: Some(next),
-                    effects: effects.iter().map(Effect::describe).collect(),
-                    why: note,
-                },
-                Decision::Ignore { reason } => TransitionRow {
-                    from,
-                    input: label,
-                    policy: "ignore",
-                    to: None,
-                    effects: Vec::new(),
-                    why: reason,
-                },
-                Decision::Reject { reason } => TransitionRow {
-                    from,
-                    input: label,
-                    policy: "reject",
-                    to: None,
-                    effects: Vec::new(),
-                    why: reason,
-                },
-            });
-        }
-    }
-    rows
-}
-
-/// The state diagram as Mermaid `stateDiagram-v2` text: every applied
-/// transition with its effects. Ignored and rejected pairs are listed in
-/// [`describe`].
-///
-/// ```
-/// let diagram = saga::machine::mermaid();
-/// assert!(diagram.contains("processing --> completed: PaymentDecided(approved)"));
-/// ```
-pub fn mermaid() -> String {
-    let mut out = String::from("stateDiagram-v2\n    [*] --> pending: OrderPlaced\n");
-    for row in describe() {
-        if let Some(to) = row.to {
-            out.push_str(&format!("    {} --> {}: {}", row.from, to, row.input));
-            if !row.effects.is_empty() {
-                out.push_str(&format!(" / {}", row.effects.join(", ")));
-            }
-            out.push('\n');
-        }
-    }
-    for state in OrderState::ALL.into_iter().filter(|s| s.is_terminal()) {
-        out.push_str(&format!("    {state} --> [*]\n"));
-    }
-    out
-}
-
-impl Effect {
-    /// A short human-readable name, used in diagrams.
-    pub fn describe(&self) -> String {
+impl SagaEffect for OrderEffect {
+    fn describe(&self) -> String {
         match self {
-            Effect::Publish(event) => format!("publish {}", event.message_type()),
-            Effect::ScheduleTimer(kind) => format!("schedule {}", kind.as_str()),
-            Effect::ReleaseStock => "release stock".to_owned(),
+            OrderEffect::ReleaseStock => "release stock".to_owned(),
         }
+    }
+}
+
+impl Saga for OrderSaga {
+    const TYPE: &'static str = "order";
+    const CONSUMES: &'static [&'static str] = &["OrderCreated"];
+    type State = OrderState;
+    type Input = OrderInput;
+    type Event = OrderEvent;
+    type Timer = OrderTimer;
+    type Effect = OrderEffect;
+    type Data = OrderSnapshot;
+
+    fn start(&self, _order: &OrderSnapshot) -> Start<Self> {
+        Start::new(
+            OrderState::Pending,
+            "OrderPlaced",
+            "order placed; OrderCreated queued",
+        )
+        .publish(OrderEvent::OrderCreated)
+    }
+
+    /// The transition table.
+    fn decide(
+        &self,
+        state: OrderState,
+        _order: &OrderSnapshot,
+        input: &OrderInput,
+    ) -> Decision<Self> {
+        use OrderInput as I;
+        use OrderState as S;
+
+        match (state, *input) {
+            // Initially
+            (S::Pending, I::OrderCreated) => {
+                Decision::to(S::Processing, "processing started; payment timer scheduled")
+                    .schedule(OrderTimer::PaymentDue, self.payment_delay)
+            }
+            (S::Pending, I::PaymentDecided { .. }) => {
+                Decision::reject("payment decided for an order that never started processing")
+            }
+            (S::Pending, I::ExpirationDue) => Decision::ignore("only processing orders expire"),
+
+            // During Processing
+            (S::Processing, I::OrderCreated) => {
+                Decision::ignore("duplicate OrderCreated: already processing")
+            }
+            (S::Processing, I::PaymentDecided { approved: true, .. }) => {
+                Decision::to(S::Completed, "payment approved").publish(OrderEvent::OrderCompleted)
+            }
+            (
+                S::Processing,
+                I::PaymentDecided {
+                    approved: false, ..
+                },
+            ) => Decision::to(
+                S::Processing,
+                "payment declined; the order stays processing until it expires",
+            ),
+            (S::Processing, I::ExpirationDue) => Decision::to(S::Expired, "processing timed out")
+                .effect(OrderEffect::ReleaseStock)
+                .publish(OrderEvent::OrderExpired),
+
+            // Terminal states: everything is late or duplicated.
+            (S::Completed | S::Expired, I::OrderCreated) => {
+                Decision::ignore("duplicate OrderCreated: order already finished")
+            }
+            (S::Completed, I::PaymentDecided { .. }) => Decision::ignore("payment already decided"),
+            (S::Expired, I::PaymentDecided { .. }) => {
+                Decision::ignore("payment decided after the order expired")
+            }
+            (S::Completed, I::ExpirationDue) => {
+                Decision::ignore("order completed before it could expire")
+            }
+            (S::Expired, I::ExpirationDue) => Decision::ignore("order already expired"),
+        }
+    }
+
+    fn route(&self, envelope: &Envelope) -> Result<Routed<Self>, String> {
+        match OrderEvent::from_message_type(&envelope.message_type) {
+            Some(OrderEvent::OrderCreated) => Ok(Routed::Input(OrderInput::OrderCreated)),
+            _ => Err(format!(
+                "expected OrderCreated, got {}",
+                envelope.message_type
+            )),
+        }
+    }
+
+    fn state_timeouts(&self) -> Vec<StateTimeout<Self>> {
+        vec![StateTimeout {
+            state: OrderState::Processing,
+            after: self.processing_timeout,
+            input: OrderInput::ExpirationDue,
+        }]
+    }
+
+    fn event_payload(
+        &self,
+        _event: &OrderEvent,
+        order: &OrderSnapshot,
+        from: Option<OrderState>,
+        to: OrderState,
+    ) -> Result<serde_json::Value, serde_json::Error> {
+        serde_json::to_value(OrderEventPayload {
+            order: order.clone(),
+            previous_status: from.map(|s| s.name().to_owned()),
+            status: to.name().to_owned(),
+        })
+    }
+
+    fn initiated_by(&self, order: &OrderSnapshot) -> Option<i64> {
+        Some(order.user_id)
+    }
+
+    /// A `pending` order is started again, as if its `OrderCreated` had
+    /// arrived; a `processing` one waits for its timer (made due now) or
+    /// its timeout.
+    fn resume_input(&self, state: OrderState) -> Option<OrderInput> {
+        (state == OrderState::Pending).then_some(OrderInput::OrderCreated)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use saga::definition::Effect;
+
     use super::*;
 
     const APPROVED: OrderInput = OrderInput::PaymentDecided {
@@ -422,23 +376,35 @@ mod tests {
         ]
     }
 
-    fn next_of(decision: &Decision) -> Option<OrderState> {
-        match decision {
-            Decision::Apply { next, .. } => Some(*next),
-            _ => None,
+    fn decide(state: OrderState, input: OrderInput) -> Decision<OrderSaga> {
+        OrderSaga::default().decide(state, &OrderSnapshot::default(), &input)
+    }
+
+    fn payment_timer() -> Effect<OrderSaga> {
+        Effect::Schedule {
+            timer: OrderTimer::PaymentDue,
+            after: OrderSaga::default().payment_delay,
         }
     }
+
+    /// (state, input, expected next state or None when ignored/rejected, effects)
+    type Row = (
+        OrderState,
+        OrderInput,
+        Option<OrderState>,
+        Vec<Effect<OrderSaga>>,
+    );
 
     #[test]
     fn transition_table_every_state_with_every_input() {
         use OrderState::*;
         // (state, input, expected next state or None when ignored/rejected, effects)
-        let table: Vec<(OrderState, OrderInput, Option<OrderState>, Vec<Effect>)> = vec![
+        let table: Vec<Row> = vec![
             (
                 Pending,
                 OrderInput::OrderCreated,
                 Some(Processing),
-                vec![Effect::ScheduleTimer(TimerKind::PaymentDue)],
+                vec![payment_timer()],
             ),
             (Pending, APPROVED, None, vec![]),
             (Pending, DECLINED, None, vec![]),
@@ -456,7 +422,7 @@ mod tests {
                 OrderInput::ExpirationDue,
                 Some(Expired),
                 vec![
-                    Effect::ReleaseStock,
+                    Effect::Domain(OrderEffect::ReleaseStock),
                     Effect::Publish(OrderEvent::OrderExpired),
                 ],
             ),
@@ -473,21 +439,21 @@ mod tests {
         for (state, input, expected_next, expected_effects) in table {
             let decision = decide(state, input);
             assert_eq!(
-                next_of(&decision),
+                decision.next(),
                 expected_next,
                 "{state} + {input:?} gave {decision:?}"
             );
-            let effects = match &decision {
-                Decision::Apply { effects, .. } => effects.clone(),
-                _ => vec![],
-            };
-            assert_eq!(effects, expected_effects, "{state} + {input:?}");
+            assert_eq!(
+                decision.effects(),
+                expected_effects.as_slice(),
+                "{state} + {input:?}"
+            );
         }
     }
 
     #[test]
     fn only_a_payment_before_processing_is_a_fault() {
-        for state in OrderState::ALL {
+        for &state in OrderState::ALL {
             for input in inputs() {
                 let rejected = matches!(decide(state, input), Decision::Reject { .. });
                 let expected = state == OrderState::Pending
@@ -499,7 +465,7 @@ mod tests {
 
     #[test]
     fn terminal_states_never_change_and_never_emit() {
-        for state in OrderState::ALL.into_iter().filter(|s| s.is_terminal()) {
+        for state in OrderState::ALL.iter().copied().filter(|s| s.is_terminal()) {
             for input in inputs() {
                 assert!(
                     matches!(decide(state, input), Decision::Ignore { .. }),
@@ -548,8 +514,9 @@ mod tests {
                                 Effect::Publish(OrderEvent::OrderCreated) => {
                                     panic!("the saga never re-publishes OrderCreated")
                                 }
-                                Effect::ScheduleTimer(_) => timers += 1,
-                                Effect::ReleaseStock => releases += 1,
+                                Effect::Schedule { .. } => timers += 1,
+                                Effect::Cancel(_) => panic!("the order saga cancels no timer"),
+                                Effect::Domain(OrderEffect::ReleaseStock) => releases += 1,
                             }
                         }
                     }
@@ -571,10 +538,55 @@ mod tests {
 
     #[test]
     fn states_round_trip_through_their_names() {
-        for state in OrderState::ALL {
+        for &state in OrderState::ALL {
             assert_eq!(state.as_str().parse::<OrderState>().ok(), Some(state));
         }
         assert!("cancelled".parse::<OrderState>().is_err());
+    }
+
+    #[test]
+    fn inputs_keep_the_shape_the_journal_stores() {
+        // Journal rows written before the library kept inputs as JSON were
+        // migrated to exactly this shape (saga's generic-tables migration).
+        assert_eq!(
+            serde_json::to_value(APPROVED).expect("json"),
+            serde_json::json!({"PaymentDecided": {"approved": true, "draw": 0.1}})
+        );
+        assert_eq!(
+            serde_json::to_value(OrderInput::OrderCreated).expect("json"),
+            serde_json::json!("OrderCreated")
+        );
+        // Timers written before payloads were kept carry their kind.
+        assert_eq!(
+            serde_json::from_value::<OrderTimer>(serde_json::json!("payment_due")).ok(),
+            Some(OrderTimer::PaymentDue)
+        );
+    }
+
+    #[test]
+    fn the_diagram_is_generated_from_the_table() {
+        let saga = OrderSaga::default();
+        let diagram = saga::describe::mermaid(&saga);
+        let rows = saga::describe::transitions(&saga);
+        for row in rows
+            .iter()
+            .filter(|r| r.policy == saga::describe::Policy::Apply)
+        {
+            let to = row.to.unwrap_or_default();
+            assert!(
+                diagram.contains(&format!("{} --> {}: {}", row.from, to, row.input)),
+                "{row:?} missing from\n{diagram}"
+            );
+        }
+        assert!(diagram.contains(
+            "processing --> expired: ExpirationDue / release stock, publish OrderExpired"
+        ));
+        assert!(diagram.contains("[*] --> pending: OrderPlaced / publish OrderCreated"));
+        assert!(diagram.contains("processing --> completed: PaymentDecided(approved)"));
+        assert_eq!(
+            rows.len(),
+            OrderState::ALL.len() * OrderInput::samples().len()
+        );
     }
 }
 
@@ -584,8 +596,13 @@ mod properties {
     //! the saga's promises.
 
     use proptest::prelude::*;
+    use saga::definition::Effect;
 
     use super::*;
+
+    fn decide(state: OrderState, input: OrderInput) -> Decision<OrderSaga> {
+        OrderSaga::default().decide(state, &OrderSnapshot::default(), &input)
+    }
 
     fn any_input() -> impl Strategy<Value = OrderInput> {
         prop_oneof![
@@ -630,8 +647,9 @@ mod properties {
                         Effect::Publish(OrderEvent::OrderCreated) => {
                             prop_assert!(false, "OrderCreated re-published")
                         }
-                        Effect::ScheduleTimer(_) => out.timers += 1,
-                        Effect::ReleaseStock => out.releases += 1,
+                        Effect::Schedule { .. } => out.timers += 1,
+                        Effect::Cancel(_) => prop_assert!(false, "a timer cancelled"),
+                        Effect::Domain(OrderEffect::ReleaseStock) => out.releases += 1,
                     }
                 }
                 state = next;
@@ -706,24 +724,5 @@ mod properties {
             let ignored = matches!(decide(terminal, input), Decision::Ignore { .. });
             prop_assert!(ignored, "{terminal} did not ignore {input:?}");
         }
-    }
-
-    #[test]
-    fn the_diagram_is_generated_from_the_table() {
-        let diagram = mermaid();
-        for row in describe().iter().filter(|r| r.policy == "apply") {
-            let to = row.to.map(|s| s.to_string()).unwrap_or_default();
-            assert!(
-                diagram.contains(&format!("{} --> {}: {}", row.from, to, row.input)),
-                "{row:?} missing from\n{diagram}"
-            );
-        }
-        assert!(diagram.contains(
-            "processing --> expired: ExpirationDue / release stock, publish OrderExpired"
-        ));
-        assert_eq!(
-            describe().len(),
-            OrderState::ALL.len() * SAMPLE_INPUTS.len()
-        );
     }
 }

@@ -7,16 +7,17 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use entity::{notifications, users};
+use saga::SagaError;
+use saga::clock::Clock;
+use saga::consumer::{HandlerOutcome, MessageHandler};
+use saga::inbox;
+use saga::message::Envelope;
+use saga::retry::Attempts;
 use sea_orm::sea_query::{OnConflict, Query};
 use sea_orm::{ConnectionTrait, DatabaseConnection, EntityTrait, TransactionTrait};
 
-use crate::clock::Clock;
-use crate::consumer::{HandlerOutcome, MessageHandler};
-use crate::engine::Attempts;
-use crate::error::SagaError;
-use crate::inbox;
-use crate::machine::OrderEvent;
-use crate::message::{Envelope, OrderEventPayload};
+use crate::contracts::{OrderEventPayload, money};
+use crate::definition::OrderEvent;
 
 /// Writes the audit row (and logs the fake e-mail) for every order event.
 pub struct NotificationHandler {
@@ -56,29 +57,40 @@ pub fn audit_message(event: OrderEvent, p: &OrderEventPayload) -> String {
             "Order #{} created by {who}: {} item(s), total {}; status {} -> {}; awaiting payment.",
             o.order_id,
             o.items.len(),
-            o.total,
+            money(o.total),
             previous,
             p.status
         ),
         OrderEvent::OrderCompleted => format!(
             "Order #{} completed: payment approved, total {}; status {} -> {}; confirmation e-mail sent to {}. Flow started by {who}.",
-            o.order_id, o.total, previous, p.status, o.user_email
+            o.order_id,
+            money(o.total),
+            previous,
+            p.status,
+            o.user_email
         ),
         OrderEvent::OrderExpired => format!(
             "Order #{} expired: payment not confirmed before the processing timeout, total {}; status {} -> {}. Flow started by {who}.",
-            o.order_id, o.total, previous, p.status
+            o.order_id,
+            money(o.total),
+            previous,
+            p.status
         ),
     }
 }
 
 #[async_trait]
 impl MessageHandler for NotificationHandler {
+    fn message_types(&self) -> &'static [&'static str] {
+        &["OrderCreated", "OrderCompleted", "OrderExpired"]
+    }
+
     async fn record_failure(
         &self,
         envelope: &Envelope,
         error: &SagaError,
     ) -> Result<Attempts, SagaError> {
-        crate::failures::record(
+        saga::failures::record(
             &self.db,
             &self.consumer,
             envelope,
@@ -94,7 +106,7 @@ impl MessageHandler for NotificationHandler {
             SagaError::Malformed(format!("unknown message type `{}`", envelope.message_type))
         })?;
         let payload = envelope
-            .order_payload()
+            .payload_as::<OrderEventPayload>()
             .map_err(|e| SagaError::Malformed(format!("{} payload: {e}", envelope.message_type)))?;
         let now = self.clock.now();
         let message = audit_message(event, &payload);
@@ -134,7 +146,7 @@ impl MessageHandler for NotificationHandler {
             .values([
                 payload.order.order_id.into(),
                 payload.order.user_id.into(),
-                event.message_type().into(),
+                saga::SagaEvent::message_type(&event).into(),
                 message.clone().into(),
                 email_sent.into(),
                 now.into(),
@@ -161,7 +173,7 @@ impl MessageHandler for NotificationHandler {
             tracing::info!(
                 order_id = payload.order.order_id,
                 message_id = %envelope.message_id,
-                event = event.message_type(),
+                event = saga::SagaEvent::message_type(&event),
                 "notification already recorded for this order and event; skipped"
             );
             return Ok(HandlerOutcome::Duplicate);
@@ -169,7 +181,7 @@ impl MessageHandler for NotificationHandler {
         tracing::info!(
             order_id = payload.order.order_id,
             message_id = %envelope.message_id,
-            event = event.message_type(),
+            event = saga::SagaEvent::message_type(&event),
             "audit notification saved: {message}"
         );
         if let Some((name, email)) = recipient {
@@ -177,7 +189,14 @@ impl MessageHandler for NotificationHandler {
                 .order
                 .items
                 .iter()
-                .map(|i| format!("{} x {} @ {}", i.quantity, i.product_name, i.unit_price))
+                .map(|i| {
+                    format!(
+                        "{} x {} @ {}",
+                        i.quantity,
+                        i.product_name,
+                        money(i.unit_price)
+                    )
+                })
                 .collect();
             tracing::info!(
                 target: "email",
@@ -187,54 +206,9 @@ impl MessageHandler for NotificationHandler {
                 "FAKE E-MAIL to {name} <{email}>: Subject: Your order #{} is complete. Items: [{}]. Total: {}.",
                 payload.order.order_id,
                 items.join("; "),
-                payload.order.total
+                money(payload.order.total)
             );
         }
         Ok(HandlerOutcome::Done)
-    }
-}
-
-/// The saga's own consumer of `OrderCreated`.
-pub struct OrderCreatedHandler {
-    engine: crate::engine::OrderSagaEngine,
-    consumer: String,
-}
-
-impl OrderCreatedHandler {
-    /// A handler recording its inbox rows as `consumer`.
-    pub fn new(engine: crate::engine::OrderSagaEngine, consumer: impl Into<String>) -> Self {
-        Self {
-            engine,
-            consumer: consumer.into(),
-        }
-    }
-}
-
-#[async_trait]
-impl MessageHandler for OrderCreatedHandler {
-    async fn handle(&self, envelope: &Envelope) -> Result<HandlerOutcome, SagaError> {
-        match self
-            .engine
-            .handle_order_created(&self.consumer, envelope)
-            .await?
-        {
-            crate::engine::Handled::Duplicate => Ok(HandlerOutcome::Duplicate),
-            _ => Ok(HandlerOutcome::Done),
-        }
-    }
-
-    async fn record_failure(
-        &self,
-        envelope: &Envelope,
-        error: &SagaError,
-    ) -> Result<Attempts, SagaError> {
-        self.engine
-            .record_failure(
-                &envelope.correlation_id,
-                Some(envelope.message_id),
-                "OrderCreated",
-                error,
-            )
-            .await
     }
 }

@@ -8,16 +8,22 @@ pub struct Model {
     #[sea_orm(primary_key)]
     pub id: i64,
     pub saga_instance_id: i64,
+    /// The saga type of the instance (`saga_instances.saga_type`).
+    pub saga_type: String,
     pub correlation_id: String,
     pub from_state: Option<String>,
     pub to_state: String,
     pub trigger: String,
-    /// applied | ignored
+    /// `applied`, `ignored`, `failed`, `parked` or `resumed`
+    /// ([`crate::journal::JournalOutcome`]).
     pub outcome: String,
     pub message_id: Option<Uuid>,
     pub attempt: i32,
-    pub payment_draw: Option<f64>,
-    pub payment_approved: Option<bool>,
+    /// The input as JSON (what the saga's `Input` serializes to), e.g. a
+    /// payment draw and its decision. `None` for rows that have no input
+    /// (operator actions) and rows written before inputs were kept.
+    #[sea_orm(column_type = "JsonBinary", nullable)]
+    pub input: Option<Json>,
     pub detail: Option<String>,
     pub error: Option<String>,
     pub occurred_at: DateTimeUtc,

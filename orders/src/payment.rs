@@ -1,5 +1,6 @@
-//! The simulated payment provider. The engine asks it for a draw when the
-//! payment timer fires; the draw and the decision go into the journal.
+//! The simulated payment provider. The order saga's timer hook asks it for
+//! a draw when the payment timer fires; the draw and the decision go into
+//! the journal (as the `PaymentDecided` input).
 
 use std::sync::Mutex;
 

@@ -1,12 +1,15 @@
-use saga::consumer::RetryPolicy;
 use std::sync::Arc;
 
 use chrono::{DateTime, TimeZone, Utc};
-use entity::{notifications, orders, products, saga_outbox, saga_transitions, users};
+use entity::{notifications, orders as order_rows, products, users};
+use orders::contracts::{OrderLine, OrderSnapshot};
+use orders::payment::FixedPayment;
+use orders::{Customer, OrderHooks, OrderInput, OrderSaga};
 use saga::clock::ManualClock;
-use saga::engine::{Customer, EngineSettings, OrderSagaEngine};
-use saga::message::{Envelope, OrderLine, OrderSnapshot};
-use saga::payment::FixedPayment;
+use saga::consumer::RetryPolicy;
+use saga::engine::{EngineSettings, SagaEngine};
+use saga::message::Envelope;
+use saga::schema::{outbox as saga_outbox, transitions as saga_transitions};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter,
     QueryOrder, TransactionTrait,
@@ -18,23 +21,31 @@ pub fn t0() -> DateTime<Utc> {
         .expect("valid time")
 }
 
-pub fn engine(db: &DatabaseConnection, clock: &ManualClock, approved: bool) -> OrderSagaEngine {
-    OrderSagaEngine::new(
-        db.clone(),
-        Arc::new(clock.clone()),
-        Arc::new(FixedPayment { approved }),
-        EngineSettings {
-            payment_delay: chrono::Duration::seconds(5),
-            processing_timeout: chrono::Duration::seconds(600),
-            sweep_batch_size: 50,
+/// The order saga with a 5 s payment and a 600 s processing timeout.
+pub fn order_saga() -> OrderSaga {
+    OrderSaga {
+        payment_delay: chrono::Duration::seconds(5),
+        processing_timeout: chrono::Duration::seconds(600),
+    }
+}
+
+pub fn engine(
+    db: &DatabaseConnection,
+    clock: &ManualClock,
+    approved: bool,
+) -> SagaEngine<OrderSaga> {
+    SagaEngine::new(order_saga(), db.clone())
+        .with_hooks(OrderHooks::new(Arc::new(FixedPayment { approved })))
+        .with_clock(Arc::new(clock.clone()))
+        .with_settings(EngineSettings {
             max_conflict_retries: 10,
             retry: RetryPolicy {
                 max_attempts: 3,
                 initial_backoff: std::time::Duration::from_millis(10),
                 max_backoff: std::time::Duration::from_millis(50),
             },
-        },
-    )
+            sweep_batch_size: 50,
+        })
 }
 
 /// Places an order the way the API does: user, order, items, saga start, in
@@ -73,9 +84,11 @@ pub async fn place_order_of(
         .await
         .expect("product query")
         .expect("seeded product");
-    let placed = OrderSagaEngine::place_order(
+    // An engine whose clock says `now`: the order is placed then.
+    let placer = engine(db, &ManualClock::new(now), true);
+    let placed = orders::place_order(
+        &placer,
         &txn,
-        now,
         &Customer {
             user_id: user.id,
             email: user.email.clone(),
@@ -102,8 +115,16 @@ pub async fn place_order_of(
     (snapshot, envelope)
 }
 
+/// The payment decision (draw, approved) of a journal row, if it has one.
+pub fn payment_of(row: &saga_transitions::Model) -> Option<(f64, bool)> {
+    match serde_json::from_value::<OrderInput>(row.input.clone()?).ok()? {
+        OrderInput::PaymentDecided { approved, draw } => Some((draw, approved)),
+        _ => None,
+    }
+}
+
 pub async fn order_status(db: &DatabaseConnection, order_id: i64) -> String {
-    orders::Entity::find_by_id(order_id)
+    order_rows::Entity::find_by_id(order_id)
         .one(db)
         .await
         .expect("order query")
@@ -187,15 +208,15 @@ pub fn quick_retries() -> RetryPolicy {
 pub fn saga_consumer(
     transport: Arc<dyn saga::transport::Transport>,
     prefix: &str,
-    engine: &OrderSagaEngine,
-) -> saga::consumer::Consumer<saga::notifications::OrderCreatedHandler> {
+    engine: &SagaEngine<OrderSaga>,
+) -> saga::consumer::Consumer<saga::consumer::SagaHandler<OrderSaga>> {
     saga::consumer::Consumer::new(
         transport,
-        saga::topology::saga_queue(prefix),
-        saga::topology::ORDER_SAGA_CONSUMER,
-        Arc::new(saga::notifications::OrderCreatedHandler::new(
+        orders::topology::saga_queue(prefix),
+        orders::topology::ORDER_SAGA_CONSUMER,
+        Arc::new(saga::consumer::SagaHandler::new(
             engine.clone(),
-            saga::topology::ORDER_SAGA_CONSUMER,
+            orders::topology::ORDER_SAGA_CONSUMER,
         )),
         quick_retries(),
         8,
@@ -211,7 +232,7 @@ pub struct Running {
 }
 
 impl Running {
-    pub fn start<H: saga::consumer::MessageHandler>(
+    pub fn start<H: saga::consumer::MessageHandler + ?Sized>(
         consumer: saga::consumer::Consumer<H>,
         relay: Option<saga::outbox::OutboxRelay>,
     ) -> Self {

@@ -3,17 +3,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use entity::saga_outbox;
 use lapin::BasicProperties;
 use lapin::types::ShortString;
+use orders::notifications::NotificationHandler;
+use orders::payment::FixedPayment;
+use orders::topology::{self, NOTIFICATIONS_CONSUMER, ORDER_SAGA_CONSUMER};
+use orders::{OrderHooks, OrderSaga};
 use saga::clock::SystemClock;
+use saga::consumer::SagaHandler;
 use saga::consumer::{ConsumeOutcome, Consumer, RetryPolicy};
-use saga::engine::{EngineSettings, OrderSagaEngine};
-use saga::notifications::{NotificationHandler, OrderCreatedHandler};
+use saga::engine::{EngineSettings, SagaEngine};
 use saga::outbox::OutboxRelay;
-use saga::payment::FixedPayment;
+use saga::schema::outbox as saga_outbox;
 use saga::testing::{TestBroker, TestDatabase, eventually};
-use saga::topology::{self, NOTIFICATIONS_CONSUMER, ORDER_SAGA_CONSUMER};
 use saga::transport::{QueueSpec, Transport};
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 use tokio::sync::Notify;
@@ -61,8 +63,8 @@ async fn fresh_transport(broker: &TestBroker) -> Arc<TestBrokerTransport> {
 
 #[tokio::test]
 async fn the_relay_publishes_outbox_rows_with_confirms_and_marks_them_sent() {
-    let tdb = TestDatabase::create().await;
-    let broker = TestBroker::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
+    let broker = TestBroker::create(orders::topology::queues).await;
     let transport = fresh_transport(&broker).await;
     for _ in 0..3 {
         place_order(&tdb.db, t0()).await;
@@ -106,19 +108,19 @@ async fn the_relay_publishes_outbox_rows_with_confirms_and_marks_them_sent() {
 
 #[tokio::test]
 async fn orders_flow_through_rabbitmq_to_completed_with_one_notification_per_event() {
-    let tdb = TestDatabase::create().await;
-    let broker = TestBroker::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
+    let broker = TestBroker::create(orders::topology::queues).await;
     let transport = fresh_transport(&broker).await;
     let signal = Arc::new(Notify::new());
-    let engine = OrderSagaEngine::new(
-        tdb.db.clone(),
-        Arc::new(SystemClock),
-        Arc::new(FixedPayment { approved: true }),
-        EngineSettings {
+    let engine = SagaEngine::new(
+        OrderSaga {
             payment_delay: chrono::Duration::milliseconds(50),
-            ..EngineSettings::default()
+            ..OrderSaga::default()
         },
+        tdb.db.clone(),
     )
+    .with_hooks(OrderHooks::new(Arc::new(FixedPayment { approved: true })))
+    .with_settings(EngineSettings::default())
     .with_outbox_signal(signal.clone());
     let relay = crate::helpers::relay(&tdb.db, transport.clone(), signal);
     let dyn_transport: Arc<dyn Transport> = transport.clone();
@@ -126,10 +128,7 @@ async fn orders_flow_through_rabbitmq_to_completed_with_one_notification_per_eve
         dyn_transport.clone(),
         topology::saga_queue(&broker.prefix),
         ORDER_SAGA_CONSUMER,
-        Arc::new(OrderCreatedHandler::new(
-            engine.clone(),
-            ORDER_SAGA_CONSUMER,
-        )),
+        Arc::new(SagaHandler::new(engine.clone(), ORDER_SAGA_CONSUMER)),
         RetryPolicy::default(),
         16,
     );
@@ -203,8 +202,8 @@ async fn orders_flow_through_rabbitmq_to_completed_with_one_notification_per_eve
 
 #[tokio::test]
 async fn a_duplicated_delivery_writes_one_notification_and_is_acknowledged() {
-    let tdb = TestDatabase::create().await;
-    let broker = TestBroker::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
+    let broker = TestBroker::create(orders::topology::queues).await;
     let transport = fresh_transport(&broker).await;
     let (order, created) = place_order(&tdb.db, t0()).await;
     let queue = topology::notifications_queue(&broker.prefix);
@@ -256,8 +255,8 @@ async fn a_duplicated_delivery_writes_one_notification_and_is_acknowledged() {
 
 #[tokio::test]
 async fn an_undecodable_message_goes_to_the_error_queue_and_the_consumer_carries_on() {
-    let tdb = TestDatabase::create().await;
-    let broker = TestBroker::create().await;
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
+    let broker = TestBroker::create(orders::topology::queues).await;
     let transport = fresh_transport(&broker).await;
     let (order, created) = place_order(&tdb.db, t0()).await;
     let queue = topology::notifications_queue(&broker.prefix);

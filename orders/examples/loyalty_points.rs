@@ -23,14 +23,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use orders::OrderEvent;
+use orders::contracts::OrderEventPayload;
 use rust_decimal::Decimal;
-use saga::SagaError;
 use saga::consumer::{Consumer, HandlerOutcome, MessageHandler, RetryPolicy};
-use saga::engine::Attempts;
-use saga::machine::OrderEvent;
-use saga::message::{Envelope, OrderEventPayload};
+use saga::message::Envelope;
+use saga::retry::Attempts;
 use saga::transport::QueueSpec;
 use saga::transport::rabbitmq::{QueueType, RabbitTransport, Topology};
+use saga::{SagaError, SagaEvent as _};
 use tokio_util::sync::CancellationToken;
 
 /// One point per whole currency unit spent.
@@ -58,7 +59,7 @@ impl MessageHandler for LoyaltyPoints {
             return Ok(HandlerOutcome::Duplicate);
         }
         let payload: OrderEventPayload = envelope
-            .order_payload()
+            .payload_as::<OrderEventPayload>()
             .map_err(|e| SagaError::Malformed(e.to_string()))?;
         let order = &payload.order;
         let earned = order.total.floor();

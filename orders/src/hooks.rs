@@ -1,0 +1,290 @@
+//! The order saga's effectful half, run by the engine inside its
+//! transaction: the payment draw when the payment timer fires, the order
+//! row's status on every state change, and the stock release when an order
+//! expires. Plus placing an order: the stock reservation, the order rows and
+//! the saga's start, in the caller's transaction.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use entity::{order_items, orders, products};
+use rust_decimal::Decimal;
+use saga::SagaError;
+use saga::definition::SagaState;
+use saga::engine::SagaEngine;
+use saga::hooks::{HookContext, Hooks};
+use sea_orm::sea_query::LockType;
+use sea_orm::sea_query::{Expr, ExprTrait as _, Query};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect,
+};
+use tracing::Instrument as _;
+use uuid::Uuid;
+
+use crate::contracts::{OrderLine, OrderSnapshot};
+use crate::definition::{OrderEffect, OrderInput, OrderSaga, OrderState, OrderTimer};
+use crate::error::OrderError;
+use crate::payment::PaymentSimulator;
+
+/// The order saga's hooks.
+pub struct OrderHooks {
+    payment: Arc<dyn PaymentSimulator>,
+}
+
+impl OrderHooks {
+    /// Hooks that draw payments from `payment`.
+    pub fn new(payment: Arc<dyn PaymentSimulator>) -> Self {
+        Self { payment }
+    }
+}
+
+#[async_trait]
+impl Hooks<OrderSaga> for OrderHooks {
+    /// The payment timer fired: the simulated payment decides.
+    async fn timer_input(
+        &self,
+        _cx: &HookContext<'_, OrderSaga>,
+        timer: &OrderTimer,
+    ) -> Result<OrderInput, SagaError> {
+        match timer {
+            OrderTimer::PaymentDue => {
+                let draw = self.payment.draw();
+                Ok(OrderInput::PaymentDecided {
+                    approved: draw.approved,
+                    draw: draw.value,
+                })
+            }
+        }
+    }
+
+    async fn effect(
+        &self,
+        cx: &HookContext<'_, OrderSaga>,
+        effect: &OrderEffect,
+    ) -> Result<(), SagaError> {
+        match effect {
+            OrderEffect::ReleaseStock => release_stock(cx.txn, cx.data.order_id).await,
+        }
+    }
+
+    /// `orders.status` follows the saga's state.
+    async fn entered(
+        &self,
+        cx: &HookContext<'_, OrderSaga>,
+        _from: OrderState,
+        to: OrderState,
+    ) -> Result<(), SagaError> {
+        orders::Entity::update_many()
+            .col_expr(orders::Column::Status, Expr::value(to.name()))
+            .col_expr(orders::Column::UpdatedAt, Expr::value(cx.now))
+            .filter(orders::Column::Id.eq(cx.data.order_id))
+            .exec(cx.txn)
+            .await?;
+        Ok(())
+    }
+
+    /// Expiring releases stock. Lock every product the batch will give
+    /// stock back to now, in id order (the order in which placing an order
+    /// reserves), so the batch and concurrent orders cannot deadlock.
+    async fn prepare_batch(
+        &self,
+        txn: &DatabaseTransaction,
+        correlation_ids: &[String],
+    ) -> Result<(), SagaError> {
+        let order_ids: Vec<i64> = correlation_ids
+            .iter()
+            .filter_map(|id| id.parse().ok())
+            .collect();
+        if order_ids.is_empty() {
+            return Ok(());
+        }
+        products::Entity::find()
+            .select_only()
+            .column(products::Column::Id)
+            .filter(
+                products::Column::Id.in_subquery(
+                    Query::select()
+                        .column(order_items::Column::ProductId)
+                        .from(order_items::Entity)
+                        .and_where(order_items::Column::OrderId.is_in(order_ids))
+                        .to_owned(),
+                ),
+            )
+            .order_by_asc(products::Column::Id)
+            .lock(LockType::Update)
+            .into_tuple::<i64>()
+            .all(txn)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Who places an order.
+#[derive(Clone, Debug)]
+pub struct Customer {
+    /// `users.id`.
+    pub user_id: i64,
+    /// Where the completion e-mail goes.
+    pub email: String,
+    /// Shown in the e-mail and the audit trail.
+    pub name: String,
+}
+
+/// A newly placed order, as committed by [`place_order`].
+#[derive(Clone, Debug)]
+pub struct PlacedOrder {
+    /// The `orders` row as inserted.
+    pub order: orders::Model,
+    /// What every event of the order carries.
+    pub snapshot: OrderSnapshot,
+    /// Id of the queued `OrderCreated` message.
+    pub message_id: Uuid,
+}
+
+/// Places an order inside the caller's transaction: reserves the stock of
+/// every line, writes the `pending` order row (total computed from `lines`)
+/// and its items, and starts its saga (the instance, its first journal row
+/// and the `OrderCreated` outbox row). The caller validates the lines and
+/// prices, commits, and then wakes the relay
+/// ([`SagaEngine::outbox_signal`]).
+///
+/// Not enough stock for a line gives [`OrderError::OutOfStock`]; the caller
+/// must then roll its transaction back (nothing it wrote is kept).
+///
+/// Runs in an `order.place` span (a child of the caller's, e.g. the HTTP
+/// request's); the saga instance and the `OrderCreated` outbox row keep its
+/// trace context.
+pub async fn place_order(
+    engine: &SagaEngine<OrderSaga>,
+    txn: &DatabaseTransaction,
+    customer: &Customer,
+    lines: Vec<OrderLine>,
+) -> Result<PlacedOrder, OrderError> {
+    let span = tracing::info_span!(
+        "order.place",
+        user_id = customer.user_id,
+        order_id = tracing::field::Empty,
+        correlation_id = tracing::field::Empty,
+        message_id = tracing::field::Empty,
+    );
+    place_order_in_span(engine, txn, customer, lines)
+        .instrument(span)
+        .await
+}
+
+async fn place_order_in_span(
+    engine: &SagaEngine<OrderSaga>,
+    txn: &DatabaseTransaction,
+    customer: &Customer,
+    lines: Vec<OrderLine>,
+) -> Result<PlacedOrder, OrderError> {
+    let now = engine.clock().now();
+    reserve_stock(txn, &lines).await?;
+    let total: Decimal = lines
+        .iter()
+        .map(|l| l.unit_price * Decimal::from(l.quantity))
+        .sum();
+    let order = orders::Entity::insert(orders::ActiveModel {
+        user_id: Set(customer.user_id),
+        status: Set(OrderState::Pending.name().to_owned()),
+        total: Set(total),
+        created_at: Set(now),
+        updated_at: Set(now),
+        ..Default::default()
+    })
+    .exec_with_returning(txn)
+    .await
+    .map_err(SagaError::from)?;
+    let span = tracing::Span::current();
+    span.record("order_id", order.id);
+    span.record("correlation_id", order.id);
+    order_items::Entity::insert_many(lines.iter().map(|l| order_items::ActiveModel {
+        order_id: Set(order.id),
+        product_id: Set(l.product_id),
+        quantity: Set(l.quantity),
+        unit_price: Set(l.unit_price),
+        ..Default::default()
+    }))
+    .exec(txn)
+    .await
+    .map_err(SagaError::from)?;
+    let snapshot = OrderSnapshot {
+        order_id: order.id,
+        user_id: customer.user_id,
+        user_email: customer.email.clone(),
+        user_name: customer.name.clone(),
+        total,
+        items: lines,
+    };
+    let started = engine
+        .start(txn, &order.id.to_string(), snapshot.clone())
+        .await?;
+    let message_id =
+        started.message_ids.first().copied().ok_or_else(|| {
+            SagaError::Corrupt("the order saga queued no OrderCreated".to_owned())
+        })?;
+    span.record("message_id", tracing::field::display(message_id));
+    Ok(PlacedOrder {
+        order,
+        snapshot,
+        message_id,
+    })
+}
+
+/// Takes every line's quantity off its product's stock, in product id order
+/// (so concurrent orders lock rows in the same order and cannot deadlock).
+/// Each update is conditional on enough stock being left.
+async fn reserve_stock<C: ConnectionTrait>(
+    conn: &C,
+    lines: &[OrderLine],
+) -> Result<(), OrderError> {
+    let mut sorted: Vec<&OrderLine> = lines.iter().collect();
+    sorted.sort_by_key(|l| l.product_id);
+    for line in sorted {
+        let reserved = products::Entity::update_many()
+            .col_expr(
+                products::Column::Stock,
+                Expr::col(products::Column::Stock).sub(line.quantity),
+            )
+            .filter(products::Column::Id.eq(line.product_id))
+            .filter(products::Column::Stock.gte(line.quantity))
+            .exec(conn)
+            .await
+            .map_err(SagaError::from)?;
+        if reserved.rows_affected != 1 {
+            let available = products::Entity::find_by_id(line.product_id)
+                .one(conn)
+                .await
+                .map_err(SagaError::from)?
+                .map_or(0, |p| p.stock);
+            return Err(OrderError::OutOfStock {
+                product_id: line.product_id,
+                requested: line.quantity,
+                available,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Gives an order's reserved quantities back to their products. Runs as an
+/// effect of the transition that ends the order, so it happens exactly once.
+async fn release_stock<C: ConnectionTrait>(conn: &C, order_id: i64) -> Result<(), SagaError> {
+    let mut items = order_items::Entity::find()
+        .filter(order_items::Column::OrderId.eq(order_id))
+        .all(conn)
+        .await?;
+    items.sort_by_key(|i| i.product_id);
+    for item in items {
+        products::Entity::update_many()
+            .col_expr(
+                products::Column::Stock,
+                Expr::col(products::Column::Stock).add(item.quantity),
+            )
+            .filter(products::Column::Id.eq(item.product_id))
+            .exec(conn)
+            .await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,139 @@
+//! The journal (`saga_transitions`): one row per input an instance was
+//! given (applied, ignored, failed, parked) and per operator action, with the
+//! input as JSON. It makes any outcome explainable after the fact.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use sea_orm::{ActiveValue::Set, ConnectionTrait, EntityTrait};
+use uuid::Uuid;
+
+use crate::error::SagaError;
+use crate::schema::transitions;
+
+/// What became of one journalled input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum JournalOutcome {
+    /// The instance moved (possibly to the same state) and its effects ran.
+    Applied,
+    /// The table ignored the input (a duplicate or a late arrival).
+    Ignored,
+    /// Handling it failed; the attempt was counted and will be retried.
+    Failed,
+    /// Handling it failed and the retry budget is spent: the instance is parked.
+    Parked,
+    /// An operator resumed the parked instance.
+    Resumed,
+}
+
+impl JournalOutcome {
+    /// Every outcome.
+    pub const ALL: [JournalOutcome; 5] = [
+        JournalOutcome::Applied,
+        JournalOutcome::Ignored,
+        JournalOutcome::Failed,
+        JournalOutcome::Parked,
+        JournalOutcome::Resumed,
+    ];
+
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JournalOutcome::Applied => "applied",
+            JournalOutcome::Ignored => "ignored",
+            JournalOutcome::Failed => "failed",
+            JournalOutcome::Parked => "parked",
+            JournalOutcome::Resumed => "resumed",
+        }
+    }
+}
+
+impl fmt::Display for JournalOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JournalOutcome {
+    type Err = SagaError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        JournalOutcome::ALL
+            .into_iter()
+            .find(|o| o.as_str() == s)
+            .ok_or_else(|| SagaError::Corrupt(format!("unknown journal outcome `{s}`")))
+    }
+}
+
+/// One journal row to write.
+#[derive(Clone, Debug)]
+pub struct Entry<'a> {
+    /// The saga type.
+    pub saga_type: &'a str,
+    /// `saga_instances.id`.
+    pub instance_id: i64,
+    /// The instance's correlation id.
+    pub correlation_id: &'a str,
+    /// The state before (`None` for the row that started the instance).
+    pub from: Option<&'a str>,
+    /// The state after.
+    pub to: &'a str,
+    /// The input's name, or the operator action.
+    pub trigger: &'a str,
+    /// What became of it.
+    pub outcome: JournalOutcome,
+    /// The consumed message, if the input came from one.
+    pub message_id: Option<Uuid>,
+    /// The attempt in the retry budget.
+    pub attempt: i32,
+    /// The input as JSON.
+    pub input: Option<serde_json::Value>,
+    /// The table's note, and where the input came from.
+    pub detail: Option<String>,
+    /// The error of a failed attempt.
+    pub error: Option<String>,
+}
+
+/// Writes one journal row (call inside the transaction that did the work).
+pub async fn write<C: ConnectionTrait>(
+    conn: &C,
+    entry: Entry<'_>,
+    now: DateTime<Utc>,
+) -> Result<(), SagaError> {
+    transitions::Entity::insert(transitions::ActiveModel {
+        saga_instance_id: Set(entry.instance_id),
+        saga_type: Set(entry.saga_type.to_owned()),
+        correlation_id: Set(entry.correlation_id.to_owned()),
+        from_state: Set(entry.from.map(str::to_owned)),
+        to_state: Set(entry.to.to_owned()),
+        trigger: Set(entry.trigger.to_owned()),
+        outcome: Set(entry.outcome.as_str().to_owned()),
+        message_id: Set(entry.message_id),
+        attempt: Set(entry.attempt),
+        input: Set(entry.input),
+        detail: Set(entry.detail),
+        error: Set(entry.error),
+        occurred_at: Set(now),
+        ..Default::default()
+    })
+    .exec(conn)
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_round_trip_through_their_names() {
+        for outcome in JournalOutcome::ALL {
+            assert_eq!(
+                outcome.as_str().parse::<JournalOutcome>().ok(),
+                Some(outcome)
+            );
+        }
+        assert!("exploded".parse::<JournalOutcome>().is_err());
+    }
+}

@@ -1,0 +1,125 @@
+//! The loops that drive a saga besides its consumers: timer workers fire
+//! due timers, sweepers apply state timeouts. Each only schedules the
+//! engine's single steps ([`SagaEngine::try_fire_due_timer_once`],
+//! [`SagaEngine::sweep_all`]), which tests call directly. The outbox relay
+//! ([`crate::outbox::OutboxRelay`]) and the consumers
+//! ([`crate::consumer::Consumer`]) have their own `run_until_stopped`.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::definition::Saga;
+use crate::engine::SagaEngine;
+
+/// Fires a saga's due timers. Several workers (in one process or many)
+/// share the due timers through `SKIP LOCKED`.
+pub struct TimerWorker<S: Saga> {
+    engine: SagaEngine<S>,
+    poll: Duration,
+}
+
+impl<S: Saga> TimerWorker<S> {
+    /// A worker that looks for due timers at least every `poll` (timers
+    /// written by other processes are seen within that time).
+    pub fn new(engine: SagaEngine<S>, poll: Duration) -> Self {
+        Self { engine, poll }
+    }
+
+    /// Fires due timers until none is due, then sleeps until the next one is
+    /// due (at most `poll`); backs off while firing fails (the database is
+    /// down), without spending any budget on the outage itself. Returns when
+    /// `shutdown` is cancelled.
+    pub async fn run_until_stopped(&self, shutdown: CancellationToken) {
+        let mut failures: u32 = 0;
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let mut failed = false;
+            loop {
+                match self.engine.try_fire_due_timer_once().await {
+                    Ok(Some(_)) => {
+                        if shutdown.is_cancelled() {
+                            return;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        failures = failures.saturating_add(1);
+                        // Repeated while the database is down: log the first
+                        // failures loudly, then back off quietly.
+                        if failures <= 3 {
+                            tracing::error!(saga_type = S::TYPE, error = %e, "firing a timer failed");
+                        } else {
+                            tracing::debug!(saga_type = S::TYPE, error = %e, failures, "firing a timer failed again");
+                        }
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+            let mut wait = self.poll;
+            if failed {
+                wait =
+                    (self.poll * 2u32.saturating_pow(failures.min(6))).min(Duration::from_secs(5));
+            } else {
+                if failures > 0 {
+                    tracing::info!(saga_type = S::TYPE, failures, "timers fire again");
+                }
+                failures = 0;
+                if let Ok(Some(due)) = self.engine.next_timer_due().await {
+                    let until = (due - self.engine.clock().now())
+                        .to_std()
+                        .unwrap_or(Duration::ZERO);
+                    wait = wait.min(until);
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}
+
+/// Applies a saga's state timeouts ([`Saga::state_timeouts`]) every
+/// `interval`. Several sweepers may run; each instance is handled once
+/// (rows are locked with `SKIP LOCKED`, and the version check settles a
+/// sweep racing any other input).
+pub struct SweepWorker<S: Saga> {
+    engine: SagaEngine<S>,
+    interval: Duration,
+}
+
+impl<S: Saga> SweepWorker<S> {
+    /// A sweeper that runs every `interval` (the first sweep at once).
+    pub fn new(engine: SagaEngine<S>, interval: Duration) -> Self {
+        Self { engine, interval }
+    }
+
+    /// Sweeps every `interval` until `shutdown` is cancelled.
+    pub async fn run_until_stopped(&self, shutdown: CancellationToken) {
+        let mut ticker = tokio::time::interval(self.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            let swept = self.engine.sweep_all().await;
+            crate::metrics::sweep(S::TYPE, swept.is_ok());
+            match swept {
+                Ok(outcome) if outcome.timed_out > 0 => tracing::info!(
+                    saga_type = S::TYPE,
+                    timed_out = outcome.timed_out,
+                    "state-timeout sweep moved instances on"
+                ),
+                Ok(_) => tracing::debug!(saga_type = S::TYPE, "state-timeout sweep found nothing"),
+                Err(e) => {
+                    tracing::error!(saga_type = S::TYPE, error = %e, "state-timeout sweep failed")
+                }
+            }
+        }
+    }
+}

@@ -1,9 +1,10 @@
 //! W3C trace context (`traceparent`, `tracestate`) across the saga's
 //! asynchronous hops.
 //!
-//! An order's work is spread over time and processes: the HTTP request that
-//! places it, the relay that publishes its events, the consumers, the timer
-//! that decides its payment, the sweep that expires it. To make that one
+//! A saga instance's work is spread over time and processes: the request
+//! that starts it, the relay that publishes its events, the consumers, the
+//! timers that fire for it, the sweep that times it out (for an order: the
+//! HTTP request, the payment timer, the expiry). To make that one
 //! trace, the context of the span that *writes* something for later is
 //! stored with it (outbox rows, timer rows, the saga instance), travels in
 //! the message headers, and the span that picks it up continues it.

@@ -69,6 +69,15 @@ impl TestDatabase {
     /// Like [`Self::create`], migrated with `M` (a service's migrator, which
     /// includes [`crate::schema::migrations`]).
     pub async fn create_with<M: MigratorTrait>() -> Self {
+        let tdb = Self::create_empty().await;
+        M::up(&tdb.db, None)
+            .await
+            .unwrap_or_else(|e| panic!("migrations failed on {}: {e}", tdb.name));
+        tdb
+    }
+
+    /// A fresh database with no tables (tests of the migrations themselves).
+    pub async fn create_empty() -> Self {
         let server = database_url();
         let admin = connect(&with_database(&server, "postgres"), 2)
             .await
@@ -84,9 +93,6 @@ impl TestDatabase {
         let db = connect(&url, 10)
             .await
             .unwrap_or_else(|e| panic!("cannot connect to test database {name}: {e}"));
-        M::up(&db, None)
-            .await
-            .unwrap_or_else(|e| panic!("migrations failed on {name}: {e}"));
         Self {
             db,
             name,
@@ -143,7 +149,7 @@ impl TestBroker {
         let exchange = format!("test.{id}.events");
         let prefix = format!("test.{id}");
         let transport =
-            RabbitTransport::connect(&url, &exchange, Duration::from_secs(5), "order-saga test")
+            RabbitTransport::connect(&url, &exchange, Duration::from_secs(5), "saga test")
                 .await
                 .unwrap_or_else(|e| {
                     panic!("RabbitMQ at {url} is not reachable ({e}); {START_RABBITMQ}")

@@ -19,7 +19,7 @@ pub struct OutgoingMessage {
     pub message_id: Uuid,
     /// Becomes the AMQP `type` property.
     pub message_type: String,
-    /// Becomes the AMQP `correlation_id` property (the order id).
+    /// Becomes the AMQP `correlation_id` property (the saga instance's correlation id).
     pub correlation_id: String,
     /// Where the topic exchange routes it.
     pub routing_key: String,

@@ -34,6 +34,17 @@ async fn insert(db: &DatabaseConnection, table: &str, row: &[(&str, SimpleExpr)]
         .unwrap_or_else(|e| panic!("insert into {table}: {e}"));
 }
 
+/// A journal row of the previous schema: (instance, from, to, trigger,
+/// payment draw, payment approved).
+type JournalRow = (
+    i64,
+    Option<&'static str>,
+    &'static str,
+    &'static str,
+    Option<f64>,
+    Option<bool>,
+);
+
 /// Rows as the previous version wrote them: two order sagas, one decided
 /// (approved) and one declined and waiting to expire, with its payment timer
 /// fired; a third one still waiting for its payment timer; three outbox rows.
@@ -62,8 +73,7 @@ async fn write_previous_rows(db: &DatabaseConnection) {
         )
         .await;
     }
-    // The journal: (instance, from, to, trigger, draw, approved).
-    let journal: [(i64, Option<&str>, &str, &str, Option<f64>, Option<bool>); 7] = [
+    let journal: [JournalRow; 7] = [
         (1, None, "pending", "OrderPlaced", None, None),
         (1, Some("pending"), "processing", "OrderCreated", None, None),
         (

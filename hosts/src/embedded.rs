@@ -27,7 +27,6 @@ use saga::transport::Transport;
 use saga::transport::memory::MemoryTransport;
 use saga::workers::{SweepWorker, TimerWorker};
 use sea_orm::{ConnectOptions, Database, DatabaseConnection};
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
@@ -96,11 +95,23 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let memory = MemoryTransport::new();
     memory.declare(&infra::topology(&settings));
     let transport: Arc<dyn Transport> = Arc::new(memory.clone());
-    let signal = Arc::new(Notify::new());
-    let engine = infra::engine(&settings, db.clone(), signal.clone());
+    let outbox = infra::outbox_handle(&settings);
+    let engine = infra::engine(&settings, db.clone(), outbox.clone());
     // One relay for the whole process: the API, the timers and the sweep all
     // write to the same outbox and wake it through the same signal.
-    let relay = infra::relay_on(&settings, db.clone(), transport.clone(), signal.clone());
+    let relay = infra::relay_on(&settings, db.clone(), transport.clone(), outbox);
+    // One process, one relay: leases left by a previous life of this process
+    // (a kill -9) are released now instead of waited out.
+    let released = relay
+        .release_leases()
+        .await
+        .context("Failed to release the outbox leases")?;
+    if released > 0 {
+        tracing::info!(
+            released,
+            "outbox rows of a previous run released for publishing"
+        );
+    }
 
     let consumer_status = transport.consumer_status();
     let (saga_consumer, notification_consumer) =
@@ -124,7 +135,6 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     );
     let loops = monitor.loops().clone();
     let state = Arc::new(AppState {
-        outbox_signal: signal,
         orders: engine.clone(),
         monitor,
         ..AppState::new(db, &settings)?

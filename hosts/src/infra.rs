@@ -14,11 +14,10 @@ use saga::admin::Sagas;
 use saga::clock::SystemClock;
 use saga::consumer::{Consumer, RetryPolicy, SagaHandler};
 use saga::engine::{EngineSettings, SagaEngine};
-use saga::outbox::{OutboxRelay, RelaySettings};
+use saga::outbox::{OutboxHandle, OutboxRelay, RelaySettings};
 use saga::transport::Transport;
 use saga::transport::rabbitmq::{QueueType, RabbitTransport, ReconnectPolicy, Topology};
 use sea_orm::{ConnectOptions, Database, DatabaseConnection};
-use tokio::sync::Notify;
 
 use crate::settings::{QueueTypeSetting, Settings};
 
@@ -156,6 +155,7 @@ pub fn engine_settings(settings: &Settings) -> EngineSettings {
         max_conflict_retries: 10,
         retry: retry_policy(settings),
         sweep_batch_size: settings.expiration.batch_size,
+        timer_batch_size: settings.timers.batch_size,
     }
 }
 
@@ -193,11 +193,12 @@ pub async fn finish_within<T>(
 }
 
 /// The order saga's engine: its hooks draw payments from
-/// `payment.success_rate` (and `payment.seed`); `signal` wakes the relay.
+/// `payment.success_rate` (and `payment.seed`); its events go to the relay
+/// behind `outbox`.
 pub fn engine(
     settings: &Settings,
     db: DatabaseConnection,
-    signal: Arc<Notify>,
+    outbox: OutboxHandle,
 ) -> SagaEngine<OrderSaga> {
     SagaEngine::new(order_saga(settings), db)
         .with_hooks(OrderHooks::new(Arc::new(RandomPayment::new(
@@ -205,7 +206,25 @@ pub fn engine(
             settings.payment.seed,
         ))))
         .with_settings(engine_settings(settings))
-        .with_outbox_signal(signal)
+        .with_outbox(outbox)
+}
+
+/// The outbox handle of a process: its writers lease their events to its
+/// relay for `outbox.lease_seconds`.
+pub fn outbox_handle(settings: &Settings) -> OutboxHandle {
+    OutboxHandle::new(relay_settings(settings).lease)
+}
+
+/// `outbox.*`.
+pub fn relay_settings(settings: &Settings) -> RelaySettings {
+    RelaySettings {
+        batch_size: settings.outbox.batch_size,
+        lease: chrono::Duration::seconds(
+            i64::try_from(settings.outbox.lease_seconds).unwrap_or(i64::MAX),
+        ),
+        retry_after: chrono::Duration::seconds(1),
+        poll_interval: Duration::from_millis(settings.outbox.poll_interval_ms),
+    }
 }
 
 /// The sagas this deployment runs, for operator commands.
@@ -218,9 +237,9 @@ pub fn relay(
     settings: &Settings,
     db: DatabaseConnection,
     transport: Arc<RabbitTransport>,
-    signal: Arc<Notify>,
+    outbox: OutboxHandle,
 ) -> OutboxRelay {
-    relay_on(settings, db, transport, signal)
+    relay_on(settings, db, transport, outbox)
 }
 
 /// An outbox relay on any transport (the embedded mode passes the in-memory
@@ -229,21 +248,14 @@ pub fn relay_on(
     settings: &Settings,
     db: DatabaseConnection,
     transport: Arc<dyn Transport>,
-    signal: Arc<Notify>,
+    outbox: OutboxHandle,
 ) -> OutboxRelay {
     OutboxRelay::new(
         db,
         transport,
         Arc::new(SystemClock),
-        RelaySettings {
-            batch_size: settings.outbox.batch_size,
-            lease: chrono::Duration::seconds(
-                i64::try_from(settings.outbox.lease_seconds).unwrap_or(i64::MAX),
-            ),
-            retry_after: chrono::Duration::seconds(1),
-            poll_interval: Duration::from_millis(settings.outbox.poll_interval_ms),
-        },
-        signal,
+        relay_settings(settings),
+        outbox,
     )
 }
 
@@ -267,7 +279,8 @@ pub fn consumers(
         Arc::new(SagaHandler::new(engine.clone(), ORDER_SAGA_CONSUMER)),
         retry_policy(settings),
         settings.rabbitmq.prefetch,
-    );
+    )
+    .with_batch_size(batch_size(settings));
     let notifications = Consumer::new(
         transport,
         order_topology::notifications_queue(prefix),
@@ -278,8 +291,13 @@ pub fn consumers(
         ),
         retry_policy(settings),
         settings.rabbitmq.prefetch,
-    );
+    )
+    .with_batch_size(batch_size(settings));
     (saga, notifications)
+}
+
+fn batch_size(settings: &Settings) -> usize {
+    usize::try_from(settings.consumers.batch_size).unwrap_or(1)
 }
 
 /// What the runner and the scheduler both start with.
@@ -300,9 +318,9 @@ pub async fn worker(settings: &Settings, name: &str) -> anyhow::Result<Worker> {
     )
     .await?;
     let transport = connect_broker(settings, name).await?;
-    let signal = Arc::new(Notify::new());
-    let engine = engine(settings, db.clone(), signal.clone());
-    let relay = relay(settings, db.clone(), transport.clone(), signal);
+    let outbox = outbox_handle(settings);
+    let engine = engine(settings, db.clone(), outbox.clone());
+    let relay = relay(settings, db.clone(), transport.clone(), outbox);
     Ok(Worker {
         db,
         transport,

@@ -101,8 +101,11 @@ pub async fn main(
             correlation_id,
         } => {
             let db = infra::connect_database(&settings).await?;
-            let signal = Arc::new(tokio::sync::Notify::new());
-            let sagas = infra::sagas(&infra::engine(&settings, db, signal));
+            let sagas = infra::sagas(&infra::engine(
+                &settings,
+                db,
+                infra::outbox_handle(&settings),
+            ));
             let resumed = sagas
                 .get(&saga_type)?
                 .resume(&correlation_id)

@@ -42,6 +42,7 @@ pub struct Settings {
     pub retry: RetrySettings,
     pub outbox: OutboxSettings,
     pub timers: TimerSettings,
+    pub consumers: ConsumerSettings,
     pub seed: SeedSettings,
     pub logging: LoggingSettings,
     /// Traces (OpenTelemetry over OTLP/HTTP); absent means no export.
@@ -201,6 +202,16 @@ pub struct TimerSettings {
     /// Concurrent timer loops in one runner (PostgreSQL; `SKIP LOCKED` keeps
     /// them apart). The embedded host always uses one.
     pub workers: u64,
+    /// Due timers fired per transaction.
+    pub batch_size: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerSettings {
+    /// Ready deliveries handled per transaction (acknowledged after its
+    /// commit); `rabbitmq.prefetch / batch_size` batches run at once.
+    pub batch_size: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -442,6 +453,8 @@ fn validate(s: &Settings) -> Result<(), SettingsError> {
         ("outbox.lease_seconds", s.outbox.lease_seconds),
         ("timers.poll_interval_ms", s.timers.poll_interval_ms),
         ("timers.workers", s.timers.workers),
+        ("timers.batch_size", s.timers.batch_size),
+        ("consumers.batch_size", s.consumers.batch_size),
         ("rabbitmq.prefetch", u64::from(s.rabbitmq.prefetch)),
         ("rabbitmq.confirm_timeout_ms", s.rabbitmq.confirm_timeout_ms),
         (

@@ -7,17 +7,19 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use entity::{order_items, orders, products};
 use rust_decimal::Decimal;
 use saga::SagaError;
 use saga::definition::SagaState;
 use saga::engine::SagaEngine;
-use saga::hooks::{HookContext, Hooks};
+use saga::hooks::{EffectCall, EnteredCall, HookContext, Hooks};
+use saga::outbox::Committed;
 use sea_orm::sea_query::LockType;
 use sea_orm::sea_query::{Expr, ExprTrait as _, Query};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect,
+    QueryOrder, QuerySelect, Statement,
 };
 use tracing::Instrument as _;
 use uuid::Uuid;
@@ -64,7 +66,7 @@ impl Hooks<OrderSaga> for OrderHooks {
         effect: &OrderEffect,
     ) -> Result<(), SagaError> {
         match effect {
-            OrderEffect::ReleaseStock => release_stock(cx.txn, cx.data.order_id).await,
+            OrderEffect::ReleaseStock => release_stock_of(cx.txn, &[cx.data.order_id]).await,
         }
     }
 
@@ -84,6 +86,49 @@ impl Hooks<OrderSaga> for OrderHooks {
         Ok(())
     }
 
+    /// `orders.status` of a whole batch: one update per target status.
+    async fn entered_batch(
+        &self,
+        txn: &DatabaseTransaction,
+        now: DateTime<Utc>,
+        calls: &[EnteredCall<'_, OrderSaga>],
+    ) -> Result<(), SagaError> {
+        for &status in <OrderState as SagaState>::ALL {
+            let ids: Vec<i64> = calls
+                .iter()
+                .filter(|c| c.to == status)
+                .map(|c| c.data.order_id)
+                .collect();
+            if ids.is_empty() {
+                continue;
+            }
+            orders::Entity::update_many()
+                .col_expr(orders::Column::Status, Expr::value(status.name()))
+                .col_expr(orders::Column::UpdatedAt, Expr::value(now))
+                .filter(orders::Column::Id.is_in(ids))
+                .exec(txn)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The stock of a whole batch of expired orders back in one update
+    /// (quantities summed per product), after locking the products in id
+    /// order.
+    async fn effects_batch(
+        &self,
+        txn: &DatabaseTransaction,
+        _now: DateTime<Utc>,
+        calls: &[EffectCall<'_, OrderSaga>],
+    ) -> Result<(), SagaError> {
+        let order_ids: Vec<i64> = calls
+            .iter()
+            .filter(|c| matches!(c.effect, OrderEffect::ReleaseStock))
+            .map(|c| c.data.order_id)
+            .collect();
+        release_stock_of(txn, &order_ids).await
+    }
+
     /// Expiring releases stock. Lock every product the batch will give
     /// stock back to now, in id order (the order in which placing an order
     /// reserves), so the batch and concurrent orders cannot deadlock.
@@ -96,28 +141,55 @@ impl Hooks<OrderSaga> for OrderHooks {
             .iter()
             .filter_map(|id| id.parse().ok())
             .collect();
-        if order_ids.is_empty() {
-            return Ok(());
-        }
-        products::Entity::find()
-            .select_only()
-            .column(products::Column::Id)
-            .filter(
-                products::Column::Id.in_subquery(
-                    Query::select()
-                        .column(order_items::Column::ProductId)
-                        .from(order_items::Entity)
-                        .and_where(order_items::Column::OrderId.is_in(order_ids))
-                        .to_owned(),
-                ),
-            )
-            .order_by_asc(products::Column::Id)
-            .lock(LockType::Update)
-            .into_tuple::<i64>()
-            .all(txn)
-            .await?;
-        Ok(())
+        lock_products_of(txn, &order_ids).await
     }
+}
+
+/// Locks the products of `order_ids`' items, in id order.
+async fn lock_products_of(txn: &DatabaseTransaction, order_ids: &[i64]) -> Result<(), SagaError> {
+    if order_ids.is_empty() {
+        return Ok(());
+    }
+    products::Entity::find()
+        .select_only()
+        .column(products::Column::Id)
+        .filter(
+            products::Column::Id.in_subquery(
+                Query::select()
+                    .column(order_items::Column::ProductId)
+                    .from(order_items::Entity)
+                    .and_where(order_items::Column::OrderId.is_in(order_ids.iter().copied()))
+                    .to_owned(),
+            ),
+        )
+        .order_by_asc(products::Column::Id)
+        .lock(LockType::Update)
+        .into_tuple::<i64>()
+        .all(txn)
+        .await?;
+    Ok(())
+}
+
+/// Gives the reserved quantities of `order_ids` back to their products in
+/// one statement (products locked in id order first). Runs as the effect of
+/// the transition that ends an order, so it happens exactly once.
+async fn release_stock_of(txn: &DatabaseTransaction, order_ids: &[i64]) -> Result<(), SagaError> {
+    if order_ids.is_empty() {
+        return Ok(());
+    }
+    lock_products_of(txn, order_ids).await?;
+    // Order ids are numbers: listed inline.
+    let ids: Vec<String> = order_ids.iter().map(i64::to_string).collect();
+    let sql = format!(
+        "UPDATE products SET stock = stock + s.qty \
+         FROM (SELECT product_id, SUM(quantity) AS qty FROM order_items \
+               WHERE order_id IN ({}) GROUP BY product_id) AS s \
+         WHERE products.id = s.product_id",
+        ids.join(", ")
+    );
+    txn.execute_raw(Statement::from_string(txn.get_database_backend(), sql))
+        .await?;
+    Ok(())
 }
 
 /// Who places an order.
@@ -140,14 +212,17 @@ pub struct PlacedOrder {
     pub snapshot: OrderSnapshot,
     /// Id of the queued `OrderCreated` message.
     pub message_id: Uuid,
+    /// The queued events: hand them to the relay after the commit
+    /// ([`SagaEngine::committed`]) so they leave at once.
+    pub events: Vec<Committed>,
 }
 
 /// Places an order inside the caller's transaction: reserves the stock of
 /// every line, writes the `pending` order row (total computed from `lines`)
 /// and its items, and starts its saga (the instance, its first journal row
 /// and the `OrderCreated` outbox row). The caller validates the lines and
-/// prices, commits, and then wakes the relay
-/// ([`SagaEngine::outbox_signal`]).
+/// prices, commits, and then hands [`PlacedOrder::events`] to the relay
+/// ([`SagaEngine::committed`]).
 ///
 /// Not enough stock for a line gives [`OrderError::OutOfStock`]; the caller
 /// must then roll its transaction back (nothing it wrote is kept).
@@ -229,6 +304,7 @@ async fn place_order_in_span(
         order,
         snapshot,
         message_id,
+        events: started.events,
     })
 }
 
@@ -264,27 +340,6 @@ async fn reserve_stock<C: ConnectionTrait>(
                 available,
             });
         }
-    }
-    Ok(())
-}
-
-/// Gives an order's reserved quantities back to their products. Runs as an
-/// effect of the transition that ends the order, so it happens exactly once.
-async fn release_stock<C: ConnectionTrait>(conn: &C, order_id: i64) -> Result<(), SagaError> {
-    let mut items = order_items::Entity::find()
-        .filter(order_items::Column::OrderId.eq(order_id))
-        .all(conn)
-        .await?;
-    items.sort_by_key(|i| i.product_id);
-    for item in items {
-        products::Entity::update_many()
-            .col_expr(
-                products::Column::Stock,
-                Expr::col(products::Column::Stock).add(item.quantity),
-            )
-            .filter(products::Column::Id.eq(item.product_id))
-            .exec(conn)
-            .await?;
     }
     Ok(())
 }

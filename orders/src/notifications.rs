@@ -5,16 +5,21 @@
 
 use std::sync::Arc;
 
+use std::collections::{HashMap, HashSet};
+
 use async_trait::async_trait;
 use entity::{notifications, users};
-use saga::SagaError;
 use saga::clock::Clock;
 use saga::consumer::{HandlerOutcome, MessageHandler};
+use saga::engine::Incoming;
 use saga::inbox;
 use saga::message::Envelope;
 use saga::retry::Attempts;
+use saga::{SagaError, SagaEvent as _};
 use sea_orm::sea_query::{OnConflict, Query};
-use sea_orm::{ConnectionTrait, DatabaseConnection, EntityTrait, TransactionTrait};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter, TransactionTrait,
+};
 
 use crate::contracts::{OrderEventPayload, money};
 use crate::definition::OrderEvent;
@@ -79,6 +84,14 @@ pub fn audit_message(event: OrderEvent, p: &OrderEventPayload) -> String {
     }
 }
 
+/// One message of a batch, read.
+struct Note<'a> {
+    incoming: &'a Incoming<'a>,
+    event: OrderEvent,
+    payload: OrderEventPayload,
+    message: String,
+}
+
 #[async_trait]
 impl MessageHandler for NotificationHandler {
     fn message_types(&self) -> &'static [&'static str] {
@@ -102,39 +115,63 @@ impl MessageHandler for NotificationHandler {
     }
 
     async fn handle(&self, envelope: &Envelope) -> Result<HandlerOutcome, SagaError> {
-        let event = OrderEvent::from_message_type(&envelope.message_type).ok_or_else(|| {
-            SagaError::Malformed(format!("unknown message type `{}`", envelope.message_type))
-        })?;
-        let payload = envelope
-            .payload_as::<OrderEventPayload>()
-            .map_err(|e| SagaError::Malformed(format!("{} payload: {e}", envelope.message_type)))?;
+        let span = tracing::Span::current();
+        self.handle_batch(&[Incoming {
+            envelope,
+            span: &span,
+        }])
+        .await?
+        .pop()
+        .ok_or_else(|| SagaError::Corrupt("a batch of one handled nothing".to_owned()))
+    }
+
+    fn batches(&self) -> bool {
+        true
+    }
+
+    /// The audit rows of a batch in one transaction: the inbox rows and the
+    /// notifications as one statement each; the fake e-mails are logged
+    /// after the commit, once per row actually inserted.
+    async fn handle_batch(&self, batch: &[Incoming<'_>]) -> Result<Vec<HandlerOutcome>, SagaError> {
+        let mut notes = Vec::with_capacity(batch.len());
+        for incoming in batch {
+            let envelope = incoming.envelope;
+            let event = OrderEvent::from_message_type(&envelope.message_type).ok_or_else(|| {
+                SagaError::Malformed(format!("unknown message type `{}`", envelope.message_type))
+            })?;
+            let payload = envelope.payload_as::<OrderEventPayload>().map_err(|e| {
+                SagaError::Malformed(format!("{} payload: {e}", envelope.message_type))
+            })?;
+            let message = audit_message(event, &payload);
+            notes.push(Note {
+                incoming,
+                event,
+                payload,
+                message,
+            });
+        }
         let now = self.clock.now();
-        let message = audit_message(event, &payload);
-        let email_sent = event == OrderEvent::OrderCompleted;
-        let metadata = serde_json::json!({
-            "message_id": envelope.message_id,
-            "correlation_id": envelope.correlation_id,
-            "causation_id": envelope.causation_id,
-            "occurred_at": envelope.occurred_at,
-            "initiated_by": envelope.initiated_by,
-            "previous_status": payload.previous_status,
-            "new_status": payload.status,
-            "total": payload.order.total,
-            "items": payload.order.items,
-            "user_email": payload.order.user_email,
-            "consumer": self.consumer,
-        });
+        let envelopes: Vec<&Envelope> = batch.iter().map(|i| i.envelope).collect();
 
         let txn = self.db.begin().await?;
-        if !inbox::record(&txn, &self.consumer, envelope, now).await? {
-            txn.rollback().await?;
-            return Ok(HandlerOutcome::Duplicate);
+        let mut fresh = inbox::record_many(&txn, &self.consumer, &envelopes, now).await?;
+        // New messages, each (order, event) claimed by its first message.
+        let mut claimed = HashSet::new();
+        let mut rows = Vec::new();
+        let mut wanted = Vec::with_capacity(notes.len());
+        for note in &notes {
+            let key = (note.payload.order.order_id, note.event);
+            let new = fresh.remove(&note.incoming.envelope.message_id) && claimed.insert(key);
+            wanted.push(new);
+            if new {
+                rows.push(note);
+            }
         }
-        use notifications::Column as N;
-        let mut insert = Query::insert();
-        insert
-            .into_table(notifications::Entity)
-            .columns([
+        let mut inserted = HashSet::new();
+        if !rows.is_empty() {
+            use notifications::Column as N;
+            let mut insert = Query::insert();
+            insert.into_table(notifications::Entity).columns([
                 N::OrderId,
                 N::UserId,
                 N::EventType,
@@ -142,73 +179,124 @@ impl MessageHandler for NotificationHandler {
                 N::IsEmailSent,
                 N::CreatedAt,
                 N::Metadata,
-            ])
-            .values([
-                payload.order.order_id.into(),
-                payload.order.user_id.into(),
-                saga::SagaEvent::message_type(&event).into(),
-                message.clone().into(),
-                email_sent.into(),
-                now.into(),
-                metadata.into(),
-            ])
-            .map_err(|e| SagaError::Corrupt(e.to_string()))?
-            .on_conflict(
-                OnConflict::columns([N::OrderId, N::EventType])
-                    .do_nothing()
-                    .to_owned(),
-            );
-        let inserted = txn.execute(&insert).await?.rows_affected() == 1;
-        let recipient = if email_sent && inserted {
-            users::Entity::find_by_id(payload.order.user_id)
-                .one(&txn)
-                .await?
-                .map(|u| (u.name, u.email))
+            ]);
+            for note in &rows {
+                let envelope = note.incoming.envelope;
+                let payload = &note.payload;
+                let metadata = serde_json::json!({
+                    "message_id": envelope.message_id,
+                    "correlation_id": envelope.correlation_id,
+                    "causation_id": envelope.causation_id,
+                    "occurred_at": envelope.occurred_at,
+                    "initiated_by": envelope.initiated_by,
+                    "previous_status": payload.previous_status,
+                    "new_status": payload.status,
+                    "total": payload.order.total,
+                    "items": payload.order.items,
+                    "user_email": payload.order.user_email,
+                    "consumer": self.consumer,
+                });
+                insert
+                    .values([
+                        payload.order.order_id.into(),
+                        payload.order.user_id.into(),
+                        note.event.message_type().into(),
+                        note.message.clone().into(),
+                        (note.event == OrderEvent::OrderCompleted).into(),
+                        now.into(),
+                        metadata.into(),
+                    ])
+                    .map_err(|e| SagaError::Corrupt(e.to_string()))?;
+            }
+            insert
+                .on_conflict(
+                    OnConflict::columns([N::OrderId, N::EventType])
+                        .do_nothing()
+                        .to_owned(),
+                )
+                .returning(Query::returning().columns([N::OrderId, N::EventType]));
+            for row in txn.query_all(&insert).await? {
+                let order_id: i64 = row.try_get("", "order_id")?;
+                let event_type: String = row.try_get("", "event_type")?;
+                inserted.insert((order_id, event_type));
+            }
+        }
+        let completed: Vec<i64> = rows
+            .iter()
+            .filter(|n| n.event == OrderEvent::OrderCompleted)
+            .filter(|n| {
+                inserted.contains(&(n.payload.order.order_id, n.event.message_type().to_owned()))
+            })
+            .map(|n| n.payload.order.user_id)
+            .collect();
+        let recipients: HashMap<i64, (String, String)> = if completed.is_empty() {
+            HashMap::new()
         } else {
-            None
+            users::Entity::find()
+                .filter(users::Column::Id.is_in(completed))
+                .all(&txn)
+                .await?
+                .into_iter()
+                .map(|u| (u.id, (u.name, u.email)))
+                .collect()
         };
         txn.commit().await?;
 
-        if !inserted {
+        let mut outcomes = Vec::with_capacity(notes.len());
+        for (note, new) in notes.iter().zip(wanted) {
+            let _entered = note.incoming.span.enter();
+            let envelope = note.incoming.envelope;
+            let order = &note.payload.order;
+            let event_type = note.event.message_type();
+            if !new {
+                outcomes.push(HandlerOutcome::Duplicate);
+                continue;
+            }
+            if !inserted.contains(&(order.order_id, event_type.to_owned())) {
+                tracing::info!(
+                    order_id = order.order_id,
+                    message_id = %envelope.message_id,
+                    event = event_type,
+                    "notification already recorded for this order and event; skipped"
+                );
+                outcomes.push(HandlerOutcome::Duplicate);
+                continue;
+            }
             tracing::info!(
-                order_id = payload.order.order_id,
+                order_id = order.order_id,
                 message_id = %envelope.message_id,
-                event = saga::SagaEvent::message_type(&event),
-                "notification already recorded for this order and event; skipped"
+                event = event_type,
+                "audit notification saved: {}",
+                note.message
             );
-            return Ok(HandlerOutcome::Duplicate);
+            if let (OrderEvent::OrderCompleted, Some((name, email))) =
+                (note.event, recipients.get(&order.user_id))
+            {
+                let items: Vec<String> = order
+                    .items
+                    .iter()
+                    .map(|i| {
+                        format!(
+                            "{} x {} @ {}",
+                            i.quantity,
+                            i.product_name,
+                            money(i.unit_price)
+                        )
+                    })
+                    .collect();
+                tracing::info!(
+                    target: "email",
+                    to = %email,
+                    order_id = order.order_id,
+                    message_id = %envelope.message_id,
+                    "FAKE E-MAIL to {name} <{email}>: Subject: Your order #{} is complete. Items: [{}]. Total: {}.",
+                    order.order_id,
+                    items.join("; "),
+                    money(order.total)
+                );
+            }
+            outcomes.push(HandlerOutcome::Done);
         }
-        tracing::info!(
-            order_id = payload.order.order_id,
-            message_id = %envelope.message_id,
-            event = saga::SagaEvent::message_type(&event),
-            "audit notification saved: {message}"
-        );
-        if let Some((name, email)) = recipient {
-            let items: Vec<String> = payload
-                .order
-                .items
-                .iter()
-                .map(|i| {
-                    format!(
-                        "{} x {} @ {}",
-                        i.quantity,
-                        i.product_name,
-                        money(i.unit_price)
-                    )
-                })
-                .collect();
-            tracing::info!(
-                target: "email",
-                to = %email,
-                order_id = payload.order.order_id,
-                message_id = %envelope.message_id,
-                "FAKE E-MAIL to {name} <{email}>: Subject: Your order #{} is complete. Items: [{}]. Total: {}.",
-                payload.order.order_id,
-                items.join("; "),
-                money(payload.order.total)
-            );
-        }
-        Ok(HandlerOutcome::Done)
+        Ok(outcomes)
     }
 }

@@ -186,6 +186,7 @@ impl OrderHarness {
         match placed {
             Ok(placed) => {
                 txn.commit().await.map_err(SagaError::from)?;
+                self.engine().committed(placed.events);
                 Ok(placed.order.id)
             }
             Err(e) => {

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::definition::Saga;
-use crate::engine::{Handled, SagaEngine};
+use crate::engine::{Handled, Incoming, SagaEngine};
 use crate::error::{SagaError, TransportError};
 use crate::message::Envelope;
 use crate::metrics::{self as saga_metrics, ConsumeResult};
@@ -47,6 +47,23 @@ pub trait MessageHandler: Send + Sync + 'static {
         envelope: &Envelope,
         error: &SagaError,
     ) -> Result<Attempts, SagaError>;
+
+    /// Whether [`MessageHandler::handle_batch`] is implemented: the consumer
+    /// then hands it every batch of ready deliveries.
+    fn batches(&self) -> bool {
+        false
+    }
+
+    /// Handles a batch of messages in ONE transaction, all or nothing, and
+    /// returns one outcome per message in order. On an error nothing was
+    /// done: the consumer handles the messages one at a time
+    /// ([`MessageHandler::handle`]), so a failing one is retried alone.
+    async fn handle_batch(&self, batch: &[Incoming<'_>]) -> Result<Vec<HandlerOutcome>, SagaError> {
+        Err(SagaError::Corrupt(format!(
+            "this handler takes messages one at a time ({} given)",
+            batch.len()
+        )))
+    }
 
     /// The message types this handler takes; metrics label these by name
     /// and everything else `other` (message types come from the wire; the
@@ -86,6 +103,7 @@ pub struct Consumer<H: MessageHandler + ?Sized> {
     handler: Arc<H>,
     retry: RetryPolicy,
     prefetch: u16,
+    batch_size: usize,
     status: Option<ConsumerRegistry>,
 }
 
@@ -107,8 +125,19 @@ impl<H: MessageHandler + ?Sized> Consumer<H> {
             handler,
             retry,
             prefetch: prefetch.max(1),
+            batch_size: 1,
             status,
         }
+    }
+
+    /// Handles up to `batch_size` ready deliveries in one transaction when
+    /// the handler takes batches ([`MessageHandler::batches`]); the
+    /// deliveries are acknowledged after the commit. `prefetch /
+    /// batch_size` batches run at once. 1 (the default): one at a time,
+    /// `prefetch` at once.
+    pub fn with_batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size.max(1);
+        self
     }
 
     /// Handles one delivery to the end and settles it with the broker.
@@ -165,6 +194,14 @@ impl<H: MessageHandler + ?Sized> Consumer<H> {
         delivery: Delivery,
         shutdown: &CancellationToken,
     ) -> Result<ConsumeOutcome, TransportError> {
+        let span = self.span_for(&delivery);
+        self.process_in_span(delivery, shutdown)
+            .instrument(span)
+            .await
+    }
+
+    /// The `message.handle` span of a delivery, continuing its trace.
+    fn span_for(&self, delivery: &Delivery) -> tracing::Span {
         let span = tracing::info_span!(
             "message.handle",
             consumer = %self.name,
@@ -176,9 +213,108 @@ impl<H: MessageHandler + ?Sized> Consumer<H> {
             otel.kind = "consumer",
         );
         trace::continue_trace(&span, delivery.trace.as_ref());
-        self.process_in_span(delivery, shutdown)
-            .instrument(span)
-            .await
+        span
+    }
+
+    /// Handles ready deliveries as one batch (one transaction) and
+    /// acknowledges them after its commit. An undecodable delivery is
+    /// dead-lettered alone; if the batch fails, its deliveries are handled
+    /// one at a time ([`Self::process_until`]), so a poison message is
+    /// retried and dead-lettered alone while the others go through.
+    pub async fn process_batch(&self, deliveries: Vec<Delivery>, shutdown: &CancellationToken) {
+        if deliveries.len() < 2 || !self.handler.batches() {
+            for delivery in deliveries {
+                if let Err(e) = self.process_until(delivery, shutdown).await {
+                    tracing::error!(consumer = %self.name, error = %e, "could not settle a delivery");
+                }
+            }
+            return;
+        }
+        let started = std::time::Instant::now();
+        let mut batch = Vec::with_capacity(deliveries.len());
+        for delivery in deliveries {
+            match Envelope::decode(&delivery.body) {
+                Ok(envelope) => {
+                    let span = self.span_for(&delivery);
+                    span.record("message_type", envelope.message_type.as_str());
+                    span.record("message_id", tracing::field::display(envelope.message_id));
+                    span.record("correlation_id", envelope.correlation_id.as_str());
+                    let held = self
+                        .status
+                        .as_ref()
+                        .map(|s| s.taken(&self.name, std::time::Instant::now()));
+                    batch.push((delivery, envelope, span, held));
+                }
+                // Dead-lettered alone.
+                Err(_) => {
+                    if let Err(e) = self.process_until(delivery, shutdown).await {
+                        tracing::error!(consumer = %self.name, error = %e, "could not settle a delivery");
+                    }
+                }
+            }
+        }
+        let incoming: Vec<Incoming<'_>> = batch
+            .iter()
+            .map(|(_, envelope, span, _)| Incoming { envelope, span })
+            .collect();
+        let handled = self.handler.handle_batch(&incoming).await;
+        drop(incoming);
+        let outcomes = match handled {
+            Ok(outcomes) if outcomes.len() == batch.len() => outcomes,
+            other => {
+                let error = match other {
+                    Err(e) => e.to_string(),
+                    Ok(o) => format!("{} outcomes for {} messages", o.len(), batch.len()),
+                };
+                saga_metrics::batch(&self.name, batch.len(), false);
+                tracing::info!(
+                    consumer = %self.name,
+                    size = batch.len(),
+                    error = %error,
+                    "batch rolled back; handling its messages one at a time"
+                );
+                for (delivery, _, _, held) in batch {
+                    drop(held);
+                    if let Err(e) = self.process_until(delivery, shutdown).await {
+                        tracing::error!(consumer = %self.name, error = %e, "could not settle a delivery");
+                    }
+                }
+                return;
+            }
+        };
+        saga_metrics::batch(&self.name, batch.len(), true);
+        let seconds = started.elapsed().as_secs_f64();
+        for ((delivery, envelope, span, held), outcome) in batch.into_iter().zip(outcomes) {
+            let _entered = span.enter();
+            let message_type = saga_metrics::message_type_label(
+                self.handler.message_types(),
+                Some(&envelope.message_type),
+            );
+            if outcome == HandlerOutcome::Duplicate {
+                tracing::info!(
+                    consumer = %self.name,
+                    message_id = %envelope.message_id,
+                    correlation_id = %envelope.correlation_id,
+                    "duplicate message skipped"
+                );
+            }
+            // Acknowledged after the commit: a crash before this redelivers
+            // and the inbox makes that a duplicate.
+            match delivery.acker.ack().await {
+                Ok(()) => {
+                    let result = match outcome {
+                        HandlerOutcome::Done => ConsumeResult::Ok,
+                        HandlerOutcome::Duplicate => ConsumeResult::Duplicate,
+                    };
+                    saga_metrics::consumed(&self.name, message_type, result);
+                }
+                Err(e) => {
+                    tracing::error!(consumer = %self.name, error = %e, "could not acknowledge a delivery")
+                }
+            }
+            saga_metrics::handler_duration(&self.name, message_type, seconds);
+            drop(held);
+        }
     }
 
     async fn process_in_span(
@@ -323,8 +459,31 @@ impl<H: MessageHandler + ?Sized> Consumer<H> {
         tracing::info!(consumer = %self.name, queue = %self.queue.name, "consuming");
         let stopped = shutdown.clone();
         let shutdown = &shutdown;
-        stream
-            .take_until(async move { stopped.cancelled().await })
+        let items = stream.take_until(async move { stopped.cancelled().await });
+        if self.batch_size > 1 && self.handler.batches() {
+            let concurrency = (usize::from(self.prefetch) / self.batch_size).max(1);
+            items
+                .ready_chunks(self.batch_size)
+                .for_each_concurrent(concurrency, |chunk| async move {
+                    let mut deliveries = Vec::with_capacity(chunk.len());
+                    for item in chunk {
+                        match item {
+                            Ok(delivery) => deliveries.push(delivery),
+                            Err(e) => {
+                                tracing::error!(consumer = %self.name, error = %e, "consumer stream error");
+                            }
+                        }
+                    }
+                    self.process_batch(deliveries, shutdown).await;
+                })
+                .await;
+            return if shutdown.is_cancelled() {
+                Ok(())
+            } else {
+                Err(TransportError::StreamEnded)
+            };
+        }
+        items
             .for_each_concurrent(usize::from(self.prefetch), |item| async move {
                 match item {
                     Ok(delivery) => {
@@ -372,6 +531,23 @@ impl<S: Saga> MessageHandler for SagaHandler<S> {
             Handled::Duplicate => Ok(HandlerOutcome::Duplicate),
             _ => Ok(HandlerOutcome::Done),
         }
+    }
+
+    fn batches(&self) -> bool {
+        true
+    }
+
+    async fn handle_batch(&self, batch: &[Incoming<'_>]) -> Result<Vec<HandlerOutcome>, SagaError> {
+        Ok(self
+            .engine
+            .handle_batch(&self.consumer, batch)
+            .await?
+            .into_iter()
+            .map(|h| match h {
+                Handled::Duplicate => HandlerOutcome::Duplicate,
+                _ => HandlerOutcome::Done,
+            })
+            .collect())
     }
 
     async fn record_failure(

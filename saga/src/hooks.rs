@@ -26,6 +26,32 @@ pub struct HookContext<'a, S: Saga> {
     pub now: DateTime<Utc>,
 }
 
+/// One domain effect of a batch, with the instance it is for.
+pub struct EffectCall<'a, S: Saga> {
+    /// `saga_instances.id`.
+    pub instance_id: i64,
+    /// The instance's correlation id.
+    pub correlation_id: &'a str,
+    /// The instance data after the transition.
+    pub data: &'a S::Data,
+    /// The effect.
+    pub effect: &'a S::Effect,
+}
+
+/// One change of state of a batch.
+pub struct EnteredCall<'a, S: Saga> {
+    /// `saga_instances.id`.
+    pub instance_id: i64,
+    /// The instance's correlation id.
+    pub correlation_id: &'a str,
+    /// The instance data after the transition.
+    pub data: &'a S::Data,
+    /// The state it left.
+    pub from: S::State,
+    /// The (different) state it entered.
+    pub to: S::State,
+}
+
 /// The effectful half of a saga (the pure half is [`Saga`]). Every method
 /// runs inside the engine's transaction; an error rolls the transition back
 /// and spends one attempt of the instance's retry budget
@@ -63,6 +89,50 @@ pub trait Hooks<S: Saga>: Send + Sync + 'static {
         _from: S::State,
         _to: S::State,
     ) -> Result<(), SagaError> {
+        Ok(())
+    }
+
+    /// Carries out the domain effects of a whole batch (a batch of consumed
+    /// messages, of fired timers, or a state-timeout sweep), in order. The
+    /// default calls [`Hooks::effect`] for each; override it to write them
+    /// set-based (one statement for the batch).
+    async fn effects_batch(
+        &self,
+        txn: &DatabaseTransaction,
+        now: DateTime<Utc>,
+        calls: &[EffectCall<'_, S>],
+    ) -> Result<(), SagaError> {
+        for call in calls {
+            let cx = HookContext {
+                txn,
+                instance_id: call.instance_id,
+                correlation_id: call.correlation_id,
+                data: call.data,
+                now,
+            };
+            self.effect(&cx, call.effect).await?;
+        }
+        Ok(())
+    }
+
+    /// The changes of state of a whole batch, in order. The default calls
+    /// [`Hooks::entered`] for each; override it to write them set-based.
+    async fn entered_batch(
+        &self,
+        txn: &DatabaseTransaction,
+        now: DateTime<Utc>,
+        calls: &[EnteredCall<'_, S>],
+    ) -> Result<(), SagaError> {
+        for call in calls {
+            let cx = HookContext {
+                txn,
+                instance_id: call.instance_id,
+                correlation_id: call.correlation_id,
+                data: call.data,
+                now,
+            };
+            self.entered(&cx, call.from, call.to).await?;
+        }
         Ok(())
     }
 

@@ -122,6 +122,62 @@ pub async fn write<C: ConnectionTrait>(
     Ok(())
 }
 
+/// A journal row owned by a batch (written with [`write_many`]).
+#[derive(Clone, Debug)]
+pub struct Row {
+    /// `saga_instances.id`.
+    pub instance_id: i64,
+    /// The instance's correlation id.
+    pub correlation_id: String,
+    /// The state before (`None` for the row that started the instance).
+    pub from: Option<&'static str>,
+    /// The state after.
+    pub to: &'static str,
+    /// The input's name, or the operator action.
+    pub trigger: String,
+    /// What became of it.
+    pub outcome: JournalOutcome,
+    /// The consumed message, if the input came from one.
+    pub message_id: Option<Uuid>,
+    /// The attempt in the retry budget.
+    pub attempt: i32,
+    /// The input as JSON.
+    pub input: Option<serde_json::Value>,
+    /// The table's note, and where the input came from.
+    pub detail: Option<String>,
+}
+
+/// Writes the rows of a batch in one statement.
+pub async fn write_many<C: ConnectionTrait>(
+    conn: &C,
+    saga_type: &str,
+    rows: &[Row],
+    now: DateTime<Utc>,
+) -> Result<(), SagaError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    transitions::Entity::insert_many(rows.iter().map(|row| transitions::ActiveModel {
+        saga_instance_id: Set(row.instance_id),
+        saga_type: Set(saga_type.to_owned()),
+        correlation_id: Set(row.correlation_id.clone()),
+        from_state: Set(row.from.map(str::to_owned)),
+        to_state: Set(row.to.to_owned()),
+        trigger: Set(row.trigger.clone()),
+        outcome: Set(row.outcome.as_str().to_owned()),
+        message_id: Set(row.message_id),
+        attempt: Set(row.attempt),
+        input: Set(row.input.clone()),
+        detail: Set(row.detail.clone()),
+        error: Set(None),
+        occurred_at: Set(now),
+        ..Default::default()
+    }))
+    .exec(conn)
+    .await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,6 +27,12 @@ use crate::schema::{instances, outbox as saga_outbox, timers as saga_timers};
 /// `outcome` (`ok`, `duplicate`, `retried`, `dead_lettered`, `handed_back`).
 /// `retried` counts each failed attempt that is tried again.
 pub const MESSAGES_CONSUMED: &str = "saga_messages_consumed_total";
+/// Counter: batches of deliveries handled in one transaction, by
+/// `consumer` and `outcome` (`committed`, or `split`: rolled back and
+/// handled one at a time).
+pub const CONSUMER_BATCHES: &str = "saga_consumer_batches_total";
+/// Histogram: deliveries per batch, by `consumer`.
+pub const CONSUMER_BATCH_SIZE: &str = "saga_consumer_batch_size";
 /// Histogram (seconds): from taking a delivery to settling it, by `consumer`
 /// and `message_type` (retries and their backoff included).
 pub const HANDLER_DURATION: &str = "saga_handler_duration_seconds";
@@ -115,6 +121,14 @@ pub fn consumed(consumer: &str, message_type: &'static str, result: ConsumeResul
     .increment(1);
 }
 
+/// Counts one batch of `size` deliveries, committed or split.
+pub fn batch(consumer: &str, size: usize, committed: bool) {
+    let outcome = if committed { "committed" } else { "split" };
+    metrics::counter!(CONSUMER_BATCHES, "consumer" => consumer.to_owned(), "outcome" => outcome)
+        .increment(1);
+    metrics::histogram!(CONSUMER_BATCH_SIZE, "consumer" => consumer.to_owned()).record(size as f64);
+}
+
 /// Records how long one delivery took from taking to settling.
 pub fn handler_duration(consumer: &str, message_type: &'static str, seconds: f64) {
     metrics::histogram!(
@@ -185,6 +199,11 @@ pub fn describe() {
         metrics::Unit::Seconds,
         "Time from taking a delivery to settling it, retries included"
     );
+    describe_counter!(
+        CONSUMER_BATCHES,
+        "Batches of deliveries handled in one transaction, by consumer and outcome (committed, split)"
+    );
+    describe_histogram!(CONSUMER_BATCH_SIZE, "Deliveries per batch, by consumer");
     describe_counter!(
         TRANSITIONS,
         "Committed saga transitions by saga type, from and to state"

@@ -1,6 +1,6 @@
 //! The loops that drive a saga besides its consumers: timer workers fire
 //! due timers, sweepers apply state timeouts. Each only schedules the
-//! engine's single steps ([`SagaEngine::try_fire_due_timer_once`],
+//! engine's steps ([`SagaEngine::fire_due_timers`],
 //! [`SagaEngine::sweep_all`]), which tests call directly. The outbox relay
 //! ([`crate::outbox::OutboxRelay`]) and the consumers
 //! ([`crate::consumer::Consumer`]) have their own `run_until_stopped`.
@@ -12,8 +12,9 @@ use tokio_util::sync::CancellationToken;
 use crate::definition::Saga;
 use crate::engine::SagaEngine;
 
-/// Fires a saga's due timers. Several workers (in one process or many)
-/// share the due timers through `SKIP LOCKED`.
+/// Fires a saga's due timers, up to `EngineSettings::timer_batch_size` per
+/// transaction ([`SagaEngine::fire_due_timers`]). Several workers (in one
+/// process or many) share the due timers through `SKIP LOCKED`.
 pub struct TimerWorker<S: Saga> {
     engine: SagaEngine<S>,
     poll: Duration,
@@ -37,14 +38,15 @@ impl<S: Saga> TimerWorker<S> {
                 return;
             }
             let mut failed = false;
+            let batch = self.engine.settings().timer_batch_size;
             loop {
-                match self.engine.try_fire_due_timer_once().await {
-                    Ok(Some(_)) => {
+                match self.engine.fire_due_timers(batch).await {
+                    Ok(fired) if !fired.is_empty() => {
                         if shutdown.is_cancelled() {
                             return;
                         }
                     }
-                    Ok(None) => break,
+                    Ok(_) => break,
                     Err(e) => {
                         failures = failures.saturating_add(1);
                         // Repeated while the database is down: log the first

@@ -19,7 +19,6 @@ use saga::clock::{Clock, SystemClock};
 use saga::engine::SagaEngine;
 use sea_orm::sea_query::{OnConflict, Query};
 use sea_orm::{ConnectionTrait, DatabaseConnection};
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::infra;
@@ -58,9 +57,8 @@ pub struct AppState {
     pub db: DatabaseConnection,
     pub jwt: auth::JwtKeys,
     pub clock: Arc<dyn Clock>,
-    /// Wakes the outbox relay when an order commits.
-    pub outbox_signal: Arc<Notify>,
-    /// The order saga's engine (placing an order starts its saga).
+    /// The order saga's engine (placing an order starts its saga; its
+    /// outbox handle reaches this process's relay).
     pub orders: SagaEngine<OrderSaga>,
     pub login_limiter: ratelimit::LoginLimiter,
     /// How long an `Idempotency-Key` is remembered.
@@ -79,14 +77,16 @@ impl AppState {
     /// key shorter than 256 bits.
     pub fn new(db: DatabaseConnection, settings: &Settings) -> anyhow::Result<Self> {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let outbox_signal = Arc::new(Notify::new());
         Ok(Self {
             monitor: Arc::new(crate::ops::Monitor::new(db.clone(), clock, settings)),
-            orders: crate::infra::engine(settings, db.clone(), outbox_signal.clone()),
+            orders: crate::infra::engine(
+                settings,
+                db.clone(),
+                crate::infra::outbox_handle(settings),
+            ),
             db,
             jwt: auth::JwtKeys::new(&settings.auth)?,
             clock: Arc::new(SystemClock),
-            outbox_signal,
             login_limiter: ratelimit::LoginLimiter::new(&settings.auth),
             idempotency_ttl: chrono::Duration::seconds(
                 i64::try_from(settings.api.idempotency_ttl_seconds).unwrap_or(i64::MAX / 1000),
@@ -294,7 +294,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             .with_shutdown(shutdown.clone()),
     );
     state.monitor = monitor.clone();
-    let signal = state.outbox_signal.clone();
+    let outbox = state.orders.outbox().clone();
     let state = Arc::new(state);
 
     // The relay publishes what orders wrote to the outbox. It connects in the
@@ -315,7 +315,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
                 Ok(transport) => {
                     let _ = broker_slot.set(transport.clone());
                     let relay =
-                        infra::relay(&relay_settings, db.clone(), transport.clone(), signal);
+                        infra::relay(&relay_settings, db.clone(), transport.clone(), outbox);
                     relay.run_until_stopped(relay_shutdown.clone()).await;
                     transport.close().await;
                     return;

@@ -563,7 +563,7 @@ impl OrdersApi {
             }
             Err(e) => return Err(e.into()),
         };
-        let (order, message_id) = (placed.order, placed.message_id);
+        let (order, message_id, events) = (placed.order, placed.message_id, placed.events);
         let view = view(&txn, order).await?;
         if let Some(key) = &key {
             use idempotency_keys::Column as K;
@@ -577,7 +577,8 @@ impl OrdersApi {
                 .await?;
         }
         txn.commit().await?;
-        state.outbox_signal.notify_one();
+        // The OrderCreated event leaves at once through this process's relay.
+        state.orders.committed(events);
         let span = tracing::Span::current();
         span.record("order_id", view.id);
         span.record("correlation_id", view.id);

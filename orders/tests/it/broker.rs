@@ -18,13 +18,16 @@ use saga::schema::outbox as saga_outbox;
 use saga::testing::{TestBroker, TestDatabase, eventually};
 use saga::transport::{QueueSpec, Transport};
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::*;
 
 fn relay(tdb: &TestDatabase, broker: &Arc<TestBrokerTransport>) -> OutboxRelay {
-    crate::helpers::relay(&tdb.db, broker.clone(), Arc::new(Notify::new()))
+    crate::helpers::relay(
+        &tdb.db,
+        broker.clone(),
+        saga::outbox::OutboxHandle::default(),
+    )
 }
 
 fn notification_consumer(
@@ -111,7 +114,7 @@ async fn orders_flow_through_rabbitmq_to_completed_with_one_notification_per_eve
     let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let broker = TestBroker::create(orders::topology::queues).await;
     let transport = fresh_transport(&broker).await;
-    let signal = Arc::new(Notify::new());
+    let signal = saga::outbox::OutboxHandle::default();
     let engine = SagaEngine::new(
         OrderSaga {
             payment_delay: chrono::Duration::milliseconds(50),
@@ -121,7 +124,7 @@ async fn orders_flow_through_rabbitmq_to_completed_with_one_notification_per_eve
     )
     .with_hooks(OrderHooks::new(Arc::new(FixedPayment { approved: true })))
     .with_settings(EngineSettings::default())
-    .with_outbox_signal(signal.clone());
+    .with_outbox(signal.clone());
     let relay = crate::helpers::relay(&tdb.db, transport.clone(), signal);
     let dyn_transport: Arc<dyn Transport> = transport.clone();
     let saga_consumer = Consumer::new(

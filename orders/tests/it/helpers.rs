@@ -45,6 +45,7 @@ pub fn engine(
                 max_backoff: std::time::Duration::from_millis(50),
             },
             sweep_batch_size: 50,
+            timer_batch_size: 100,
         })
 }
 
@@ -180,7 +181,7 @@ pub async fn connect(
 pub fn relay(
     db: &DatabaseConnection,
     transport: Arc<dyn saga::transport::Transport>,
-    signal: Arc<tokio::sync::Notify>,
+    signal: saga::outbox::OutboxHandle,
 ) -> saga::outbox::OutboxRelay {
     saga::outbox::OutboxRelay::new(
         db.clone(),

@@ -19,7 +19,7 @@ use saga::engine::{ApplyProbe, Handled};
 use saga::schema::instances as saga_instances;
 use saga::testing::{TestBroker, TestDatabase, eventually};
 use sea_orm::{ConnectionTrait, EntityTrait, PaginatorTrait, QueryOrder, TransactionTrait};
-use tokio::sync::{Barrier, Notify};
+use tokio::sync::Barrier;
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::*;
@@ -104,7 +104,11 @@ async fn expiry_and_payment_success_forced_to_collide_end_in_one_terminal_state(
     // Publish everything and let the notification consumer run: exactly one
     // terminal notification.
     let transport = connect(&broker).await;
-    let relay = relay(&tdb.db, transport.clone(), Arc::new(Notify::new()));
+    let relay = relay(
+        &tdb.db,
+        transport.clone(),
+        saga::outbox::OutboxHandle::default(),
+    );
     assert_eq!(relay.try_relay_once().await.expect("relay").published, 2);
     let consumer = Consumer::new(
         transport.clone(),

@@ -11,7 +11,6 @@ use orders::topology;
 use saga::testing::{TcpProxy, TestBroker, TestDatabase, eventually};
 use saga::transport::rabbitmq::{RabbitTransport, ReconnectPolicy};
 use sea_orm::{ColumnTrait, ConnectOptions, Database, EntityTrait, QueryFilter};
-use tokio::sync::Notify;
 
 use crate::helpers::*;
 
@@ -51,13 +50,13 @@ async fn consumers_and_the_relay_resume_after_the_broker_connection_is_cut() {
     let transport = proxied_transport(&broker, &proxy, Duration::from_secs(5)).await;
     let clock = saga::clock::ManualClock::new(t0());
     let engine = engine(&tdb.db, &clock, true);
-    let signal = Arc::new(Notify::new());
+    let signal = saga::outbox::OutboxHandle::default();
     let relay = relay(&tdb.db, transport.clone(), signal.clone());
     let consumer = saga_consumer(transport.clone(), &broker.prefix, &engine);
     let running = Running::start(consumer, Some(relay));
 
     let (first, _) = place_order(&tdb.db, t0()).await;
-    signal.notify_one();
+    signal.notify();
     eventually(Duration::from_secs(10), "first order processing", || {
         status_is(&tdb, first.order_id, "processing")
     })
@@ -66,7 +65,7 @@ async fn consumers_and_the_relay_resume_after_the_broker_connection_is_cut() {
     // The broker goes away: orders placed meanwhile wait in the outbox.
     proxy.cut();
     let (second, _) = place_order(&tdb.db, t0()).await;
-    signal.notify_one();
+    signal.notify();
     eventually(
         Duration::from_secs(10),
         "the relay noticing the cut",
@@ -120,7 +119,11 @@ async fn a_database_outage_is_waited_out_without_spending_the_retry_budget() {
 
     // PostgreSQL is unreachable for the consumer when the message arrives.
     proxy.cut();
-    let relay = relay(&tdb.db, transport.clone(), Arc::new(Notify::new()));
+    let relay = relay(
+        &tdb.db,
+        transport.clone(),
+        saga::outbox::OutboxHandle::default(),
+    );
     assert_eq!(relay.try_relay_once().await.expect("relay").published, 1);
     let consumer = saga_consumer(transport.clone(), &broker.prefix, &engine);
     let running = Running::start(consumer, None);
@@ -185,7 +188,7 @@ async fn a_consumer_whose_queue_is_deleted_declares_the_topology_again_and_resum
     transport.declare(&broker.topology).await.expect("declare");
     let clock = saga::clock::ManualClock::new(t0());
     let engine = engine(&tdb.db, &clock, true);
-    let signal = Arc::new(Notify::new());
+    let signal = saga::outbox::OutboxHandle::default();
     let relay = relay(&tdb.db, transport.clone(), signal.clone());
     let consumer = saga_consumer(transport.clone(), &broker.prefix, &engine);
     let running = Running::start(consumer, Some(relay));
@@ -197,7 +200,7 @@ async fn a_consumer_whose_queue_is_deleted_declares_the_topology_again_and_resum
         .await
         .expect("delete the topology");
     let (order, _) = place_order(&tdb.db, t0()).await;
-    signal.notify_one();
+    signal.notify();
     eventually(Duration::from_secs(20), "the order processed", || {
         status_is(&tdb, order.order_id, "processing")
     })
@@ -225,13 +228,13 @@ async fn a_reconnect_into_a_broker_that_never_answers_times_out_and_tries_again(
     let transport = proxied_transport(&broker, &proxy, Duration::from_millis(500)).await;
     let clock = saga::clock::ManualClock::new(t0());
     let engine = engine(&tdb.db, &clock, true);
-    let signal = Arc::new(Notify::new());
+    let signal = saga::outbox::OutboxHandle::default();
     let relay = relay(&tdb.db, transport.clone(), signal.clone());
     let consumer = saga_consumer(transport.clone(), &broker.prefix, &engine);
     let running = Running::start(consumer, Some(relay));
 
     let (first, _) = place_order(&tdb.db, t0()).await;
-    signal.notify_one();
+    signal.notify();
     eventually(Duration::from_secs(10), "first order processing", || {
         status_is(&tdb, first.order_id, "processing")
     })
@@ -239,7 +242,7 @@ async fn a_reconnect_into_a_broker_that_never_answers_times_out_and_tries_again(
 
     proxy.stall();
     let (second, _) = place_order(&tdb.db, t0()).await;
-    signal.notify_one();
+    signal.notify();
     eventually(
         Duration::from_secs(10),
         "a reconnect swallowed by the stall",

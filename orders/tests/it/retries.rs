@@ -26,7 +26,6 @@ use saga::transport::rabbitmq::RabbitTransport;
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter,
 };
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::*;
@@ -75,7 +74,7 @@ async fn order_on_the_queue(db: &DatabaseConnection, transport: &Arc<RabbitTrans
         transport.clone(),
         Arc::new(ManualClock::new(t0())),
         RelaySettings::default(),
-        Arc::new(Notify::new()),
+        saga::outbox::OutboxHandle::default(),
     );
     let outcome = relay.try_relay_once().await.expect("relay");
     assert_eq!(outcome.published, 1, "OrderCreated published");

@@ -84,7 +84,6 @@ use sea_orm::{
     QueryOrder, TransactionTrait,
 };
 use sea_orm_migration::MigratorTrait;
-use tokio::sync::Notify;
 
 use crate::clock::{Clock, ManualClock};
 use crate::consumer::{ConsumeOutcome, Consumer, MessageHandler, SagaHandler};
@@ -95,7 +94,7 @@ use crate::engine::{
 use crate::error::{SagaError, TransportError};
 use crate::hooks::{Hooks, NoHooks};
 use crate::message::Envelope;
-use crate::outbox::{OutboxRelay, RelaySettings};
+use crate::outbox::{OutboxHandle, OutboxRelay, RelaySettings};
 use crate::retry::RetryPolicy;
 use crate::schema::{timers, transitions};
 use crate::transport::memory::MemoryTransport;
@@ -246,12 +245,12 @@ impl<S: Saga> HarnessBuilder<S> {
 
         let clock = ManualClock::new(self.start);
         let clock_arc: Arc<dyn Clock> = Arc::new(clock.clone());
-        let signal = Arc::new(Notify::new());
+        let outbox = OutboxHandle::default();
         let hooks = (self.hooks)(&db);
         let mut engine = SagaEngine::new(self.saga, db.clone())
             .with_clock(clock_arc.clone())
             .with_settings(self.settings)
-            .with_outbox_signal(signal.clone());
+            .with_outbox(outbox.clone());
         engine = engine.with_hooks(SharedHooks(hooks));
         if let Some(probe) = self.probe {
             engine = engine.with_probe(probe);
@@ -288,7 +287,7 @@ impl<S: Saga> HarnessBuilder<S> {
             shared.clone(),
             clock_arc.clone(),
             RelaySettings::default(),
-            signal,
+            outbox,
         );
         let retry = engine.settings().retry.clone();
         let mut lanes: Vec<Box<dyn Drain>> = Vec::new();
@@ -364,6 +363,24 @@ impl<S: Saga> Hooks<S> for SharedHooks<S> {
         correlation_ids: &[String],
     ) -> Result<(), SagaError> {
         self.0.prepare_batch(txn, correlation_ids).await
+    }
+
+    async fn effects_batch(
+        &self,
+        txn: &sea_orm::DatabaseTransaction,
+        now: DateTime<Utc>,
+        calls: &[crate::hooks::EffectCall<'_, S>],
+    ) -> Result<(), SagaError> {
+        self.0.effects_batch(txn, now, calls).await
+    }
+
+    async fn entered_batch(
+        &self,
+        txn: &sea_orm::DatabaseTransaction,
+        now: DateTime<Utc>,
+        calls: &[crate::hooks::EnteredCall<'_, S>],
+    ) -> Result<(), SagaError> {
+        self.0.entered_batch(txn, now, calls).await
     }
 }
 

@@ -8,6 +8,7 @@ use uuid::Uuid;
 use crate::error::TransportError;
 use crate::trace::TraceContext;
 
+pub mod kafka;
 pub mod memory;
 pub mod rabbitmq;
 pub mod status;

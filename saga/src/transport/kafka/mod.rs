@@ -62,8 +62,10 @@
 //! delivers it again). The inbox absorbs every such repeat: the contract is
 //! at-least-once, as on RabbitMQ.
 //!
-//! `Delivery::redelivered` is true when this process received the same
-//! offset before (Kafka keeps no delivery count).
+//! `Delivery::redelivered` is true when the same subscription received the
+//! offset before (a rebalance gave the partition back); Kafka keeps no
+//! delivery count, so a message read again after a restart or by another
+//! member is not marked.
 //!
 //! # Dead letters
 //!
@@ -135,7 +137,9 @@ pub const HEADER_CONTENT_TYPE: &str = "content-type";
 /// ([`KafkaSettings::producer_config`], ...); [`KafkaSettings::extra`] is
 /// applied last to every client, for anything not covered here (TLS, SASL,
 /// tuning).
-#[derive(Clone, Debug)]
+/// `Debug` leaves out the values of [`KafkaSettings::extra`] entries that
+/// look secret (`sasl.password`, `ssl.key.password`, ...).
+#[derive(Clone)]
 pub struct KafkaSettings {
     /// `bootstrap.servers`: comma-separated `host:port` list. Default
     /// `127.0.0.1:9092`.
@@ -163,11 +167,42 @@ pub struct KafkaSettings {
     /// Upper bound of each admin call, metadata or offset query and commit.
     /// Default 10 s.
     pub operation_timeout: Duration,
-    /// `client.id` of the producer and admin client; consumers use their
+    /// `client.id` of the producer and admin clients; consumers use their
     /// consumer tag. Default `order-saga`.
     pub client_id: String,
     /// Further librdkafka properties, applied last to every client.
     pub extra: BTreeMap<String, String>,
+}
+
+fn secret(key: &str) -> bool {
+    ["password", "secret", "token", "jaas", "key.pem"]
+        .iter()
+        .any(|word| key.contains(word))
+}
+
+impl std::fmt::Debug for KafkaSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let extra: BTreeMap<&str, &str> = self
+            .extra
+            .iter()
+            .map(|(k, v)| {
+                let shown = if secret(k) { "<redacted>" } else { v.as_str() };
+                (k.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("KafkaSettings")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("topic_prefix", &self.topic_prefix)
+            .field("partitions", &self.partitions)
+            .field("replication_factor", &self.replication_factor)
+            .field("session_timeout", &self.session_timeout)
+            .field("max_poll_interval", &self.max_poll_interval)
+            .field("delivery_timeout", &self.delivery_timeout)
+            .field("operation_timeout", &self.operation_timeout)
+            .field("client_id", &self.client_id)
+            .field("extra", &extra)
+            .finish()
+    }
 }
 
 impl Default for KafkaSettings {
@@ -224,7 +259,15 @@ impl KafkaSettings {
             // Nothing here creates topics by accident: `declare` does, with
             // an explicit partition count.
             .set("allow.auto.create.topics", "false")
-            .set_log_level(RDKafkaLogLevel::Info);
+            // librdkafka's debug lines only when `tracing` wants them
+            // (with the `debug` property for the contexts, e.g. `cgrp`).
+            .set_log_level(
+                if tracing::enabled!(target: "librdkafka", tracing::Level::DEBUG) {
+                    RDKafkaLogLevel::Debug
+                } else {
+                    RDKafkaLogLevel::Info
+                },
+            );
         config
     }
 
@@ -388,12 +431,23 @@ impl ClientContext for TracingContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(target: "librdkafka", error = %error, "{reason}");
+        client_error(None, &error, reason);
     }
 }
 
 /// Readers (see `reader.rs`) join no group: nothing to do on rebalances.
 impl rdkafka::consumer::ConsumerContext for TracingContext {}
+
+/// Logs a librdkafka client error. A broker connection failing is logged
+/// by librdkafka itself already (a `FAIL` line): only at debug level here.
+pub(crate) fn client_error(consumer: Option<&str>, error: &KafkaError, reason: &str) {
+    let consumer = consumer.unwrap_or("");
+    if error.rdkafka_error_code() == Some(RDKafkaErrorCode::BrokerTransportFailure) {
+        tracing::debug!(target: "librdkafka", consumer, error = %error, "{reason}");
+    } else {
+        tracing::warn!(target: "librdkafka", consumer, error = %error, "{reason}");
+    }
+}
 
 pub(crate) fn broker_error(what: impl std::fmt::Display, error: KafkaError) -> TransportError {
     TransportError::Broker(format!("{what}: {error}"))
@@ -411,9 +465,103 @@ where
     }
 }
 
+/// The subscriptions running, per queue name: `close` and `delete` wait
+/// for them to end.
+#[derive(Default)]
+pub(crate) struct LiveSubscriptions {
+    counts: std::sync::Mutex<BTreeMap<String, usize>>,
+    changed: tokio::sync::Notify,
+}
+
+/// Counts one subscription as running until dropped.
+pub(crate) struct LiveGuard {
+    inner: Arc<Inner>,
+    queue: String,
+}
+
+impl LiveSubscriptions {
+    fn counts(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, usize>> {
+        // Plain counters: a panic elsewhere cannot leave them torn.
+        self.counts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Counts a subscription of `queue` until the guard is dropped.
+    pub(crate) fn start(inner: &Arc<Inner>, queue: &str) -> LiveGuard {
+        *inner.live.counts().entry(queue.to_owned()).or_default() += 1;
+        LiveGuard {
+            inner: inner.clone(),
+            queue: queue.to_owned(),
+        }
+    }
+
+    fn none_of(&self, queues: Option<&BTreeSet<String>>) -> bool {
+        let counts = self.counts();
+        counts
+            .iter()
+            .filter(|(queue, _)| queues.is_none_or(|q| q.contains(*queue)))
+            .all(|(_, n)| *n == 0)
+    }
+
+    /// Waits until no subscription of `queues` (of any queue with `None`)
+    /// runs; `false` if some still does after `timeout`.
+    async fn wait_until_none(&self, queues: Option<&BTreeSet<String>>, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.none_of(queues) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return self.none_of(queues);
+            }
+        }
+    }
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        if let Some(n) = self.inner.live.counts().get_mut(&self.queue) {
+            *n = n.saturating_sub(1);
+        }
+        self.inner.live.changed.notify_waiters();
+    }
+}
+
+/// An admin client that is closed off the async threads (closing joins its
+/// polling thread and waits for its broker threads).
+struct Admin(Option<AdminClient<TracingContext>>);
+
+impl std::ops::Deref for Admin {
+    type Target = AdminClient<TracingContext>;
+
+    fn deref(&self) -> &Self::Target {
+        // Only `drop` takes the client out.
+        match &self.0 {
+            Some(client) => client,
+            None => unreachable!("admin client used after drop"),
+        }
+    }
+}
+
+impl Drop for Admin {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn_blocking(move || drop(client))),
+                Err(_) => drop(client),
+            }
+        }
+    }
+}
+
 /// A Kafka transport. Cheap to clone (shared).
 ///
-/// One idempotent producer and one admin client per transport; each
+/// One idempotent producer per transport (admin clients are made per
+/// declaration or deletion); each
 /// subscription is a consumer-group member of its own. librdkafka
 /// reconnects by itself: nothing here needs re-opening after a broker
 /// restart, and a subscription's stream never ends while the transport is
@@ -425,10 +573,12 @@ pub struct KafkaTransport {
 
 pub(crate) struct Inner {
     settings: KafkaSettings,
-    producer: FutureProducer<TracingContext>,
-    admin: AdminClient<TracingContext>,
+    /// Replaced when librdkafka declares it failed for good (see
+    /// [`Inner::replace_if_fatal`]).
+    producer: std::sync::RwLock<FutureProducer<TracingContext>>,
     consumers: ConsumerRegistry,
     closed: CancellationToken,
+    live: LiveSubscriptions,
     topology: std::sync::Mutex<Option<KafkaTopology>>,
 }
 
@@ -442,7 +592,7 @@ impl std::fmt::Debug for KafkaTransport {
 }
 
 impl KafkaTransport {
-    /// Creates the producer and the admin client and checks that a broker
+    /// Creates the producer and checks that a broker
     /// answers within [`KafkaSettings::operation_timeout`] (callers retry
     /// at start; afterwards librdkafka reconnects by itself).
     pub async fn connect(settings: KafkaSettings) -> Result<Self, TransportError> {
@@ -451,17 +601,13 @@ impl KafkaTransport {
             .producer_config()
             .create_with_context(TracingContext)
             .map_err(|e| broker_error("cannot create the Kafka producer", e))?;
-        let admin: AdminClient<TracingContext> = settings
-            .admin_config()
-            .create_with_context(TracingContext)
-            .map_err(|e| broker_error("cannot create the Kafka admin client", e))?;
         let transport = Self {
             inner: Arc::new(Inner {
                 settings,
-                producer,
-                admin,
+                producer: std::sync::RwLock::new(producer),
                 consumers: ConsumerRegistry::new(),
                 closed: CancellationToken::new(),
+                live: LiveSubscriptions::default(),
                 topology: std::sync::Mutex::new(None),
             }),
         };
@@ -477,7 +623,7 @@ impl KafkaTransport {
     /// Asks a broker for the cluster's metadata: what a readiness check
     /// asks ("can this host reach the broker now?").
     pub async fn ensure_connected(&self) -> Result<(), TransportError> {
-        let producer = self.inner.producer.clone();
+        let producer = self.inner.producer();
         let timeout = self.inner.settings.operation_timeout;
         let servers = self.inner.settings.bootstrap_servers.clone();
         blocking("metadata", move || {
@@ -506,16 +652,33 @@ impl KafkaTransport {
     /// Deletes every topic of `topology` and the groups of its queues
     /// (tests clean up after themselves with this). Groups the broker
     /// cannot delete (unknown, or not supported) are left.
+    ///
+    /// Waits (up to the operation timeout) until this transport's
+    /// subscriptions of those queues have ended, and fails if they do not:
+    /// librdkafka 2.12.1 crashes (SIGSEGV) when a member fetching a topic
+    /// gets Tansu's answer for the deleted topic (docs/KAFKA-NOTES.md).
+    /// Subscriptions of other processes are not seen: end them first.
     pub async fn delete(&self, topology: &KafkaTopology) -> Result<(), TransportError> {
         let topics = topology.topics(&self.inner.settings)?;
+        let queues: BTreeSet<String> = topology.queues.iter().map(|q| q.name.clone()).collect();
+        let timeout = self.inner.settings.operation_timeout;
+        if !self
+            .inner
+            .live
+            .wait_until_none(Some(&queues), timeout)
+            .await
+        {
+            return Err(TransportError::Broker(format!(
+                "subscriptions of {queues:?} still running after {} ms; end them before deleting their topics",
+                timeout.as_millis()
+            )));
+        }
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         let options = self.inner.admin_options();
+        let admin = self.inner.admin()?;
         let results = self
             .inner
-            .bounded(
-                "delete topics",
-                self.inner.admin.delete_topics(&names, &options),
-            )
+            .bounded("delete topics", admin.delete_topics(&names, &options))
             .await?
             .map_err(|e| broker_error("delete topics", e))?;
         for result in results {
@@ -536,10 +699,7 @@ impl KafkaTransport {
         let names: Vec<&str> = groups.iter().map(String::as_str).collect();
         match self
             .inner
-            .bounded(
-                "delete groups",
-                self.inner.admin.delete_groups(&names, &options),
-            )
+            .bounded("delete groups", admin.delete_groups(&names, &options))
             .await
         {
             Ok(Ok(results)) => {
@@ -634,15 +794,22 @@ impl KafkaTransport {
             .sum())
     }
 
-    /// Ends every subscription (their members leave their groups), marks
-    /// every consumer lost, and waits up to the delivery timeout for
-    /// messages still being produced.
+    /// Ends every subscription (their members leave their groups; waits up
+    /// to the operation timeout for that), marks every consumer lost, and
+    /// waits up to the delivery timeout for messages still being produced.
     pub async fn close(&self) {
         self.inner.closed.cancel();
+        let timeout = self.inner.settings.operation_timeout;
+        if !self.inner.live.wait_until_none(None, timeout).await {
+            tracing::warn!(
+                "subscriptions still closing after {} ms",
+                timeout.as_millis()
+            );
+        }
         self.inner
             .consumers
             .lost_all("transport closed", std::time::Instant::now());
-        let producer = self.inner.producer.clone();
+        let producer = self.inner.producer();
         let timeout = self.inner.settings.delivery_timeout;
         let flushed = blocking("flush", move || {
             producer
@@ -657,6 +824,17 @@ impl KafkaTransport {
 }
 
 impl Inner {
+    /// An admin client for one declaration or deletion. Not kept: rdkafka
+    /// never polls an admin client's main queue, so a long-lived one would
+    /// pile up its log and error events.
+    fn admin(&self) -> Result<Admin, TransportError> {
+        self.settings
+            .admin_config()
+            .create_with_context(TracingContext)
+            .map(|client| Admin(Some(client)))
+            .map_err(|e| broker_error("cannot create the Kafka admin client", e))
+    }
+
     fn admin_options(&self) -> AdminOptions {
         AdminOptions::new()
             .operation_timeout(Some(self.settings.operation_timeout))
@@ -690,10 +868,11 @@ impl Inner {
                 )
             })
             .collect();
+        let admin = self.admin()?;
         let results = self
             .bounded(
                 "create topics",
-                self.admin.create_topics(&new, &self.admin_options()),
+                admin.create_topics(&new, &self.admin_options()),
             )
             .await?
             .map_err(|e| broker_error("create topics", e))?;
@@ -712,7 +891,7 @@ impl Inner {
         }
         // Topic creation is asynchronous on a real cluster: wait until the
         // metadata shows every topic with its partitions.
-        let producer = self.producer.clone();
+        let producer = self.producer();
         let timeout = self.settings.operation_timeout;
         let expected = topology.partitions;
         blocking("topic metadata", move || {
@@ -748,13 +927,64 @@ impl Inner {
         if let Some(key) = key {
             record = record.key(key);
         }
-        let sent = self.producer.send_result(record).map_err(|(e, _)| e);
-        wait_delivery(sent, deadline, &what, topic).await
+        let producer = self.producer();
+        let sent = producer.send_result(record).map_err(|(e, _)| e);
+        let delivered = wait_delivery(sent, deadline, &what, topic).await;
+        if delivered.is_err() {
+            self.replace_if_fatal(&producer);
+        }
+        delivered
+    }
+
+    /// The current producer.
+    pub(crate) fn producer(&self) -> FutureProducer<TracingContext> {
+        // A clone of an `Arc` inside: a panic elsewhere cannot leave it torn.
+        self.producer
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Replaces `used` with a new producer if librdkafka declared it failed
+    /// for good. An idempotent producer goes fatal when the broker no
+    /// longer knows its producer id and messages are in flight (seen when an
+    /// in-memory broker restarts, docs/KAFKA-NOTES.md); it then fails every
+    /// message. Messages it had in flight are reported failed, so the outbox
+    /// sends them again.
+    pub(crate) fn replace_if_fatal(&self, used: &FutureProducer<TracingContext>) {
+        let Some((code, reason)) = used.client().fatal_error() else {
+            return;
+        };
+        let mut current = self
+            .producer
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if current.client().native_ptr() != used.client().native_ptr() {
+            return; // Replaced already.
+        }
+        match self
+            .settings
+            .producer_config()
+            .create_with_context(TracingContext)
+        {
+            Ok(fresh) => {
+                tracing::error!(%code, reason, "the Kafka producer failed for good; replaced it");
+                let old = std::mem::replace(&mut *current, fresh);
+                // Dropping purges and flushes (blocking): off the async threads.
+                match tokio::runtime::Handle::try_current() {
+                    Ok(runtime) => drop(runtime.spawn_blocking(move || drop(old))),
+                    Err(_) => drop(old),
+                }
+            }
+            Err(e) => {
+                tracing::error!(%code, reason, error = %e, "the Kafka producer failed for good and cannot be created again");
+            }
+        }
     }
 }
 
 /// Waits for one delivery report until `deadline` (plus a margin:
-/// librdkafka reports a timeout itself at `message.timeout.ms`).
+/// librdkafka reports a timeout itself after `message.timeout.ms`).
 async fn wait_delivery(
     sent: Result<rdkafka::producer::DeliveryFuture, KafkaError>,
     deadline: tokio::time::Instant,
@@ -765,7 +995,8 @@ async fn wait_delivery(
         Ok(future) => future,
         Err(e) => return Err(broker_error(format!("{what} to `{topic}` not sent"), e)),
     };
-    match tokio::time::timeout_at(deadline + Duration::from_secs(1), future).await {
+    // librdkafka checks message timeouts about once a second.
+    match tokio::time::timeout_at(deadline + Duration::from_secs(2), future).await {
         Ok(Ok(Ok(_))) => Ok(()),
         Ok(Ok(Err((e, _)))) => Err(broker_error(
             format!("{what} to `{topic}` not delivered"),
@@ -877,6 +1108,7 @@ impl Transport for KafkaTransport {
         messages: &[OutgoingMessage],
     ) -> Result<Vec<Result<(), TransportError>>, TransportError> {
         let deadline = tokio::time::Instant::now() + self.inner.settings.delivery_timeout;
+        let producer = self.inner.producer();
         let mut pending = Vec::with_capacity(messages.len());
         for message in messages {
             let topic = checked_topic(self.inner.settings.event_topic(&message.routing_key));
@@ -886,7 +1118,7 @@ impl Transport for KafkaTransport {
                         .key(message.correlation_id.as_bytes())
                         .payload(&message.body)
                         .headers(message_headers(message));
-                    Some(self.inner.producer.send_result(record).map_err(|(e, _)| e))
+                    Some(producer.send_result(record).map_err(|(e, _)| e))
                 }
                 Err(_) => None,
             };
@@ -908,7 +1140,11 @@ impl Transport for KafkaTransport {
                     ))),
                 }
             });
-        Ok(join_all(waits).await)
+        let results = join_all(waits).await;
+        if results.iter().any(Result::is_err) {
+            self.inner.replace_if_fatal(&producer);
+        }
+        Ok(results)
     }
 
     async fn subscribe(
@@ -1028,6 +1264,12 @@ mod tests {
         assert_eq!(consumer.get("session.timeout.ms"), Some("10000"));
         assert_eq!(consumer.get("heartbeat.interval.ms"), Some("3333"));
         assert_eq!(consumer.get("socket.keepalive.enable"), Some("true"));
+        settings
+            .extra
+            .insert("sasl.password".to_owned(), "hunter2".to_owned());
+        let shown = format!("{settings:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("socket.keepalive.enable"), "{shown}");
         let producer = settings.producer_config();
         assert_eq!(producer.get("enable.idempotence"), Some("true"));
         assert_eq!(producer.get("acks"), Some("all"));

@@ -365,7 +365,8 @@ pub(super) async fn redrive(
         if let Some(key) = letter.key() {
             record = record.key(key);
         }
-        let sent = inner.producer.send_result(record).map_err(|(e, _)| e);
+        let producer = inner.producer();
+        let sent = producer.send_result(record).map_err(|(e, _)| e);
         let id = header_text(letter.headers(), HEADER_MESSAGE_ID);
         let what = format!("redriven {}", id.as_deref().unwrap_or("(no message id)"));
         match wait_delivery(sent, deadline, &what, &target).await {
@@ -374,6 +375,7 @@ pub(super) async fn redrive(
                 moved.push(id);
             }
             Err(e) => {
+                inner.replace_if_fatal(&producer);
                 failure = Some(e);
                 break;
             }

@@ -30,8 +30,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use super::offsets::{OffsetTracker, Settled, Ticket};
 use super::{
-    HEADER_MESSAGE_ID, HEADER_MESSAGE_TYPE, HEADER_ROUTING_KEY, Inner, blocking, broker_error,
-    group_id, header_text, log_line, trace_from,
+    HEADER_MESSAGE_ID, HEADER_MESSAGE_TYPE, HEADER_ROUTING_KEY, Inner, LiveGuard,
+    LiveSubscriptions, blocking, broker_error, client_error, group_id, header_text, log_line,
+    trace_from,
 };
 use crate::error::TransportError;
 use crate::transport::status::ConsumerRegistry;
@@ -96,7 +97,7 @@ impl ClientContext for GroupContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(target: "librdkafka", consumer = %self.consumer_tag, error = %error, "{reason}");
+        client_error(Some(&self.consumer_tag), &error, reason);
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
             self.lost(format!("no broker reachable: {reason}"));
         }
@@ -438,7 +439,8 @@ impl Subscription {
                 self.inner.redeclare().await;
             }
             other => {
-                tracing::warn!(consumer = %self.consumer_tag, error = %other, "consumer error");
+                // Already logged by the context's error callback.
+                tracing::debug!(consumer = %self.consumer_tag, error = %other, "consumer error");
             }
         }
         Ok(())
@@ -544,7 +546,7 @@ impl Subscription {
         }
     }
 
-    async fn run(self, mut instance: Instance) {
+    async fn run(self, mut instance: Instance, _live: LiveGuard) {
         let mut delay = Duration::from_millis(100);
         loop {
             match self.consume(&instance).await {
@@ -616,7 +618,8 @@ pub(super) fn subscribe(
         prefetch,
         "subscribed; joining the consumer group"
     );
-    tokio::spawn(subscription.run(instance));
+    let live = LiveSubscriptions::start(&subscription.inner, &queue.name);
+    tokio::spawn(subscription.run(instance, live));
     Ok(
         futures_util::stream::unfold(receiver, |mut receiver| async move {
             receiver.recv().await.map(|item| (item, receiver))

@@ -540,7 +540,18 @@ async fn a_dead_letter_carries_the_error_headers_and_redrive_returns_it_to_its_q
     assert_eq!(back.trace.as_ref(), Some(&trace));
     assert_eq!(back.body, b"order-7:0");
     back.acker.ack().await.expect("ack");
-    // Once, and to that queue only.
+    // Straight into one queue (its direct topic): only that queue gets it.
+    let direct = event("order.created", "order-8", 0);
+    broker
+        .transport
+        .publish_to_queue(broker.queue(1), &direct)
+        .await
+        .expect("publish to queue");
+    let only_notifications = next(&mut notifications, WAIT).await;
+    assert_eq!(body(&only_notifications), "order-8:0");
+    assert_eq!(only_notifications.routing_key, "order.created");
+    only_notifications.acker.ack().await.expect("ack");
+    // The redriven letter came once, and to its queue only.
     nothing_for(&mut saga, Duration::from_secs(2)).await;
     nothing_for(&mut notifications, Duration::from_millis(500)).await;
     drop(saga);

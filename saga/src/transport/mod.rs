@@ -8,6 +8,8 @@ use uuid::Uuid;
 use crate::error::TransportError;
 use crate::trace::TraceContext;
 
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod memory;
 pub mod rabbitmq;
 pub mod status;

@@ -1128,6 +1128,7 @@ impl<S: Saga> SagaEngine<S> {
                 if let Some(probe) = &self.probe {
                     probe.before_write(&row, &input).await?;
                 }
+                lock_cancelled_timers::<S>(txn, row.id, &effects).await?;
                 let entered = if next == state {
                     row.state_entered_at
                 } else {
@@ -1372,6 +1373,40 @@ async fn schedule_timer<S: Saga>(
                 .to_owned(),
         );
     cx.txn.execute(&insert).await?;
+    Ok(())
+}
+
+/// Locks the instance's timers that `effects` cancel, before the instance
+/// row is written. Firing a timer locks the timer row, then writes the
+/// instance; a transition that cancels that timer writes the instance, then
+/// deletes the timer. Taken in those opposite orders the two deadlocked
+/// (PostgreSQL aborted one after `deadlock_timeout`); taking the timer
+/// first here, a cancellation racing the firing waits for it, then finds the
+/// instance changed and decides again on its new state.
+async fn lock_cancelled_timers<S: Saga>(
+    txn: &DatabaseTransaction,
+    instance_id: i64,
+    effects: &[Effect<S>],
+) -> Result<(), SagaError> {
+    let kinds: Vec<&'static str> = effects
+        .iter()
+        .filter_map(|effect| match effect {
+            Effect::Cancel(kind) => Some(*kind),
+            _ => None,
+        })
+        .collect();
+    if !kinds.is_empty() {
+        timers::Entity::find()
+            .select_only()
+            .column(timers::Column::Id)
+            .filter(timers::Column::SagaInstanceId.eq(instance_id))
+            .filter(timers::Column::TimerKind.is_in(kinds))
+            .order_by_asc(timers::Column::Id)
+            .lock(LockType::Update)
+            .into_tuple::<i64>()
+            .all(txn)
+            .await?;
+    }
     Ok(())
 }
 

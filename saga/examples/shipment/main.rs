@@ -289,7 +289,23 @@ async fn main() -> anyhow::Result<ExitCode> {
     stop.cancel();
     let consumers = consuming.await.context("Failed to join the consumers")?;
     looping.await.context("Failed to join the workers")?;
+    // The subscriptions hand back what they prefetched and close their
+    // channels in the background: let them finish before the connection.
+    let unsubscribed = until(
+        tokio::time::Instant::now() + Duration::from_secs(5),
+        "the subscriptions closed",
+        || async {
+            let status = transport.consumer_status();
+            Ok(status.is_none_or(|s| {
+                s.snapshots(std::time::Instant::now())
+                    .iter()
+                    .all(|c| !c.registered)
+            }))
+        },
+    )
+    .await;
     transport.close().await;
+    unsubscribed?;
     consumers.context("A consumer stopped with an error")?;
     tracing::info!("workers stopped");
     if let Err(e) = played {

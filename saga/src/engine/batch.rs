@@ -7,10 +7,10 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::{Expr, OnConflict, Query};
+use sea_orm::sea_query::{Expr, LockType, OnConflict, Query};
 use sea_orm::{
     ColumnTrait, Condition, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait,
-    QueryFilter, Statement, Value,
+    QueryFilter, QueryOrder, QuerySelect, Statement, Value,
 };
 use uuid::Uuid;
 
@@ -80,7 +80,12 @@ pub(super) enum TimerOp {
 
 /// A change of state of a batch: the instance (index into the works), from,
 /// to, and its data after the transition.
-pub(super) type Entered<S> = (usize, <S as Saga>::State, <S as Saga>::State, <S as Saga>::Data);
+pub(super) type Entered<S> = (
+    usize,
+    <S as Saga>::State,
+    <S as Saga>::State,
+    <S as Saga>::Data,
+);
 
 /// Everything a transaction writes besides the instance rows.
 pub(super) struct Plan<S: Saga> {
@@ -334,6 +339,7 @@ impl<S: Saga> SagaEngine<S> {
         plan: Plan<S>,
     ) -> Result<Vec<Committed>, ApplyError> {
         let changed: Vec<&Work<S>> = works.iter().filter(|w| w.steps > 0).collect();
+        lock_cancelled_timers(txn, &plan.timers).await?;
         if !changed.is_empty() {
             let updated = update_instances(txn, now, &changed).await?;
             if updated != changed.len() as u64 {
@@ -477,6 +483,43 @@ async fn update_instances<S: Saga>(
             .rows_affected;
     }
     Ok(updated)
+}
+
+/// Locks the timers a transaction cancels, before the instance rows are
+/// written. Firing a timer locks the timer row, then writes the instance; a
+/// transition that cancels that timer writes the instance, then deletes the
+/// timer. Taken in those opposite orders the two deadlocked (PostgreSQL
+/// aborted one after `deadlock_timeout`); taking the timers first (in id
+/// order), a cancellation racing the firing waits for it, then finds the
+/// instance changed and decides again on its new state.
+async fn lock_cancelled_timers(
+    txn: &DatabaseTransaction,
+    ops: &[((i64, &'static str), TimerOp)],
+) -> Result<(), SagaError> {
+    let mut cancelled = Condition::any();
+    let mut any = false;
+    for ((instance_id, kind), op) in ops {
+        if let TimerOp::Cancel = op {
+            cancelled = cancelled.add(
+                Condition::all()
+                    .add(timers::Column::SagaInstanceId.eq(*instance_id))
+                    .add(timers::Column::TimerKind.eq(*kind)),
+            );
+            any = true;
+        }
+    }
+    if any {
+        timers::Entity::find()
+            .select_only()
+            .column(timers::Column::Id)
+            .filter(cancelled)
+            .order_by_asc(timers::Column::Id)
+            .lock(LockType::Update)
+            .into_tuple::<i64>()
+            .all(txn)
+            .await?;
+    }
+    Ok(())
 }
 
 /// Cancels, then arms (insert, or re-arm the instance's row of that kind).

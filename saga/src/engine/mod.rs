@@ -1122,9 +1122,9 @@ impl<S: Saga> SagaEngine<S> {
                 message_id: None,
                 attempt: works[idx].row.attempts + 1,
                 detail: Some(format!(
-                    "{state} since {}, timeout {} s, swept at {}",
+                    "{state} since {}, timeout {}, swept at {}",
                     works[idx].row.state_entered_at.to_rfc3339(),
-                    timeout.after.num_seconds(),
+                    seconds_or_millis(timeout.after),
                     now.to_rfc3339()
                 )),
             };
@@ -1180,10 +1180,10 @@ impl<S: Saga> SagaEngine<S> {
             TraceContext::from_columns(row.traceparent.as_deref(), row.tracestate.as_deref());
         trace::continue_trace(&span, stored.as_ref());
         let detail = format!(
-            "{} since {}, timeout {} s, swept at {}",
+            "{} since {}, timeout {}, swept at {}",
             timeout.state.name(),
             row.state_entered_at.to_rfc3339(),
-            timeout.after.num_seconds(),
+            seconds_or_millis(timeout.after),
             now.to_rfc3339()
         );
         let applied = async {
@@ -1461,6 +1461,17 @@ pub async fn parked<C: ConnectionTrait>(
         .collect())
 }
 
+/// `600 s`, or `1500 ms` when the duration is not whole seconds (a
+/// sub-second timeout must not read as `0 s` in the journal).
+fn seconds_or_millis(d: Duration) -> String {
+    let ms = d.num_milliseconds();
+    if ms % 1000 == 0 {
+        format!("{} s", ms / 1000)
+    } else {
+        format!("{ms} ms")
+    }
+}
+
 /// `instance_id NOT IN (parked instances)`.
 fn not_parked(instance_id: timers::Column) -> Condition {
     Condition::all().add(
@@ -1512,4 +1523,19 @@ async fn load<C: ConnectionTrait>(
             saga_type,
             correlation_id: correlation_id.to_owned(),
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Duration;
+
+    use super::seconds_or_millis;
+
+    #[test]
+    fn timeouts_are_journalled_in_seconds_or_in_milliseconds_when_not_whole() {
+        assert_eq!(seconds_or_millis(Duration::seconds(600)), "600 s");
+        assert_eq!(seconds_or_millis(Duration::milliseconds(1500)), "1500 ms");
+        assert_eq!(seconds_or_millis(Duration::milliseconds(250)), "250 ms");
+        assert_eq!(seconds_or_millis(Duration::zero()), "0 s");
+    }
 }

@@ -64,6 +64,9 @@ pub struct Summary {
     pub e2e_p50_ms: f64,
     pub e2e_p99_ms: f64,
     pub e2e_to_lower_limit: f64,
+    pub e2e_write_transactions_per_order: f64,
+    pub e2e_commits_per_order: f64,
+    pub e2e_statements_per_order: f64,
     pub burst_decided_seconds: f64,
     pub burst_to_seed_design: f64,
     pub sweep_largest_orders: usize,
@@ -108,6 +111,9 @@ impl Figures {
         s.e2e_orders = med(&self.end_to_end, |e| e.per_second);
         s.e2e_p50_ms = med(&self.end_to_end, |e| e.latency.p50_ms);
         s.e2e_p99_ms = med(&self.end_to_end, |e| e.latency.p99_ms);
+        s.e2e_write_transactions_per_order = med(&self.end_to_end, |e| e.cost.write_transactions);
+        s.e2e_commits_per_order = med(&self.end_to_end, |e| e.cost.commits);
+        s.e2e_statements_per_order = med(&self.end_to_end, |e| e.cost.statements);
         let lower = if self.broker_limit.is_empty() {
             s.db_limit_tps
         } else if self.db_limit.is_empty() {
@@ -166,6 +172,15 @@ impl Figures {
             goal: ">= 0.5 x min(DB, broker)".into(),
             measured: format!("{:.2} x {:.0}/s", s.e2e_to_lower_limit, lower),
             met: measured(has_e2e && lower > 0.0, s.e2e_to_lower_limit >= 0.5),
+        });
+        targets.push(Target {
+            name: "Write transactions per order (end to end)".into(),
+            goal: "<= 3".into(),
+            measured: format!(
+                "{:.2} ({:.1} statements)",
+                s.e2e_write_transactions_per_order, s.e2e_statements_per_order
+            ),
+            met: measured(has_e2e, s.e2e_write_transactions_per_order <= 3.0),
         });
         let burst = self.burst.as_ref();
         targets.push(Target {
@@ -298,6 +313,15 @@ impl Figures {
             (
                 "End to end / lower limit",
                 format!("{:.2}", s.e2e_to_lower_limit),
+            ),
+            (
+                "End to end per order: write transactions / all commits / statements",
+                format!(
+                    "{:.2} / {:.2} / {:.1}",
+                    s.e2e_write_transactions_per_order,
+                    s.e2e_commits_per_order,
+                    s.e2e_statements_per_order
+                ),
             ),
             (
                 "Burst: all decided after",
@@ -446,8 +470,15 @@ impl Figures {
             let _ = writeln!(
                 m,
                 "\nEnd to end: {} orders injected in {:.1} s (the clock runs from the first order's \
-                 `created_at` to the last `OrderCompleted` notification's `created_at`).",
-                e.orders, e.injection_seconds
+                 `created_at` to the last `OrderCompleted` notification's `created_at`); per order \
+                 {:.2} write transactions (`txid_current()` delta), {:.2} commits \
+                 (`pg_stat_database.xact_commit`, reads included), {:.1} statements (the hosts' \
+                 `db_statements_total`).",
+                e.orders,
+                e.injection_seconds,
+                e.cost.write_transactions,
+                e.cost.commits,
+                e.cost.statements
             );
         }
         if !self.notes.is_empty() {

@@ -130,9 +130,64 @@ pub async fn api(
     result
 }
 
+/// What the database and the hosts did per order.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Cost {
+    /// Transactions that wrote (they get a transaction id; reads do not):
+    /// the `txid_current()` delta over the run.
+    pub write_transactions: f64,
+    /// Every committed transaction of the database, reads included
+    /// (`pg_stat_database.xact_commit`).
+    pub commits: f64,
+    /// Statements the hosts ran (their `db_statements_total` counters; each
+    /// is a round trip, BEGIN/COMMIT not included).
+    pub statements: f64,
+}
+
+/// The counters behind [`Cost`] at one moment.
+struct Counters {
+    txid: i64,
+    commits: i64,
+    statements: f64,
+}
+
+impl Counters {
+    async fn read(db: &DatabaseConnection, stack: &Stack) -> anyhow::Result<Self> {
+        // The statistics of other backends reach pg_stat_database within a
+        // second of their last transaction (PostgreSQL 15's shared stats).
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let row = db
+            .query_one_raw(Statement::from_string(
+                db.get_database_backend(),
+                "SELECT txid_current() AS txid, \
+                        (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()) AS commits",
+            ))
+            .await?
+            .context("no counters")?;
+        Ok(Self {
+            txid: row.try_get("", "txid")?,
+            commits: row.try_get("", "commits")?,
+            statements: stack.counter("db_statements_total").await?,
+        })
+    }
+
+    /// Per order between `self` and `later` (`later`'s own txid_current()
+    /// call is one write transaction, not the system's).
+    fn per_order(&self, later: &Self, orders: usize) -> Cost {
+        let n = orders.max(1) as f64;
+        Cost {
+            write_transactions: (later.txid - self.txid - 1) as f64 / n,
+            commits: (later.commits - self.commits) as f64 / n,
+            statements: (later.statements - self.statements) / n,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct EndToEnd {
     pub orders: usize,
+    /// Write transactions, commits and statements per order.
+    pub cost: Cost,
     /// From the first order's `created_at` to the last `OrderCompleted`
     /// notification's `created_at`.
     pub seconds: f64,
@@ -193,6 +248,7 @@ pub async fn end_to_end(
     let mut stack = Stack::start(hosts, &services.db, &services.broker, spec).await?;
     let result = async {
         let token = stack.api.user_token().await?;
+        let before = Counters::read(&services.db.db, &stack).await?;
         let hidden = ProgressBar::hidden();
         let load = stack
             .api
@@ -209,6 +265,19 @@ pub async fn end_to_end(
             progress,
         )
         .await?;
+        // Every event marked sent too, so the relays' writes are counted.
+        wait_for_count(
+            &services.db.db,
+            &mut stack,
+            hosts,
+            "SELECT count(*) AS n FROM saga_outbox WHERE sent_at IS NOT NULL",
+            2 * count,
+            Duration::from_secs(60),
+            &ProgressBar::hidden(),
+        )
+        .await?;
+        let after = Counters::read(&services.db.db, &stack).await?;
+        let cost = before.per_order(&after, count);
         let db = &services.db.db;
         let rows = db
             .query_all_raw(Statement::from_string(
@@ -231,6 +300,7 @@ pub async fn end_to_end(
         }
         Ok::<_, anyhow::Error>(EndToEnd {
             orders: count,
+            cost,
             seconds: span,
             per_second: rate(count, Duration::from_secs_f64(span)),
             latency: Latency::of(&latencies),

@@ -35,6 +35,8 @@ struct Host {
 pub struct Stack {
     hosts: Vec<Host>,
     pub api: Api,
+    /// Where each host serves `/metrics` (`host name`, base URL).
+    pub metrics: Vec<(&'static str, String)>,
 }
 
 /// Settings of a stack that differ between scenarios.
@@ -58,6 +60,8 @@ impl Stack {
     ) -> anyhow::Result<Stack> {
         let port = free_port()?;
         let base = format!("http://127.0.0.1:{port}");
+        let runner_port = free_port()?;
+        let scheduler_port = free_port()?;
         let env: Vec<(&str, String)> = vec![
             ("APP_CONFIG_DIR", hosts.config_dir.display().to_string()),
             ("APP__DATABASE__URL", db.url.clone()),
@@ -68,14 +72,30 @@ impl Stack {
             ("APP__API__PUBLIC_URL", base.clone()),
             ("APP__PAYMENT__DELAY_MS", spec.payment_delay_ms.to_string()),
             ("APP__PAYMENT__SUCCESS_RATE", spec.success_rate.to_string()),
+            (
+                "APP__MONITORING__RUNNER_LISTEN",
+                format!("127.0.0.1:{runner_port}"),
+            ),
+            (
+                "APP__MONITORING__SCHEDULER_LISTEN",
+                format!("127.0.0.1:{scheduler_port}"),
+            ),
             // Logs as configured (`logging.filter`), to a file per host.
             ("NO_COLOR", "1".into()),
         ];
         std::fs::create_dir_all(&hosts.logs)
             .with_context(|| format!("Failed to create {}", hosts.logs.display()))?;
+        let mut metrics = vec![("api", base.clone())];
+        if spec.runner {
+            metrics.push(("runner", format!("http://127.0.0.1:{runner_port}")));
+        }
+        if spec.scheduler {
+            metrics.push(("scheduler", format!("http://127.0.0.1:{scheduler_port}")));
+        }
         let mut stack = Stack {
             hosts: Vec::new(),
             api: Api::new(base)?,
+            metrics,
         };
         stack.spawn(hosts, "api", spec.label, &env)?;
         stack.api.wait_healthy(Duration::from_secs(60)).await?;
@@ -119,6 +139,27 @@ impl Stack {
             .with_context(|| format!("Failed to start {}", exe.display()))?;
         self.hosts.push(Host { name, child });
         Ok(())
+    }
+
+    /// The sum over the hosts of the counter `name` on their `/metrics`.
+    pub async fn counter(&self, name: &str) -> anyhow::Result<f64> {
+        let client = reqwest::Client::new();
+        let mut total = 0.0;
+        for (host, base) in &self.metrics {
+            let text = client
+                .get(format!("{base}/metrics"))
+                .send()
+                .await
+                .with_context(|| format!("Failed to scrape the {host}'s metrics"))?
+                .text()
+                .await?;
+            total += text
+                .lines()
+                .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>();
+        }
+        Ok(total)
     }
 
     /// Fails, naming the log, if a host has exited.

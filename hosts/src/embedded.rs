@@ -77,9 +77,11 @@ pub async fn connect_sqlite(settings: &Settings) -> anyhow::Result<DatabaseConne
                 .foreign_keys(true)
                 .create_if_missing(true)
         });
-    Database::connect(options)
+    let mut db = Database::connect(options)
         .await
-        .with_context(|| format!("Failed to open the SQLite database {url}"))
+        .with_context(|| format!("Failed to open the SQLite database {url}"))?;
+    infra::count_statements(&mut db);
+    Ok(db)
 }
 
 /// Runs the whole system in this process until `shutdown` fires.

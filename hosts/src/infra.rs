@@ -38,7 +38,10 @@ pub async fn connect_database(settings: &Settings) -> anyhow::Result<DatabaseCon
     let mut delay = Duration::from_millis(200);
     loop {
         match Database::connect(options.clone()).await {
-            Ok(db) => return Ok(db),
+            Ok(mut db) => {
+                count_statements(&mut db);
+                return Ok(db);
+            }
             Err(e) if Instant::now() < deadline => {
                 tracing::warn!(error = %e, "database not reachable yet; retrying in {delay:?}");
                 tokio::time::sleep(delay).await;
@@ -52,6 +55,13 @@ pub async fn connect_database(settings: &Settings) -> anyhow::Result<DatabaseCon
             }
         }
     }
+}
+
+/// Counts every statement the connection runs
+/// ([`crate::metrics::DB_STATEMENTS`]): the round trips to the database,
+/// which the benchmark reports per order.
+pub fn count_statements(db: &mut DatabaseConnection) {
+    db.set_metric_callback(|_| metrics::counter!(crate::metrics::DB_STATEMENTS).increment(1));
 }
 
 /// Waits until the API host has applied every migration (the runner and the

@@ -24,6 +24,9 @@ use sea_orm::DatabaseConnection;
 pub const HTTP_REQUESTS: &str = "http_requests_total";
 /// Histogram (seconds): HTTP request latency, same labels.
 pub const HTTP_DURATION: &str = "http_request_duration_seconds";
+/// Counter: statements this process ran on the database (each one round
+/// trip; transaction begin and commit not included).
+pub const DB_STATEMENTS: &str = "db_statements_total";
 /// Counter: scrapes whose backlog query failed (the gauges then keep their
 /// last values).
 pub const BACKLOG_ERRORS: &str = "saga_backlog_refresh_errors_total";
@@ -61,6 +64,10 @@ pub fn handle() -> &'static PrometheusHandle {
                     HTTP_DURATION,
                     metrics::Unit::Seconds,
                     "HTTP request latency by method, route template and status"
+                );
+                metrics::describe_counter!(
+                    DB_STATEMENTS,
+                    "Statements this process ran on the database (round trips; BEGIN and COMMIT not included)"
                 );
                 metrics::describe_counter!(
                     BACKLOG_ERRORS,

@@ -26,6 +26,7 @@ use crate::settings::Settings;
 
 pub mod auth;
 pub mod guard;
+mod headers;
 mod health;
 mod money;
 mod notifications;

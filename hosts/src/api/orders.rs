@@ -20,6 +20,7 @@ use sea_orm::{
 };
 
 use super::auth::{BearerAuth, Caller};
+use super::headers::IdempotencyKey;
 use super::money::Money;
 use super::notifications::NotificationView;
 use super::problem::ApiError;
@@ -432,8 +433,8 @@ impl OrdersApi {
         req: &poem::Request,
         /// Makes retries safe: 1-255 visible ASCII characters (for example
         /// a UUID); trailing blanks are ignored.
-        #[oai(name = "Idempotency-Key", validator(pattern = r"^[!-~]{1,255}[ \t]*$"))]
-        idempotency_key: Header<Option<String>>,
+        #[oai(name = "Idempotency-Key")]
+        idempotency_key: Header<Option<IdempotencyKey>>,
         body: Json<CreateOrderRequest>,
     ) -> Result<CreateOrderResponse, ApiError> {
         let caller = auth.0;
@@ -451,7 +452,7 @@ impl OrdersApi {
                 ));
             }
         }
-        let idempotency_key = Header(idempotency_key.0.map(|k| k.trim().to_owned()));
+        let idempotency_key = Header(idempotency_key.0.map(|k| k.0));
         // One line per product: repeated products are added up.
         // `origin[i]` is the request index of merged line `i` (for messages).
         let mut items: Vec<OrderItemRequest> = Vec::with_capacity(body.0.items.len());

@@ -151,24 +151,66 @@ fn hasher() -> anyhow::Result<Argon2<'static>> {
     ))
 }
 
-/// Hashes with [`hasher`] on a blocking thread (never on the async workers).
+/// A hashing job for the hashing thread.
+type Job = Box<dyn FnOnce(&Argon2<'static>) + Send>;
+
+/// The one thread that hashes and verifies passwords. Argon2id needs a
+/// 19 MiB buffer per hash: hashing on one thread, one at a time, keeps one
+/// such buffer in one allocator arena (on the blocking pool every thread
+/// kept its own, which pushed the api's peak memory up under concurrent
+/// logins). About 100 ms per hash in release builds; logins are rate-limited
+/// far below what one thread does.
+fn hashing_thread() -> Result<&'static std::sync::mpsc::Sender<Job>, anyhow::Error> {
+    static SENDER: std::sync::OnceLock<Result<std::sync::mpsc::Sender<Job>, String>> =
+        std::sync::OnceLock::new();
+    SENDER
+        .get_or_init(|| {
+            let argon = hasher().map_err(|e| e.to_string())?;
+            let (tx, rx) = std::sync::mpsc::channel::<Job>();
+            std::thread::Builder::new()
+                .name("argon2".into())
+                .spawn(move || {
+                    for job in rx {
+                        job(&argon);
+                    }
+                })
+                .map_err(|e| format!("cannot start the hashing thread: {e}"))?;
+            Ok(tx)
+        })
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Runs `work` on the hashing thread (never on the async workers).
+async fn on_hashing_thread<T: Send + 'static>(
+    work: impl FnOnce(&Argon2<'static>) -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    hashing_thread()?
+        .send(Box::new(move |argon| {
+            let _ = tx.send(work(argon));
+        }))
+        .map_err(|_| anyhow::anyhow!("the hashing thread stopped"))?;
+    rx.await
+        .map_err(|_| anyhow::anyhow!("the hashing thread dropped a job"))?
+}
+
+/// Hashes with [`hasher`] on the hashing thread.
 pub async fn hash_password(password: String) -> anyhow::Result<String> {
-    tokio::task::spawn_blocking(move || {
-        hasher()?
+    on_hashing_thread(move |argon| {
+        argon
             .hash_password(password.as_bytes())
             .map(|h| h.to_string())
             .map_err(|e| anyhow::anyhow!("hashing failed: {e}"))
     })
-    .await?
+    .await
 }
 
 pub async fn verify_password(password: String, hash: String) -> anyhow::Result<bool> {
-    tokio::task::spawn_blocking(move || {
+    on_hashing_thread(move |argon| {
         let parsed =
             PasswordHash::new(&hash).map_err(|e| anyhow::anyhow!("stored hash unreadable: {e}"))?;
-        Ok(hasher()?
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok())
+        Ok(argon.verify_password(password.as_bytes(), &parsed).is_ok())
     })
-    .await?
+    .await
 }

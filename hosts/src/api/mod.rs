@@ -334,6 +334,14 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         .await
     });
 
+    // Expired idempotency keys go away in the background (not on the
+    // request path).
+    let purge = tokio::spawn(orders::purge_expired_keys_until_stopped(
+        state.db.clone(),
+        state.clock.clone(),
+        Duration::from_secs(600),
+        shutdown.clone(),
+    ));
     let listener = TcpListener::bind(settings.api.listen.clone());
     tracing::info!(
         listen = %settings.api.listen,
@@ -353,6 +361,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         .context("HTTP server failed")?;
     shutdown.cancel();
     let _ = relay_task.await;
+    let _ = purge.await;
     tracing::info!("API stopped");
     Ok(())
 }

@@ -12,11 +12,12 @@ use poem_openapi::types::{ParseFromJSON, ToJSON};
 use poem_openapi::{ApiResponse, Object, OpenApi};
 use rust_decimal::Decimal;
 use saga::Saga as _;
+use saga::clock::Clock;
 use saga::schema::{instances, transitions};
 use sea_orm::sea_query::{Expr, OnConflict, Query as SqlQuery};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, TransactionTrait,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr, EntityTrait,
+    QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
 };
 
 use super::auth::{BearerAuth, Caller};
@@ -314,6 +315,36 @@ async fn visible_order(
     }
 }
 
+/// Deletes every expired idempotency key (the api runs this periodically;
+/// a request also claims an expired key anew by itself).
+pub async fn purge_expired_keys(db: &DatabaseConnection, now: DateTime<Utc>) -> Result<u64, DbErr> {
+    Ok(idempotency_keys::Entity::delete_many()
+        .filter(idempotency_keys::Column::ExpiresAt.lte(now))
+        .exec(db)
+        .await?
+        .rows_affected)
+}
+
+/// Purges expired idempotency keys every `every` until `shutdown`.
+pub async fn purge_expired_keys_until_stopped(
+    db: DatabaseConnection,
+    clock: Arc<dyn Clock>,
+    every: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match purge_expired_keys(&db, clock.now()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(purged = n, "expired idempotency keys purged"),
+            Err(e) => tracing::warn!(error = %e, "could not purge expired idempotency keys"),
+        }
+    }
+}
+
 /// Problem type of an `Idempotency-Key` reused with a different body.
 pub const KEY_REUSED: &str = "urn:order-saga:problem:idempotency-key-reused";
 
@@ -326,10 +357,12 @@ enum Claim {
     Replay(OrderView),
 }
 
-/// Claims `key` for `user_id` inside `txn`: `INSERT ... ON CONFLICT DO
-/// NOTHING`. A concurrent request holding the same key makes the insert wait
-/// until that request commits (then this one replays its response) or rolls
-/// back (then this one goes ahead).
+/// Claims `key` for `user_id` inside `txn` in one statement: `INSERT ... ON
+/// CONFLICT DO UPDATE ... WHERE` the existing row has expired (an expired
+/// key is claimed anew; a live one is left alone). A concurrent request
+/// holding the same key makes the insert wait until that request commits
+/// (then this one replays its response) or rolls back (then this one goes
+/// ahead).
 async fn claim_key(
     txn: &DatabaseTransaction,
     user_id: i64,
@@ -339,12 +372,6 @@ async fn claim_key(
     ttl: chrono::Duration,
 ) -> Result<Claim, ApiError> {
     use idempotency_keys::Column as K;
-    idempotency_keys::Entity::delete_many()
-        .filter(K::UserId.eq(user_id))
-        .filter(K::Key.eq(key))
-        .filter(K::ExpiresAt.lte(now))
-        .exec(txn)
-        .await?;
     let mut insert = SqlQuery::insert();
     insert
         .into_table(idempotency_keys::Entity)
@@ -365,7 +392,21 @@ async fn claim_key(
         .map_err(|e| ApiError::internal("idempotency key row", &e))?
         .on_conflict(
             OnConflict::columns([K::UserId, K::Key])
-                .do_nothing()
+                .values([
+                    (K::RequestFingerprint, Expr::value(fingerprint)),
+                    (K::CreatedAt, Expr::value(now)),
+                    (K::ExpiresAt, Expr::value(now + ttl)),
+                    (K::ResponseStatus, Expr::value(Option::<i32>::None)),
+                    (
+                        K::ResponseBody,
+                        Expr::value(Option::<serde_json::Value>::None),
+                    ),
+                    (K::OrderId, Expr::value(Option::<i64>::None)),
+                ])
+                .action_and_where(sea_orm::sea_query::ExprTrait::lte(
+                    Expr::col((idempotency_keys::Entity, K::ExpiresAt)),
+                    now,
+                ))
                 .to_owned(),
         );
     if txn.execute(&insert).await?.rows_affected() == 1 {
@@ -565,7 +606,24 @@ impl OrdersApi {
             Err(e) => return Err(e.into()),
         };
         let (order, message_id, events) = (placed.order, placed.message_id, placed.events);
-        let view = view(&txn, order).await?;
+        let placed_items = placed.snapshot.items;
+        // The view from what was just written (no second read).
+        let view = OrderView {
+            id: order.id,
+            user_id: order.user_id,
+            status: OrderStatus::from_db(&order.status)?,
+            total: Money(order.total),
+            items: placed_items
+                .iter()
+                .map(|l| OrderItemView {
+                    product_id: l.product_id,
+                    quantity: l.quantity,
+                    unit_price: Money(l.unit_price),
+                })
+                .collect(),
+            created_at: order.created_at,
+            updated_at: order.updated_at,
+        };
         if let Some(key) = &key {
             use idempotency_keys::Column as K;
             idempotency_keys::Entity::update_many()
@@ -592,17 +650,6 @@ impl OrdersApi {
             total = %total,
             "order placed"
         );
-        if key.is_some() {
-            // Best effort: forget the caller's other expired keys.
-            if let Err(e) = idempotency_keys::Entity::delete_many()
-                .filter(idempotency_keys::Column::UserId.eq(caller.user_id))
-                .filter(idempotency_keys::Column::ExpiresAt.lte(now))
-                .exec(&state.db)
-                .await
-            {
-                tracing::warn!(error = %e, "could not purge expired idempotency keys");
-            }
-        }
         Ok(CreateOrderResponse::Created(Json(view)))
     }
 

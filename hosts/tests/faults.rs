@@ -288,6 +288,106 @@ async fn fault_5_three_runners_and_two_schedulers_at_once_decide_each_order_once
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "restarts servers: run scripts/fault-suite.sh"]
+async fn fault_6_poison_messages_in_the_middle_of_batches_are_dead_lettered_alone() {
+    use saga::transport::{OutgoingMessage, Transport as _};
+    let servers = Servers::from_env();
+    let stack = Stack::start("poison", 1, 1).await;
+    let load = Load::start(&stack, servers.orders, CLIENTS, 100.0).await;
+    let (mut faults, mut problems) = (Faults::default(), Vec::new());
+    let n = servers.faults();
+    let mut injected = 0;
+    for k in 1..=n {
+        if !load.reached(threshold(servers.orders, k, n)).await {
+            break;
+        }
+        // An OrderCreated of an order that does not exist, amid the real
+        // ones: the order saga's consumer cannot apply it (no instance) and
+        // the notifications consumer cannot read it (no order in the
+        // payload). Each consumer's batch holding it rolls back and is
+        // handled one message at a time; the poison goes to the error queue.
+        let envelope = saga::message::Envelope {
+            message_id: uuid::Uuid::new_v4(),
+            message_type: "OrderCreated".into(),
+            correlation_id: format!("poison-{k}"),
+            causation_id: None,
+            occurred_at: chrono::Utc::now(),
+            initiated_by: None,
+            payload: serde_json::json!({"poison": k}),
+        };
+        let published = stack
+            .broker
+            .transport
+            .publish(&[OutgoingMessage {
+                message_id: envelope.message_id,
+                message_type: envelope.message_type.clone(),
+                correlation_id: envelope.correlation_id.clone(),
+                routing_key: "order.created".into(),
+                body: serde_json::to_vec(&envelope).expect("envelope"),
+                trace: None,
+            }])
+            .await;
+        match published.map(|r| r.into_iter().all(|one| one.is_ok())) {
+            Ok(true) => injected += 1,
+            other => problems.push(format!("poison {k} not published: {other:?}")),
+        }
+        faults.injected("poison OrderCreated");
+        let since = Instant::now();
+        probe_recovery(
+            &stack,
+            &load,
+            &mut faults,
+            &mut problems,
+            since,
+            (
+                "poison to a new order's 201",
+                "poison to a new order consumed by both consumers",
+            ),
+        )
+        .await;
+    }
+    // Every poison message, and nothing else, in each consumer's error queue.
+    for queue in orders::topology::queues(&stack.broker.prefix) {
+        let error_queue = queue.error_queue();
+        let deadline = Instant::now() + RECOVERY_DEADLINE;
+        let depth = loop {
+            let depth = stack
+                .broker
+                .transport
+                .queue_depth(&error_queue)
+                .await
+                .unwrap_or(0);
+            if depth as usize >= injected || Instant::now() >= deadline {
+                break depth;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        eprintln!("[poison] {error_queue}: {depth} dead letters for {injected} poison messages");
+        if depth as usize != injected {
+            problems.push(format!(
+                "{error_queue} holds {depth} messages, {injected} poison messages were sent"
+            ));
+        }
+    }
+    let split = stack.log_count(
+        "runner-1",
+        "batch rolled back; handling its messages one at a time",
+    );
+    eprintln!("[poison] batches rolled back and split: {split}");
+    if split == 0 && injected > 0 {
+        problems.push("no batch was split: the poison never shared a batch".into());
+    }
+    finish(
+        "6 poison messages in batches",
+        stack,
+        load,
+        faults,
+        problems,
+    )
+    .await;
+}
+
 /// Waits until the load is placed and everything is decided, then prints
 /// how the work was shared between the hosts (fake e-mails per runner,
 /// expiry sweeps per scheduler), so a run where one host did all the work
@@ -316,9 +416,9 @@ async fn load_then_report_shares(stack: &Stack, load: Load) -> Load {
             let log = stack.procs.log(&format!("scheduler-{i}"));
             let expired: u64 = log
                 .lines()
-                .filter(|l| l.contains("expiration sweep expired stale orders"))
+                .filter(|l| l.contains("state-timeout sweep moved instances on"))
                 .filter_map(|l| {
-                    let rest = &l[l.find("expired=")? + "expired=".len()..];
+                    let rest = &l[l.find("timed_out=")? + "timed_out=".len()..];
                     rest.split(|c: char| !c.is_ascii_digit())
                         .next()?
                         .parse::<u64>()

@@ -793,7 +793,9 @@ pub fn action(row: &ActionRow, detail: Option<&serde_json::Value>, session: &Ses
             { count("after", "queue") },
             "</td><td class=\"error-queue\">",
             { count("after", "error_queue") },
-            "</td></tr></tbody></table><p>Moved <span id=\"moved\">",
+            "</td></tr></tbody></table><p class=\"hint\">Messages ready in each queue; \
+             \"after\" is counted right after the move, so a running consumer may already have taken \
+             the moved messages.</p><p>Moved <span id=\"moved\">",
             { cell_text("", &d["moved"]) },
             "</span> message(s) back (at most ",
             { cell_text("", &d["limit"]) },

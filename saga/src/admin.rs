@@ -1,6 +1,6 @@
 //! Operating sagas by type name: what an operator command or a console
 //! needs without knowing the saga's Rust type. Every
-//! [`SagaEngine`](crate::engine::SagaEngine) is a [`SagaAdmin`]; a host
+//! [`SagaEngine`] is a [`SagaAdmin`]; a host
 //! collects its sagas in a [`Sagas`] registry and looks them up by type.
 
 use std::sync::Arc;

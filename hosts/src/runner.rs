@@ -48,7 +48,8 @@ pub enum Command {
         #[arg(default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
         limit: u64,
     },
-    /// Resume a parked saga instance with a fresh retry budget.
+    /// Resume a parked saga instance with a fresh retry budget (journalled,
+    /// and logged as an operator action, under `$USER (cli)`).
     Resume {
         /// The saga type, e.g. `order`.
         #[arg(value_parser = SAGA_TYPES)]
@@ -56,7 +57,8 @@ pub enum Command {
         /// The instance's correlation id (for orders, the order id).
         correlation_id: String,
     },
-    /// Move messages from a consumer's `.error` queue back to its queue.
+    /// Move messages from a consumer's `.error` queue back to its queue;
+    /// prints the counts before and after (JSON) and logs the action.
     Redrive {
         /// The consumer whose error queue is emptied.
         #[arg(value_parser = CONSUMERS)]

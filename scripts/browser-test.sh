@@ -7,29 +7,18 @@
 #
 #   scripts/browser-test.sh
 #
-# Installs what it needs: chromium with apt-get when /usr/bin/chromium is
-# missing (needs root), the npm packages of tests/browser.
+# Installs what it needs (scripts/browser-setup.sh): chromium with apt-get
+# when /usr/bin/chromium is missing (needs root), the npm packages of
+# tests/browser. The operator console has its own browser test,
+# scripts/console-browser-test.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=$PWD/target/browser
 mkdir -p "$OUT"
 log() { echo "browser-test.sh: $*" >&2; }
 
-CHROMIUM=${CHROMIUM:-/usr/bin/chromium}
-if [[ ! -x $CHROMIUM ]]; then
-  log "installing Debian's chromium"
-  if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; else SUDO=; fi
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
-fi
-"$CHROMIUM" --version 2>/dev/null || true
-
-if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
-  log "node and npm are needed (apt-get install nodejs npm)"
-  exit 1
-fi
-log "installing npm packages of tests/browser"
-(cd tests/browser && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error)
+# shellcheck source=scripts/browser-setup.sh
+source scripts/browser-setup.sh
 
 # shellcheck source=scripts/api-under-test.sh
 source scripts/api-under-test.sh

@@ -136,9 +136,13 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             .with_shutdown(stop.clone()),
     );
     let loops = monitor.loops().clone();
+    let console = crate::console::Console::new(&settings, infra::sagas(&engine))
+        .with_broker(crate::operator::Broker::Memory(memory.clone()))
+        .with_host("embedded");
     let state = Arc::new(AppState {
         orders: engine.clone(),
         monitor,
+        console: Arc::new(console),
         ..AppState::new(db, &settings)?
     });
     let listener = TcpListener::bind(settings.api.listen.clone());
@@ -148,7 +152,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         success_rate = settings.payment.success_rate,
         sweep_interval_seconds = settings.expiration.sweep_interval_seconds,
         processing_timeout_seconds = settings.expiration.processing_timeout_seconds,
-        "order-saga (embedded: SQLite + in-process transport) is up; Swagger UI at {}/swagger",
+        "order-saga (embedded: SQLite + in-process transport) is up; Swagger UI at {}/swagger, operator console at {}/console",
+        settings.api.public_url,
         settings.api.public_url
     );
 

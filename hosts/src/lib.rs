@@ -2,9 +2,11 @@
 //! Each binary in `src/bin/` is telemetry -> settings -> run until stopped.
 
 pub mod api;
+pub mod console;
 pub mod embedded;
 pub mod infra;
 pub mod metrics;
+pub mod operator;
 pub mod ops;
 pub mod runner;
 pub mod scheduler;

@@ -48,7 +48,8 @@ pub enum Command {
         #[arg(default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
         limit: u64,
     },
-    /// Resume a parked saga instance with a fresh retry budget.
+    /// Resume a parked saga instance with a fresh retry budget (journalled,
+    /// and logged as an operator action, under `$USER (cli)`).
     Resume {
         /// The saga type, e.g. `order`.
         #[arg(value_parser = SAGA_TYPES)]
@@ -56,7 +57,8 @@ pub enum Command {
         /// The instance's correlation id (for orders, the order id).
         correlation_id: String,
     },
-    /// Move messages from a consumer's `.error` queue back to its queue.
+    /// Move messages from a consumer's `.error` queue back to its queue;
+    /// prints the counts before and after (JSON) and logs the action.
     Redrive {
         /// The consumer whose error queue is emptied.
         #[arg(value_parser = CONSUMERS)]
@@ -106,9 +108,10 @@ pub async fn main(
                 db,
                 infra::outbox_handle(&settings),
             ));
+            let operator = crate::operator::cli_operator();
             let resumed = sagas
                 .get(&saga_type)?
-                .resume(&correlation_id)
+                .resume_by(&correlation_id, &operator)
                 .await
                 .with_context(|| format!("Failed to resume {saga_type} saga {correlation_id}"))?;
             tracing::info!(
@@ -116,6 +119,7 @@ pub async fn main(
                 correlation_id = %correlation_id,
                 state = resumed.state,
                 rerun = ?resumed.rerun,
+                operator = %operator,
                 "resumed; a running runner publishes what it queued"
             );
             Ok(())
@@ -125,25 +129,22 @@ pub async fn main(
             let spec = orders::topology::queue_of(&consumer, prefix)
                 .with_context(|| format!("no queue for consumer `{consumer}`"))?;
             let transport = infra::connect_broker(&settings, "order-saga redrive").await?;
-            let moved = transport.redrive(&spec, limit).await?;
-            transport.close().await;
-            // Messages without a saga instance keep their budget per message:
-            // a re-driven one starts afresh. (A saga's budget is reset by
-            // `resume`, which should come first.)
-            let ids: Vec<uuid::Uuid> = moved
-                .iter()
-                .flatten()
-                .filter_map(|id| id.parse().ok())
-                .collect();
             let db = infra::connect_database(&settings).await?;
-            let forgotten = saga::failures::forget(&db, &consumer, &ids).await?;
-            tracing::info!(
-                moved = moved.len(),
-                budgets_reset = forgotten,
-                from = %spec.error_queue(),
-                to = %spec.name,
-                "re-drove dead letters"
-            );
+            let report = crate::operator::redrive(
+                &db,
+                &crate::operator::Broker::rabbit(transport.clone()),
+                &consumer,
+                &spec,
+                limit,
+                &crate::operator::cli_operator(),
+                chrono::Utc::now(),
+            )
+            .await;
+            transport.close().await;
+            // The counts before and after are the command's output.
+            let out = serde_json::to_string_pretty(&report?)?;
+            use std::io::Write;
+            writeln!(std::io::stdout(), "{out}")?;
             Ok(())
         }
     }

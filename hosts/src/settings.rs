@@ -54,6 +54,9 @@ pub struct Settings {
     /// differs; every other section applies unchanged.
     #[serde(default)]
     pub embedded: EmbeddedSettings,
+    /// The operator console (`/console`) of the api and the embedded host.
+    #[serde(default)]
+    pub console: ConsoleSettings,
     #[serde(default, rename = "_comment")]
     pub comment: Option<String>,
 }
@@ -290,6 +293,31 @@ impl Default for EmbeddedSettings {
     }
 }
 
+/// The operator console (`/console` on the api and the embedded host).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleSettings {
+    /// How long a console login lasts (absolute, not sliding).
+    pub session_ttl_seconds: u64,
+    /// The runner's readiness URL the api's console shows; empty:
+    /// `http://<monitoring.runner_listen>/health/ready` (an unspecified
+    /// address such as 0.0.0.0 becomes 127.0.0.1).
+    pub runner_health_url: String,
+    /// The scheduler's readiness URL; empty: from
+    /// `monitoring.scheduler_listen`, likewise.
+    pub scheduler_health_url: String,
+}
+
+impl Default for ConsoleSettings {
+    fn default() -> Self {
+        Self {
+            session_ttl_seconds: 8 * 3600,
+            runner_health_url: String::new(),
+            scheduler_health_url: String::new(),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
     #[error(
@@ -431,6 +459,20 @@ fn validate(s: &Settings) -> Result<(), SettingsError> {
             ));
         }
     }
+    for (key, url) in [
+        ("console.runner_health_url", &s.console.runner_health_url),
+        (
+            "console.scheduler_health_url",
+            &s.console.scheduler_health_url,
+        ),
+    ] {
+        if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(invalid(
+                key,
+                format!("`{url}` is not an http:// URL of a /health/ready endpoint"),
+            ));
+        }
+    }
     if !(0.0..=1.0).contains(&s.payment.success_rate) {
         return Err(invalid(
             "payment.success_rate",
@@ -490,6 +532,7 @@ fn validate(s: &Settings) -> Result<(), SettingsError> {
             "monitoring.consumer_stall_seconds",
             s.monitoring.consumer_stall_seconds,
         ),
+        ("console.session_ttl_seconds", s.console.session_ttl_seconds),
     ] {
         if value == 0 {
             return Err(invalid(key, "must be greater than 0"));

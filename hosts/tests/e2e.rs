@@ -375,6 +375,22 @@ async fn runner_operator_commands_list_parked_sagas_redrive_dead_letters_and_rej
     let one = run(&["redrive", "order-saga", "1"]);
     assert!(one.status.success(), "{one:?}");
     assert!(String::from_utf8_lossy(&one.stderr).contains("moved=1"));
+    // The counts before and after are on stdout, and in the operator-action log.
+    let report: Value = serde_json::from_slice(&one.stdout).expect("JSON on stdout");
+    assert_eq!(report["moved"], 1);
+    assert_eq!(report["before"]["error_queue"], 2);
+    assert_eq!(report["after"]["error_queue"], 1);
+    let logged = saga::operator::get(&tdb.db, report["action_id"].as_i64().expect("id"))
+        .await
+        .expect("log")
+        .expect("the re-drive is logged");
+    assert_eq!(logged.action, "redrive");
+    assert!(logged.operator.ends_with("cli"), "{logged:?}");
+    assert_eq!(logged.queue.as_deref(), Some(queue.name.as_str()));
+    assert_eq!(
+        logged.detail.as_ref().map(|d| d["moved"].clone()),
+        Some(1.into())
+    );
     let depth = |name: String| {
         let transport = &broker.transport;
         async move { transport.queue_depth(&name).await.expect("depth") }

@@ -1,6 +1,6 @@
 //! Schema of order-saga and its idempotent seed data: the `saga` library's
-//! tables (its own migrations, [`saga::schema::migrations`]) and the order
-//! domain's tables.
+//! tables (its own migrations, [`saga::schema::migrations`]), the order
+//! domain's tables and the operator console's sessions.
 //!
 //! Applied by the API host at start (`Migrator::up`), and runnable on its own
 //! with `cargo run -p migration --bin migrate` (reads `DATABASE_URL`).
@@ -11,6 +11,7 @@ mod columns;
 mod m20261124_000001_create_domain_tables;
 mod m20261124_000003_seed_products;
 mod m20261124_000005_create_idempotency_keys;
+mod m20261210_000006_create_console_sessions;
 
 pub struct Migrator;
 
@@ -25,6 +26,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000001_create_domain_tables::Migration) as Box<dyn MigrationTrait>,
             Box::new(m20261124_000003_seed_products::Migration),
             Box::new(m20261124_000005_create_idempotency_keys::Migration),
+            Box::new(m20261210_000006_create_console_sessions::Migration),
         ]);
         all
     }

@@ -588,6 +588,32 @@ mod tests {
             OrderState::ALL.len() * OrderInput::samples().len()
         );
     }
+
+    #[test]
+    fn the_state_graph_groups_the_applied_transitions_and_marks_final_states() {
+        let graph = saga::describe::graph(&OrderSaga::default());
+        assert_eq!(graph.initial, "pending");
+        assert_eq!(graph.start_trigger, "OrderPlaced");
+        assert_eq!(
+            graph.states.iter().map(|s| s.name).collect::<Vec<_>>(),
+            ["pending", "processing", "completed", "expired"]
+        );
+        assert_eq!(graph.final_states(), ["completed", "expired"]);
+        let edges: Vec<(&str, &str, Vec<&str>)> = graph
+            .edges
+            .iter()
+            .map(|e| (e.from, e.to, e.inputs.clone()))
+            .collect();
+        assert_eq!(
+            edges,
+            [
+                ("pending", "processing", vec!["OrderCreated"]),
+                ("processing", "completed", vec!["PaymentDecided(approved)"]),
+                ("processing", "processing", vec!["PaymentDecided(declined)"]),
+                ("processing", "expired", vec!["ExpirationDue"]),
+            ]
+        );
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::definition::{Saga, SagaState};
-use crate::describe::{self, TransitionRow};
+use crate::describe::{self, StateGraph, TransitionRow};
 use crate::engine::{ParkedInstance, SagaEngine};
 use crate::error::SagaError;
 
@@ -32,10 +32,22 @@ pub trait SagaAdmin: Send + Sync + 'static {
     fn transitions(&self) -> Vec<TransitionRow>;
     /// The state diagram (Mermaid).
     fn mermaid(&self) -> String;
+    /// The state machine as a graph (initial and final states, transitions
+    /// grouped by their ends), for drawing it.
+    fn graph(&self) -> StateGraph;
     /// Parked instances, oldest first.
     async fn parked(&self, limit: u64) -> Result<Vec<ParkedInstance>, SagaError>;
-    /// Resumes a parked instance with a fresh budget.
+    /// Resumes a parked instance with a fresh budget (the journal does not
+    /// say who: prefer [`SagaAdmin::resume_by`]).
     async fn resume(&self, correlation_id: &str) -> Result<ResumedSummary, SagaError>;
+    /// Resumes a parked instance with a fresh budget on behalf of
+    /// `operator`: the journal row and the operator-action log name them
+    /// ([`SagaEngine::resume_by`]).
+    async fn resume_by(
+        &self,
+        correlation_id: &str,
+        operator: &str,
+    ) -> Result<ResumedSummary, SagaError>;
 }
 
 #[async_trait]
@@ -56,16 +68,33 @@ impl<S: Saga> SagaAdmin for SagaEngine<S> {
         describe::mermaid(self.saga())
     }
 
+    fn graph(&self) -> StateGraph {
+        describe::graph(self.saga())
+    }
+
     async fn parked(&self, limit: u64) -> Result<Vec<ParkedInstance>, SagaError> {
         SagaEngine::parked(self, limit).await
     }
 
     async fn resume(&self, correlation_id: &str) -> Result<ResumedSummary, SagaError> {
-        let resumed = SagaEngine::resume(self, correlation_id).await?;
-        Ok(ResumedSummary {
-            state: resumed.state.name(),
-            rerun: resumed.rerun.map(|h| format!("{h:?}")),
-        })
+        Ok(summary(SagaEngine::resume(self, correlation_id).await?))
+    }
+
+    async fn resume_by(
+        &self,
+        correlation_id: &str,
+        operator: &str,
+    ) -> Result<ResumedSummary, SagaError> {
+        Ok(summary(
+            SagaEngine::resume_by(self, correlation_id, operator).await?,
+        ))
+    }
+}
+
+fn summary<St: SagaState>(resumed: crate::engine::Resumed<St>) -> ResumedSummary {
+    ResumedSummary {
+        state: resumed.state.name(),
+        rerun: resumed.rerun.map(|h| format!("{h:?}")),
     }
 }
 

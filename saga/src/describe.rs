@@ -119,3 +119,79 @@ pub fn mermaid<S: Saga>(saga: &S) -> String {
     }
     out
 }
+
+/// One state of a [`StateGraph`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StateNode {
+    /// The state's name.
+    pub name: &'static str,
+    /// Whether it is final (the instance is decided).
+    pub is_final: bool,
+}
+
+/// The applied transitions from one state to another, with the inputs
+/// that take them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StateEdge {
+    /// Where from.
+    pub from: &'static str,
+    /// Where to (the same state for a transition that stays).
+    pub to: &'static str,
+    /// The input labels that take it, in table order.
+    pub inputs: Vec<&'static str>,
+}
+
+/// The state machine as a graph, for drawing it: the state an instance
+/// starts in, every state in lifecycle order, and the applied transitions
+/// grouped by (from, to). The same facts as [`mermaid`], as data.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StateGraph {
+    /// The state a new instance is in.
+    pub initial: &'static str,
+    /// What starts an instance (the start's trigger).
+    pub start_trigger: &'static str,
+    /// Every state, in [`SagaState::ALL`] order.
+    pub states: Vec<StateNode>,
+    /// Applied transitions, in table order of their first input.
+    pub edges: Vec<StateEdge>,
+}
+
+impl StateGraph {
+    /// The final states' names.
+    pub fn final_states(&self) -> Vec<&'static str> {
+        self.states
+            .iter()
+            .filter(|s| s.is_final)
+            .map(|s| s.name)
+            .collect()
+    }
+}
+
+/// The graph of `saga`'s transition table (see [`StateGraph`]).
+pub fn graph<S: Saga>(saga: &S) -> StateGraph {
+    let start = saga.start(&S::Data::default());
+    let mut edges: Vec<StateEdge> = Vec::new();
+    for row in transitions(saga) {
+        let Some(to) = row.to else { continue };
+        match edges.iter_mut().find(|e| e.from == row.from && e.to == to) {
+            Some(edge) => edge.inputs.push(row.input),
+            None => edges.push(StateEdge {
+                from: row.from,
+                to,
+                inputs: vec![row.input],
+            }),
+        }
+    }
+    StateGraph {
+        initial: start.state.name(),
+        start_trigger: start.trigger,
+        states: S::State::ALL
+            .iter()
+            .map(|s| StateNode {
+                name: s.name(),
+                is_final: s.is_final(),
+            })
+            .collect(),
+        edges,
+    }
+}

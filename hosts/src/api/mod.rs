@@ -35,7 +35,7 @@ pub mod problem;
 mod products;
 pub mod ratelimit;
 mod sagas;
-mod users;
+pub(crate) mod users;
 
 #[derive(Tags)]
 pub enum ApiTags {
@@ -71,6 +71,9 @@ pub struct AppState {
     /// Health checks and `/metrics` (database and outbox only, until the
     /// host adds its broker and loops).
     pub monitor: Arc<crate::ops::Monitor>,
+    /// The operator console's sagas, queues and session settings (no
+    /// broker and no peers until the host adds them).
+    pub console: Arc<crate::console::Console>,
 }
 
 impl AppState {
@@ -78,13 +81,15 @@ impl AppState {
     /// key shorter than 256 bits.
     pub fn new(db: DatabaseConnection, settings: &Settings) -> anyhow::Result<Self> {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let orders =
+            crate::infra::engine(settings, db.clone(), crate::infra::outbox_handle(settings));
         Ok(Self {
             monitor: Arc::new(crate::ops::Monitor::new(db.clone(), clock, settings)),
-            orders: crate::infra::engine(
+            console: Arc::new(crate::console::Console::new(
                 settings,
-                db.clone(),
-                crate::infra::outbox_handle(settings),
-            ),
+                crate::infra::sagas(&orders),
+            )),
+            orders,
             db,
             jwt: auth::JwtKeys::new(&settings.auth)?,
             clock: Arc::new(SystemClock),
@@ -240,6 +245,8 @@ pub fn app(state: Arc<AppState>) -> impl Endpoint + 'static {
     });
     Route::new()
         .nest("/", api)
+        // Not in the spec: the operator console's pages and JSON.
+        .nest("/console", crate::console::routes())
         .at("/openapi.json", get(spec_endpoint))
         .at("/swagger", get(ui))
         .at("/swagger/", get(ui_slash))
@@ -295,6 +302,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             .with_shutdown(shutdown.clone()),
     );
     state.monitor = monitor.clone();
+    state.console = Arc::new(
+        crate::console::Console::new(&settings, infra::sagas(&state.orders))
+            .with_broker(crate::operator::Broker::Rabbit(broker_slot.clone()))
+            .with_peers(&settings),
+    );
     let outbox = state.orders.outbox().clone();
     let state = Arc::new(state);
 
@@ -345,7 +357,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let listener = TcpListener::bind(settings.api.listen.clone());
     tracing::info!(
         listen = %settings.api.listen,
-        "API listening; Swagger UI at {}/swagger, spec at {}/openapi.json",
+        "API listening; Swagger UI at {}/swagger, spec at {}/openapi.json, operator console at {}/console",
+        settings.api.public_url,
         settings.api.public_url,
         settings.api.public_url
     );

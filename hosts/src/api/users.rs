@@ -182,11 +182,58 @@ pub enum MeResponse {
     Ok(Json<UserView>),
 }
 
+/// Checks an e-mail and password under the login limits (per account and
+/// per client `address`): the user, 401 for wrong credentials, 429 when a
+/// limit is used up. `POST /api/auth/login` and the console's login share it.
+pub(crate) async fn authenticate(
+    state: &AppState,
+    email: &str,
+    password: String,
+    address: &str,
+) -> Result<users::Model, ApiError> {
+    let email = email
+        .trim_matches(|c: char| c.is_ascii_whitespace())
+        .to_lowercase();
+    if let Err(retry_after) = state.login_limiter.begin(&email, address) {
+        tracing::warn!(client = %address, "login rate limit reached");
+        return Err(ApiError::too_many_requests(
+            format!("too many login attempts; try again in {retry_after} s"),
+            retry_after,
+        ));
+    }
+    let user = users::Entity::find()
+        .filter(users::Column::Email.eq(email.clone()))
+        .one(&state.db)
+        .await?;
+    let wrong = || {
+        state.login_limiter.failed(&email);
+        ApiError::unauthorized("e-mail or password is wrong")
+    };
+    let Some(user) = user else {
+        // Spend the same time as a real check, so response times do not
+        // tell which e-mails have accounts.
+        let dummy = DUMMY_HASH
+            .get_or_try_init(|| auth::hash_password("not a password".to_owned()))
+            .await
+            .map_err(|e| ApiError::internal("password hashing failed", e.as_ref()))?;
+        let _ = auth::verify_password(password, dummy.clone()).await;
+        return Err(wrong());
+    };
+    let ok = auth::verify_password(password, user.password_hash.clone())
+        .await
+        .map_err(|e| ApiError::internal("password check failed", e.as_ref()))?;
+    if !ok {
+        return Err(wrong());
+    }
+    state.login_limiter.succeeded(&email);
+    Ok(user)
+}
+
 pub struct UsersApi;
 
 /// The client's address for rate limiting (the TCP peer; proxies' headers
 /// are not trusted).
-fn client_address(req: &poem::Request) -> String {
+pub(crate) fn client_address(req: &poem::Request) -> String {
     match req.remote_addr().as_socket_addr() {
         Some(addr) => addr.ip().to_string(),
         None => req.remote_addr().to_string(),
@@ -256,44 +303,8 @@ impl UsersApi {
         req: &poem::Request,
         body: Json<LoginRequest>,
     ) -> Result<LoginResponse, ApiError> {
-        let email = body
-            .0
-            .email
-            .trim_matches(|c: char| c.is_ascii_whitespace())
-            .to_lowercase();
-        let address = client_address(req);
-        if let Err(retry_after) = state.login_limiter.begin(&email, &address) {
-            tracing::warn!(client = %address, "login rate limit reached");
-            return Err(ApiError::too_many_requests(
-                format!("too many login attempts; try again in {retry_after} s"),
-                retry_after,
-            ));
-        }
-        let user = users::Entity::find()
-            .filter(users::Column::Email.eq(email.clone()))
-            .one(&state.db)
-            .await?;
-        let wrong = || {
-            state.login_limiter.failed(&email);
-            ApiError::unauthorized("e-mail or password is wrong")
-        };
-        let Some(user) = user else {
-            // Spend the same time as a real check, so response times do not
-            // tell which e-mails have accounts.
-            let dummy = DUMMY_HASH
-                .get_or_try_init(|| auth::hash_password("not a password".to_owned()))
-                .await
-                .map_err(|e| ApiError::internal("password hashing failed", e.as_ref()))?;
-            let _ = auth::verify_password(body.0.password, dummy.clone()).await;
-            return Err(wrong());
-        };
-        let ok = auth::verify_password(body.0.password, user.password_hash.clone())
-            .await
-            .map_err(|e| ApiError::internal("password check failed", e.as_ref()))?;
-        if !ok {
-            return Err(wrong());
-        }
-        state.login_limiter.succeeded(&email);
+        let user =
+            authenticate(&state, &body.0.email, body.0.password, &client_address(req)).await?;
         let token = state
             .jwt
             .issue(user.id, &user.role, state.clock.now())

@@ -6,6 +6,7 @@ mod broker;
 mod engine;
 mod harness;
 mod helpers;
+mod operator;
 mod races;
 mod resilience;
 mod retries;

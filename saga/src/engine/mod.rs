@@ -1307,8 +1307,30 @@ impl<S: Saga> SagaEngine<S> {
 
     /// Resumes a parked instance with a fresh budget: its pending timers are
     /// made due now, sweeps see it again, and [`Saga::resume_input`] (if any)
-    /// is re-run.
+    /// is re-run. The journal row does not say who did it: prefer
+    /// [`SagaEngine::resume_by`].
     pub async fn resume(&self, correlation_id: &str) -> Result<Resumed<S::State>, SagaError> {
+        self.resume_as(correlation_id, None).await
+    }
+
+    /// [`SagaEngine::resume`] on behalf of `operator` (e.g.
+    /// `admin@example.com (user 1)`): the `resumed` journal row names the
+    /// operator (in its input, `{"operator": ..}`, and its detail), and the
+    /// same transaction logs the action in `saga_operator_actions`
+    /// ([`crate::operator`]).
+    pub async fn resume_by(
+        &self,
+        correlation_id: &str,
+        operator: &str,
+    ) -> Result<Resumed<S::State>, SagaError> {
+        self.resume_as(correlation_id, Some(operator)).await
+    }
+
+    async fn resume_as(
+        &self,
+        correlation_id: &str,
+        operator: Option<&str>,
+    ) -> Result<Resumed<S::State>, SagaError> {
         let now = self.clock.now();
         let txn = self.db.begin().await?;
         let row = load(&txn, S::TYPE, correlation_id).await?;
@@ -1354,9 +1376,10 @@ impl<S: Saga> SagaEngine<S> {
                 outcome: JournalOutcome::Resumed,
                 message_id: None,
                 attempt: 0,
-                input: None,
+                input: operator.map(|op| serde_json::json!({ "operator": op })),
                 detail: Some(format!(
-                    "resumed by an operator with a fresh budget; last error: {}",
+                    "resumed by {} with a fresh budget; last error: {}",
+                    operator.unwrap_or("an operator"),
                     row.last_error.as_deref().unwrap_or("none")
                 )),
                 error: None,
@@ -1364,11 +1387,31 @@ impl<S: Saga> SagaEngine<S> {
             now,
         )
         .await?;
+        if let Some(operator) = operator {
+            crate::operator::record(
+                &txn,
+                crate::operator::NewAction {
+                    kind: crate::operator::ActionKind::Resume,
+                    saga_type: Some(S::TYPE),
+                    correlation_id: Some(correlation_id),
+                    queue: None,
+                    operator,
+                    detail: Some(serde_json::json!({
+                        "state": state.name(),
+                        "attempts": row.attempts,
+                        "last_error": row.last_error,
+                    })),
+                },
+                now,
+            )
+            .await?;
+        }
         txn.commit().await?;
         tracing::info!(
             saga_type = S::TYPE,
             correlation_id,
             state = state.name(),
+            operator,
             "parked saga resumed"
         );
         let rerun = match self.saga.resume_input(state) {

@@ -8,6 +8,7 @@
 //! | `saga_inbox` | `(consumer, message_id)` of every handled message |
 //! | `saga_timers` | durable timers: type, instance, kind, payload, due time |
 //! | `saga_message_failures` | retry budgets of messages that have no instance |
+//! | `saga_operator_actions` | what operators did (resume, re-drive), who, and the counts before and after |
 //!
 //! No column belongs to one saga or one domain; every table holds every saga
 //! type side by side. A service adds [`migrations`] to its own migrator,
@@ -38,6 +39,7 @@ mod m20261124_000002_create_saga_tables;
 mod m20261124_000004_create_message_failures;
 mod m20261124_000006_add_trace_context;
 mod m20261202_000001_generic_saga_tables;
+mod m20261210_000001_create_operator_actions;
 
 // The entities mirror the tables column for column (generated style); the
 // table documentation above and each struct's comments say what they hold.
@@ -50,6 +52,9 @@ pub mod instances;
 #[allow(missing_docs)]
 /// `saga_message_failures`: retry budgets of messages without an instance.
 pub mod message_failures;
+#[allow(missing_docs)]
+/// `saga_operator_actions`: the operator-action log.
+pub mod operator_actions;
 #[allow(missing_docs)]
 /// `saga_outbox`: events waiting to be published.
 pub mod outbox;
@@ -69,6 +74,7 @@ pub fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         Box::new(m20261124_000004_create_message_failures::Migration),
         Box::new(m20261124_000006_add_trace_context::Migration),
         Box::new(m20261202_000001_generic_saga_tables::Migration),
+        Box::new(m20261210_000001_create_operator_actions::Migration),
     ]
 }
 

@@ -252,6 +252,45 @@ impl MemoryTransport {
         self.lock().queues.get(queue).map_or(0, |q| q.unacked.len())
     }
 
+    /// Moves up to `limit` ready messages of `queue`'s error queue back to
+    /// `queue`, in order, keeping their body, message id, type, correlation
+    /// id and trace headers and dropping the failure headers (what
+    /// [`RabbitTransport::redrive`](super::rabbitmq::RabbitTransport::redrive)
+    /// does on RabbitMQ). Returns the message id of each message moved.
+    pub fn redrive(
+        &self,
+        queue: &QueueSpec,
+        limit: u32,
+    ) -> Result<Vec<Option<String>>, TransportError> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(closed());
+        }
+        if !state.queues.contains_key(&queue.name) {
+            return Err(TransportError::Broker(format!("no queue `{}`", queue.name)));
+        }
+        let error_queue = queue.error_queue();
+        let mut moved = Vec::new();
+        while moved.len() < limit as usize {
+            let Some(mut message) = state
+                .queues
+                .get_mut(&error_queue)
+                .and_then(|q| q.ready.pop_front())
+            else {
+                break;
+            };
+            message
+                .headers
+                .retain(|name, _| name == TRACEPARENT || name == TRACESTATE);
+            // Through the default exchange, as on RabbitMQ.
+            message.routing_key = queue.name.clone();
+            message.redelivered = false;
+            moved.push(message.message_id.clone());
+            state.enqueue(&queue.name, message)?;
+        }
+        Ok(moved)
+    }
+
     /// Names of every declared queue, sorted.
     pub fn queue_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.lock().queues.keys().cloned().collect();
@@ -791,6 +830,44 @@ mod tests {
         assert_eq!(e.headers[HEADER_ATTEMPTS], "3");
         assert_eq!(e.headers[HEADER_ORIGINAL_ROUTING_KEY], "order.created");
         assert_eq!(e.headers[HEADER_ORIGINAL_QUEUE], "saga");
+    }
+
+    #[tokio::test]
+    async fn redrive_moves_dead_letters_back_without_their_failure_headers() {
+        let t = MemoryTransport::new();
+        let q = spec("saga", &["order.created"]);
+        t.declare_queue(&q);
+        let sent = [
+            message("order.created", "{bad"),
+            message("order.created", "{worse"),
+        ];
+        publish_ok(&t, &sent).await;
+        let mut stream = t.subscribe(&q, "c", 2).await.expect("subscribe");
+        for _ in 0..2 {
+            let delivery = stream.next().await.expect("item").expect("delivery");
+            t.dead_letter(&q, &delivery, "undecodable", 0)
+                .await
+                .expect("dead letter");
+            delivery.acker.ack().await.expect("ack");
+        }
+        drop(stream);
+        assert_eq!(t.ready_count("saga.error"), 2);
+
+        let moved = t.redrive(&q, 1).expect("redrive one");
+        assert_eq!(moved, [Some(sent[0].message_id.to_string())]);
+        assert_eq!(t.ready_count("saga.error"), 1);
+        let back = t.messages("saga").expect("queue");
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].body, b"{bad");
+        assert_eq!(back[0].message_type.as_deref(), Some("OrderCreated"));
+        assert_eq!(back[0].routing_key, "saga");
+        assert!(back[0].headers.is_empty(), "{:?}", back[0].headers);
+
+        let rest = t.redrive(&q, 10).expect("redrive the rest");
+        assert_eq!(rest, [Some(sent[1].message_id.to_string())]);
+        assert_eq!(t.ready_count("saga.error"), 0);
+        assert_eq!(t.ready_count("saga"), 2);
+        assert!(t.redrive(&q, 10).expect("nothing left").is_empty());
     }
 
     #[tokio::test]

@@ -338,7 +338,10 @@ impl<S: Saga> SagaEngine<S> {
         works: &[Work<S>],
         plan: Plan<S>,
     ) -> Result<Vec<Committed>, ApplyError> {
-        let changed: Vec<&Work<S>> = works.iter().filter(|w| w.steps > 0).collect();
+        // In id order: two batches touching the same instances lock them in
+        // the same order (no deadlock between them).
+        let mut changed: Vec<&Work<S>> = works.iter().filter(|w| w.steps > 0).collect();
+        changed.sort_by_key(|w| w.row.id);
         lock_cancelled_timers(txn, &plan.timers).await?;
         if !changed.is_empty() {
             let updated = update_instances(txn, now, &changed).await?;

@@ -24,6 +24,13 @@ pub struct Claims {
     pub aud: String,
     pub iat: i64,
     pub exp: i64,
+    /// The user's e-mail and name as at login (users cannot change them),
+    /// so placing an order needs no user lookup. Absent in tokens of
+    /// earlier versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// The authenticated caller.
@@ -31,6 +38,9 @@ pub struct Claims {
 pub struct Caller {
     pub user_id: i64,
     pub role: String,
+    /// E-mail and name from the token, when it carries them.
+    pub email: Option<String>,
+    pub name: Option<String>,
 }
 
 impl Caller {
@@ -95,17 +105,18 @@ impl JwtKeys {
 
     pub fn issue(
         &self,
-        user_id: i64,
-        role: &str,
+        user: &entity::users::Model,
         now: DateTime<Utc>,
     ) -> Result<String, jsonwebtoken::errors::Error> {
         let claims = Claims {
-            sub: user_id.to_string(),
-            role: role.to_owned(),
+            sub: user.id.to_string(),
+            role: user.role.clone(),
             iss: self.issuer.clone(),
             aud: self.audience.clone(),
             iat: now.timestamp(),
             exp: now.timestamp() + self.ttl_seconds,
+            email: Some(user.email.clone()),
+            name: Some(user.name.clone()),
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
     }
@@ -120,6 +131,8 @@ impl JwtKeys {
         Some(Caller {
             user_id: data.claims.sub.parse().ok()?,
             role: data.claims.role,
+            email: data.claims.email,
+            name: data.claims.name,
         })
     }
 }

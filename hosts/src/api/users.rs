@@ -307,7 +307,7 @@ impl UsersApi {
             authenticate(&state, &body.0.email, body.0.password, &client_address(req)).await?;
         let token = state
             .jwt
-            .issue(user.id, &user.role, state.clock.now())
+            .issue(&user, state.clock.now())
             .map_err(|e| ApiError::internal("token signing failed", &e))?;
         Ok(LoginResponse::Ok(Json(TokenView {
             token,

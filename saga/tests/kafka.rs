@@ -675,3 +675,56 @@ async fn an_idle_subscription_gets_a_new_event_promptly() {
     drop(stream);
     broker.cleanup().await;
 }
+
+/// A runner stopped while its member is still joining the group (as in a
+/// restart right after start). On Tansu 0.6 a member that left in the
+/// middle of a JoinGroup blocked the group for good: no later member was
+/// ever assigned a partition. The transport now finishes the join (bounded)
+/// before leaving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_dropped_while_joining_does_not_block_the_next_member() {
+    let broker = Broker::new(3, &[("order-saga", &["order.created"])]).await;
+    let settings = broker.transport.settings().clone();
+
+    // The first "runner": its own transport, stopped during its group join
+    // (the join is held about 2 s with these timeouts; the member finds its
+    // coordinator in about 0.5 s, so 1 s in it is waiting in JoinGroup).
+    let first = KafkaTransport::connect(settings.clone())
+        .await
+        .expect("connect");
+    let tag = format!("{}-first", broker.prefix);
+    let stream = first
+        .subscribe(broker.queue(0), &tag, 8)
+        .await
+        .expect("subscribe");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let status = first
+        .consumer_status()
+        .and_then(|r| r.snapshot(&tag, Instant::now()))
+        .expect("registered in the consumer registry");
+    assert!(
+        !status.registered,
+        "the first member must still be joining when it is stopped: {status:?}"
+    );
+    drop(stream);
+    first.close().await;
+
+    // The next "runner" gets the partitions and the message.
+    publish_all(&broker.transport, &[event("order.created", "order-1", 0)]).await;
+    let second = KafkaTransport::connect(settings).await.expect("connect");
+    let started = Instant::now();
+    let mut stream = second
+        .subscribe(broker.queue(0), &format!("{}-second", broker.prefix), 8)
+        .await
+        .expect("subscribe");
+    let d = next(&mut stream, WAIT).await;
+    assert_eq!(body(&d), "order-1:0");
+    d.acker.ack().await.expect("ack");
+    eprintln!(
+        "the next member's first delivery {:?} after it subscribed",
+        started.elapsed()
+    );
+    drop(stream);
+    second.close().await;
+    broker.cleanup().await;
+}

@@ -63,6 +63,9 @@ pub(super) struct GroupContext {
     /// Marked lost for a reason the group state clears (not a revocation
     /// in progress).
     lost: AtomicBool,
+    /// Between subscribing (or a revocation) and the next assignment: a
+    /// group join is in progress. See [`Subscription::close`].
+    joining: AtomicBool,
 }
 
 impl GroupContext {
@@ -138,6 +141,7 @@ impl ConsumerContext for GroupContext {
                 // Not `self.lost`: the next assignment, not the group state,
                 // ends this.
                 self.lost.store(false, Ordering::Relaxed);
+                self.joining.store(true, Ordering::Relaxed);
                 self.registry.lost(
                     &self.consumer_tag,
                     "rebalancing: partitions revoked",
@@ -175,6 +179,7 @@ impl ConsumerContext for GroupContext {
                 .map(|p| format!("{}[{}]", p.topic(), p.partition()))
                 .collect();
             tracing::info!(consumer = %self.consumer_tag, partitions = ?assigned, "partitions assigned");
+            self.joining.store(false, Ordering::Relaxed);
             self.registered();
         }
     }
@@ -332,6 +337,7 @@ impl Subscription {
             tracker: Arc::new(Mutex::new(OffsetTracker::default())),
             full: AtomicBool::new(false),
             lost: AtomicBool::new(false),
+            joining: AtomicBool::new(true),
         };
         let tracker = context.tracker.clone();
         let member: Member = self
@@ -538,7 +544,43 @@ impl Subscription {
 
     /// Closes a member off the async threads (closing leaves the group,
     /// which waits for the broker).
+    ///
+    /// A member that is still joining its group first finishes the join
+    /// (polled, for at most the rebalance timeout `max.poll.interval.ms`,
+    /// and no longer than the operation timeout), and leaves after that:
+    /// on Tansu 0.6, a member that went away in the middle of a join
+    /// blocked its group for good (no later member was ever assigned a
+    /// partition; docs/KAFKA-NOTES.md).
     async fn close(&self, instance: Instance) {
+        if instance.context.joining.load(Ordering::Relaxed) {
+            let settings = &self.inner.settings;
+            let bound = settings.max_poll_interval.min(settings.operation_timeout);
+            let started = Instant::now();
+            let joined = tokio::time::timeout(bound, async {
+                while instance.context.joining.load(Ordering::Relaxed) {
+                    // Polling serves the group join and its callbacks; a
+                    // message that arrives is not handed out (nor committed).
+                    let polled =
+                        tokio::time::timeout(Duration::from_millis(100), instance.member.recv())
+                            .await;
+                    if let Ok(Err(e)) = polled {
+                        tracing::debug!(consumer = %self.consumer_tag, error = %e, "consumer error while finishing a join");
+                    }
+                }
+            })
+            .await;
+            match joined {
+                Ok(()) => tracing::info!(
+                    consumer = %self.consumer_tag,
+                    waited_ms = started.elapsed().as_millis() as u64,
+                    "finished joining the group before leaving it"
+                ),
+                Err(_) => tracing::warn!(
+                    consumer = %self.consumer_tag,
+                    "still joining the group after {bound:?}; leaving anyway"
+                ),
+            }
+        }
         let Instance { member, .. } = instance;
         let closing = tokio::task::spawn_blocking(move || drop(member));
         if let Err(e) = closing.await {

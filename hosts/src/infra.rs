@@ -1,5 +1,5 @@
-//! Connecting to PostgreSQL and RabbitMQ at start, with retries, and the
-//! pieces every host builds from settings.
+//! Connecting to PostgreSQL at start, with retries, and the pieces every
+//! host builds from settings (the broker: [`crate::transport`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,10 +16,11 @@ use saga::consumer::{Consumer, RetryPolicy, SagaHandler};
 use saga::engine::{EngineSettings, SagaEngine};
 use saga::outbox::{OutboxHandle, OutboxRelay, RelaySettings};
 use saga::transport::Transport;
-use saga::transport::rabbitmq::{QueueType, RabbitTransport, ReconnectPolicy, Topology};
+use saga::transport::rabbitmq::Topology;
 use sea_orm::{ConnectOptions, Database, DatabaseConnection};
 
-use crate::settings::{QueueTypeSetting, Settings};
+use crate::settings::Settings;
+use crate::transport::HostTransport;
 
 /// Connects to the database, retrying for `database.connect_retry_seconds`.
 pub async fn connect_database(settings: &Settings) -> anyhow::Result<DatabaseConnection> {
@@ -91,59 +92,10 @@ pub async fn wait_for_schema(db: &DatabaseConnection, within: Duration) -> anyho
     }
 }
 
+/// The RabbitMQ topology (the embedded host's in-process transport
+/// declares the same queues).
 pub fn topology(settings: &Settings) -> Topology {
-    let queue_type = match settings.rabbitmq.queue_type {
-        QueueTypeSetting::Classic => QueueType::Classic,
-        QueueTypeSetting::Quorum => QueueType::Quorum,
-    };
-    order_topology::topology(
-        &settings.rabbitmq.exchange,
-        &settings.rabbitmq.queue_prefix,
-        queue_type,
-    )
-}
-
-/// Connects to RabbitMQ (retrying for `rabbitmq.connect_retry_seconds`) and
-/// declares the topology.
-pub async fn connect_broker(
-    settings: &Settings,
-    name: &str,
-) -> anyhow::Result<Arc<RabbitTransport>> {
-    let deadline = Instant::now() + Duration::from_secs(settings.rabbitmq.connect_retry_seconds);
-    let mut delay = Duration::from_millis(200);
-    let transport = loop {
-        match RabbitTransport::connect(
-            &settings.rabbitmq.url,
-            &settings.rabbitmq.exchange,
-            Duration::from_millis(settings.rabbitmq.confirm_timeout_ms),
-            name,
-        )
-        .await
-        {
-            Ok(t) => {
-                break t.with_reconnect_policy(ReconnectPolicy {
-                    initial: Duration::from_millis(settings.rabbitmq.reconnect_initial_backoff_ms),
-                    max: Duration::from_millis(settings.rabbitmq.reconnect_max_backoff_ms),
-                });
-            }
-            Err(e) if Instant::now() < deadline => {
-                tracing::warn!(error = %e, "RabbitMQ not reachable yet; retrying in {delay:?}");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-            Err(e) => {
-                return Err(e).context(format!(
-                    "Failed to connect to RabbitMQ at rabbitmq.url (after {} s)",
-                    settings.rabbitmq.connect_retry_seconds
-                ));
-            }
-        }
-    };
-    transport
-        .declare(&topology(settings))
-        .await
-        .context("Failed to declare the RabbitMQ topology")?;
-    Ok(Arc::new(transport))
+    crate::transport::rabbit_topology(settings)
 }
 
 /// The order saga with its timings (`payment.delay_ms`,
@@ -242,14 +194,14 @@ pub fn sagas(engine: &SagaEngine<OrderSaga>) -> Sagas {
     Sagas::new().with(engine.clone())
 }
 
-/// The RabbitMQ host's outbox relay (see [`relay_on`]).
+/// A separate host's outbox relay on its broker (see [`relay_on`]).
 pub fn relay(
     settings: &Settings,
     db: DatabaseConnection,
-    transport: Arc<RabbitTransport>,
+    transport: &HostTransport,
     outbox: OutboxHandle,
 ) -> OutboxRelay {
-    relay_on(settings, db, transport, outbox)
+    relay_on(settings, db, transport.as_dyn(), outbox)
 }
 
 /// An outbox relay on any transport (the embedded mode passes the in-memory
@@ -269,9 +221,8 @@ pub fn relay_on(
     )
 }
 
-/// The runner's two consumers (also run by the embedded host): the order
-/// saga's `OrderCreated` consumer and the notifications consumer, with the
-/// configured retry budget and prefetch.
+/// The embedded host's two consumers on its in-process transport, with the
+/// RabbitMQ queue names and prefetch (see [`consumers_with`]).
 pub fn consumers(
     settings: &Settings,
     transport: Arc<dyn Transport>,
@@ -281,14 +232,37 @@ pub fn consumers(
     Consumer<SagaHandler<OrderSaga>>,
     Consumer<NotificationHandler>,
 ) {
-    let prefix = &settings.rabbitmq.queue_prefix;
+    consumers_with(
+        settings,
+        &settings.rabbitmq.queue_prefix,
+        settings.rabbitmq.prefetch,
+        transport,
+        engine,
+        db,
+    )
+}
+
+/// The runner's two consumers (also run by the embedded host): the order
+/// saga's `OrderCreated` consumer and the notifications consumer, on the
+/// queues of `prefix`, with the configured retry budget and `prefetch`.
+pub fn consumers_with(
+    settings: &Settings,
+    prefix: &str,
+    prefetch: u16,
+    transport: Arc<dyn Transport>,
+    engine: &SagaEngine<OrderSaga>,
+    db: &DatabaseConnection,
+) -> (
+    Consumer<SagaHandler<OrderSaga>>,
+    Consumer<NotificationHandler>,
+) {
     let saga = Consumer::new(
         transport.clone(),
         order_topology::saga_queue(prefix),
         ORDER_SAGA_CONSUMER,
         Arc::new(SagaHandler::new(engine.clone(), ORDER_SAGA_CONSUMER)),
         retry_policy(settings),
-        settings.rabbitmq.prefetch,
+        prefetch,
     )
     .with_batch_size(batch_size(settings));
     let notifications = Consumer::new(
@@ -300,7 +274,7 @@ pub fn consumers(
                 .with_retry_budget(settings.retry.max_attempts),
         ),
         retry_policy(settings),
-        settings.rabbitmq.prefetch,
+        prefetch,
     )
     .with_batch_size(batch_size(settings));
     (saga, notifications)
@@ -313,7 +287,7 @@ fn batch_size(settings: &Settings) -> usize {
 /// What the runner and the scheduler both start with.
 pub struct Worker {
     pub db: DatabaseConnection,
-    pub transport: Arc<RabbitTransport>,
+    pub transport: HostTransport,
     pub engine: SagaEngine<OrderSaga>,
     pub relay: OutboxRelay,
 }
@@ -327,10 +301,10 @@ pub async fn worker(settings: &Settings, name: &str) -> anyhow::Result<Worker> {
         Duration::from_secs(settings.database.connect_retry_seconds),
     )
     .await?;
-    let transport = connect_broker(settings, name).await?;
+    let transport = HostTransport::connect(settings, name).await?;
     let outbox = outbox_handle(settings);
     let engine = engine(settings, db.clone(), outbox.clone());
-    let relay = relay(settings, db.clone(), transport.clone(), outbox);
+    let relay = relay(settings, db.clone(), &transport, outbox);
     Ok(Worker {
         db,
         transport,

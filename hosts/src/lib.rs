@@ -13,6 +13,7 @@ pub mod scheduler;
 pub mod settings;
 pub mod shutdown;
 pub mod telemetry;
+pub mod transport;
 
 /// Runs a host: loads settings, starts tracing, runs `body` until it ends or
 /// SIGTERM/Ctrl-C, and turns the result into the exit code (a configuration

@@ -56,6 +56,7 @@ pub fn handle() -> &'static PrometheusHandle {
             Ok(()) => {
                 saga::metrics::describe();
                 orders::metrics::describe();
+                crate::transport::describe_metrics();
                 metrics::describe_counter!(
                     HTTP_REQUESTS,
                     "HTTP requests by method, route template and status"

@@ -11,38 +11,50 @@ use chrono::{DateTime, Utc};
 use saga::operator::{ActionKind, NewAction};
 use saga::transport::QueueSpec;
 use saga::transport::memory::MemoryTransport;
-use saga::transport::rabbitmq::RabbitTransport;
 use sea_orm::DatabaseConnection;
 use serde::Serialize;
+
+use crate::transport::HostTransport;
 
 /// Where the queues are.
 #[derive(Clone)]
 pub enum Broker {
     /// No broker (a host that publishes nothing).
     None,
-    /// RabbitMQ; empty until the host has connected.
-    Rabbit(Arc<OnceLock<Arc<RabbitTransport>>>),
+    /// RabbitMQ or Kafka; empty until the host has connected.
+    Remote(Arc<OnceLock<HostTransport>>),
     /// The embedded host's in-process transport.
     Memory(MemoryTransport),
 }
 
 impl Broker {
-    /// A connected RabbitMQ transport.
-    pub fn rabbit(transport: Arc<RabbitTransport>) -> Self {
+    /// A connected transport.
+    pub fn connected(transport: HostTransport) -> Self {
         let slot = OnceLock::new();
         let _ = slot.set(transport);
-        Broker::Rabbit(Arc::new(slot))
+        Broker::Remote(Arc::new(slot))
     }
 
-    /// Messages ready in `queue`.
-    pub async fn depth(&self, queue: &str) -> anyhow::Result<u64> {
+    fn remote(slot: &OnceLock<HostTransport>) -> anyhow::Result<&HostTransport> {
+        slot.get().context("not connected to the broker yet")
+    }
+
+    /// Messages waiting in `queue` (RabbitMQ: ready; Kafka: not committed
+    /// by its consumer group).
+    pub async fn depth(&self, queue: &QueueSpec) -> anyhow::Result<u64> {
         match self {
             Broker::None => anyhow::bail!("this host has no broker"),
-            Broker::Rabbit(slot) => {
-                let transport = slot.get().context("not connected to RabbitMQ yet")?;
-                Ok(u64::from(transport.queue_depth(queue).await?))
-            }
-            Broker::Memory(memory) => Ok(memory.ready_count(queue) as u64),
+            Broker::Remote(slot) => Self::remote(slot)?.depth(queue).await,
+            Broker::Memory(memory) => Ok(memory.ready_count(&queue.name) as u64),
+        }
+    }
+
+    /// Dead letters in `queue`'s error queue (Kafka: not yet redriven).
+    pub async fn error_depth(&self, queue: &QueueSpec) -> anyhow::Result<u64> {
+        match self {
+            Broker::None => anyhow::bail!("this host has no broker"),
+            Broker::Remote(slot) => Self::remote(slot)?.error_depth(queue).await,
+            Broker::Memory(memory) => Ok(memory.ready_count(&queue.error_queue()) as u64),
         }
     }
 
@@ -53,10 +65,7 @@ impl Broker {
     ) -> anyhow::Result<Vec<Option<String>>> {
         match self {
             Broker::None => anyhow::bail!("this host has no broker"),
-            Broker::Rabbit(slot) => {
-                let transport = slot.get().context("not connected to RabbitMQ yet")?;
-                Ok(transport.redrive(queue, limit).await?)
-            }
+            Broker::Remote(slot) => Self::remote(slot)?.redrive(queue, limit).await,
             Broker::Memory(memory) => Ok(memory.redrive(queue, limit)?),
         }
     }
@@ -88,8 +97,8 @@ pub struct RedriveReport {
 
 async fn counts(broker: &Broker, queue: &QueueSpec) -> anyhow::Result<QueueCounts> {
     Ok(QueueCounts {
-        queue: broker.depth(&queue.name).await?,
-        error_queue: broker.depth(&queue.error_queue()).await?,
+        queue: broker.depth(queue).await?,
+        error_queue: broker.error_depth(queue).await?,
     })
 }
 

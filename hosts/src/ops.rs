@@ -27,13 +27,14 @@ use poem::listener::TcpAcceptor;
 use poem::web::Data;
 use poem::{EndpointExt, Response, Route, Server, get, handler};
 use saga::clock::Clock;
-use saga::transport::rabbitmq::RabbitTransport;
+use saga::transport::QueueSpec;
 use saga::transport::status::{ConsumerRegistry, ConsumerSnapshot};
 use sea_orm::{ConnectionTrait, DatabaseConnection};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::settings::Settings;
+use crate::transport::HostTransport;
 
 /// How long one check may take before it counts as failed.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
@@ -182,17 +183,17 @@ pub enum Broker {
     None,
     /// The embedded host's in-process transport: always there.
     InProcess,
-    /// RabbitMQ; empty until the host has connected (the api connects its
-    /// relay in the background).
-    Rabbit(Arc<OnceLock<Arc<RabbitTransport>>>),
+    /// RabbitMQ or Kafka; empty until the host has connected (the api
+    /// connects its relay in the background).
+    Remote(Arc<OnceLock<HostTransport>>),
 }
 
 impl Broker {
-    /// A RabbitMQ check on an already connected transport.
-    pub fn rabbit(transport: Arc<RabbitTransport>) -> Self {
+    /// A check on an already connected transport.
+    pub fn connected(transport: HostTransport) -> Self {
         let slot = OnceLock::new();
         let _ = slot.set(transport);
-        Broker::Rabbit(Arc::new(slot))
+        Broker::Remote(Arc::new(slot))
     }
 }
 
@@ -204,6 +205,8 @@ pub struct Monitor {
     /// Consumers that must be registered, and where their state is.
     consumers: Vec<String>,
     registry: Option<ConsumerRegistry>,
+    /// Kafka: the queues whose consumer lag `/metrics` reports.
+    lag_queues: Vec<(String, QueueSpec)>,
     loops: Loops,
     outbox_lag_max: Duration,
     consumer_stall: Duration,
@@ -221,6 +224,7 @@ impl Monitor {
             broker: Broker::None,
             consumers: Vec::new(),
             registry: None,
+            lag_queues: Vec::new(),
             loops: Loops::default(),
             outbox_lag_max: Duration::from_secs(settings.monitoring.outbox_lag_max_seconds),
             consumer_stall: Duration::from_secs(settings.monitoring.consumer_stall_seconds),
@@ -238,6 +242,13 @@ impl Monitor {
     pub fn with_consumers(mut self, registry: Option<ConsumerRegistry>, names: &[&str]) -> Self {
         self.registry = registry;
         self.consumers = names.iter().map(|n| (*n).to_owned()).collect();
+        self
+    }
+
+    /// `/metrics` reports the consumer lag of these (consumer name, queue)
+    /// when the broker is Kafka.
+    pub fn with_lag_of(mut self, queues: Vec<(String, QueueSpec)>) -> Self {
+        self.lag_queues = queues;
         self
     }
 
@@ -285,6 +296,19 @@ impl Monitor {
 
     /// `/metrics`.
     pub async fn metrics(&self) -> String {
+        if let Broker::Remote(slot) = &self.broker
+            && let Some(transport) = slot.get()
+            && !self.lag_queues.is_empty()
+        {
+            let read = crate::transport::record_kafka_lag(transport, &self.lag_queues);
+            if tokio::time::timeout(CHECK_TIMEOUT, read).await.is_err() {
+                metrics::counter!(crate::transport::KAFKA_LAG_ERRORS, "consumer" => "all")
+                    .increment(1);
+                tracing::warn!(
+                    "metrics: the Kafka consumer lag was not read within {CHECK_TIMEOUT:?}"
+                );
+            }
+        }
         crate::metrics::render(&self.db, &self.clock).await
     }
 
@@ -309,15 +333,12 @@ impl Monitor {
         let (ok, detail) = match &self.broker {
             Broker::None => return None,
             Broker::InProcess => (true, "in-process transport".to_owned()),
-            Broker::Rabbit(slot) => match slot.get() {
+            Broker::Remote(slot) => match slot.get() {
                 None => (false, "not connected yet".to_owned()),
                 Some(transport) => {
-                    match tokio::time::timeout(CHECK_TIMEOUT, transport.ensure_connected()).await {
-                        Ok(Ok(())) => (
-                            true,
-                            format!("connected ({} reconnects)", transport.reconnects()),
-                        ),
-                        Ok(Err(e)) => (false, format!("not connected: {e}")),
+                    match tokio::time::timeout(CHECK_TIMEOUT, transport.check()).await {
+                        Ok(Ok(detail)) => (true, detail),
+                        Ok(Err(detail)) => (false, detail),
                         Err(_) => (
                             false,
                             format!(

@@ -11,7 +11,6 @@ use clap::{Parser, Subcommand};
 use orders::OrderSaga;
 use orders::topology::{NOTIFICATIONS_CONSUMER, ORDER_SAGA_CONSUMER};
 use saga::Saga as _;
-use saga::transport::Transport;
 use saga::workers::TimerWorker;
 use tokio_util::sync::CancellationToken;
 
@@ -125,14 +124,14 @@ pub async fn main(
             Ok(())
         }
         Command::Redrive { consumer, limit } => {
-            let prefix = &settings.rabbitmq.queue_prefix;
-            let spec = orders::topology::queue_of(&consumer, prefix)
+            let spec = orders::topology::queue_of(&consumer, settings.queue_prefix())
                 .with_context(|| format!("no queue for consumer `{consumer}`"))?;
-            let transport = infra::connect_broker(&settings, "order-saga redrive").await?;
+            let transport =
+                crate::transport::HostTransport::connect(&settings, "order-saga redrive").await?;
             let db = infra::connect_database(&settings).await?;
             let report = crate::operator::redrive(
                 &db,
-                &crate::operator::Broker::rabbit(transport.clone()),
+                &crate::operator::Broker::connected(transport.clone()),
                 &consumer,
                 &spec,
                 limit,
@@ -158,16 +157,29 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         engine,
         relay,
     } = infra::worker(&settings, "order-saga runner").await?;
-    let (saga_consumer, notification_consumer) =
-        infra::consumers(&settings, transport.clone(), &engine, &db);
+    let (saga_consumer, notification_consumer) = infra::consumers_with(
+        &settings,
+        settings.queue_prefix(),
+        settings.prefetch(),
+        transport.as_dyn(),
+        &engine,
+        &db,
+    );
     let stop = shutdown.child_token();
+    let lag_queues = CONSUMERS
+        .iter()
+        .filter_map(|c| {
+            orders::topology::queue_of(c, settings.queue_prefix()).map(|q| ((*c).to_owned(), q))
+        })
+        .collect();
     let monitor = Arc::new(
         ops::Monitor::new(db.clone(), engine.clock().clone(), &settings)
-            .with_broker(ops::Broker::rabbit(transport.clone()))
+            .with_broker(ops::Broker::connected(transport.clone()))
             .with_consumers(
                 transport.consumer_status(),
                 &[ORDER_SAGA_CONSUMER, NOTIFICATIONS_CONSUMER],
             )
+            .with_lag_of(lag_queues)
             .with_shutdown(stop.clone()),
     );
     let listener = ops::bind(
@@ -177,6 +189,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     .await?;
     let loops = monitor.loops().clone();
     tracing::info!(
+        transport = transport.kind(),
         payment_delay_ms = settings.payment.delay_ms,
         success_rate = settings.payment.success_rate,
         "runner started"

@@ -23,7 +23,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let stop = shutdown.child_token();
     let monitor = Arc::new(
         ops::Monitor::new(db, engine.clock().clone(), &settings)
-            .with_broker(ops::Broker::rabbit(transport.clone()))
+            .with_broker(ops::Broker::connected(transport.clone()))
             .with_shutdown(stop.clone()),
     );
     let listener = ops::bind(

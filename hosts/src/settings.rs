@@ -34,7 +34,14 @@ impl fmt::Debug for Secret {
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     pub database: DatabaseSettings,
+    /// Which broker the api, runner and scheduler use (the embedded host
+    /// ignores it and stays in-process).
+    #[serde(default)]
+    pub transport: TransportSettings,
     pub rabbitmq: RabbitSettings,
+    /// Used when `transport.kind` is `kafka`.
+    #[serde(default)]
+    pub kafka: KafkaSettings,
     pub api: ApiSettings,
     pub auth: AuthSettings,
     pub payment: PaymentSettings,
@@ -125,6 +132,132 @@ pub struct RabbitSettings {
     /// up to `reconnect_max_backoff_ms`.
     pub reconnect_initial_backoff_ms: u64,
     pub reconnect_max_backoff_ms: u64,
+}
+
+/// Which broker the separate hosts use.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    /// RabbitMQ (`rabbitmq.*`), the default.
+    #[default]
+    Rabbitmq,
+    /// Kafka (`kafka.*`).
+    Kafka,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransportSettings {
+    pub kind: TransportKind,
+}
+
+/// `kafka.*`: the Kafka transport (`saga::transport::kafka`). Queue names
+/// (consumer groups, `.direct` and `.error` topics) are
+/// `<topic_prefix>.<consumer>`, event topics `<topic_prefix>.<routing key>`.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSettings {
+    pub bootstrap_servers: String,
+    pub topic_prefix: String,
+    pub partitions: i32,
+    pub replication_factor: i32,
+    /// Deliveries out at once per consumer (like `rabbitmq.prefetch`).
+    pub prefetch: u16,
+    pub session_timeout_ms: u64,
+    /// Must be at least `session_timeout_ms` (librdkafka refuses less).
+    pub max_poll_interval_ms: u64,
+    pub delivery_timeout_ms: u64,
+    pub operation_timeout_ms: u64,
+    pub connect_retry_seconds: u64,
+    pub client_id: String,
+    /// Further librdkafka properties (TLS, SASL, tuning), applied last to
+    /// every client. Values are never logged. Properties the transport sets
+    /// itself are refused ([`KafkaSettings::RESERVED`]).
+    pub extra: std::collections::BTreeMap<String, Secret>,
+}
+
+impl Default for KafkaSettings {
+    fn default() -> Self {
+        Self {
+            bootstrap_servers: "127.0.0.1:19092".to_owned(),
+            topic_prefix: "order_saga".to_owned(),
+            partitions: 3,
+            replication_factor: 1,
+            prefetch: 64,
+            session_timeout_ms: 10_000,
+            max_poll_interval_ms: 30_000,
+            delivery_timeout_ms: 10_000,
+            operation_timeout_ms: 10_000,
+            connect_retry_seconds: 60,
+            client_id: "order-saga".to_owned(),
+            extra: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+impl fmt::Debug for KafkaSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaSettings")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("topic_prefix", &self.topic_prefix)
+            .field("partitions", &self.partitions)
+            .field("replication_factor", &self.replication_factor)
+            .field("prefetch", &self.prefetch)
+            .field("session_timeout_ms", &self.session_timeout_ms)
+            .field("max_poll_interval_ms", &self.max_poll_interval_ms)
+            .field("delivery_timeout_ms", &self.delivery_timeout_ms)
+            .field("operation_timeout_ms", &self.operation_timeout_ms)
+            .field("connect_retry_seconds", &self.connect_retry_seconds)
+            .field("client_id", &self.client_id)
+            // Names only: values may be credentials.
+            .field("extra", &self.extra.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl KafkaSettings {
+    /// librdkafka properties the transport sets itself (its delivery and
+    /// commit guarantees rest on them, or they have a key of their own):
+    /// `kafka.extra` may not set them.
+    pub const RESERVED: [&'static str; 17] = [
+        "bootstrap.servers",
+        "client.id",
+        "group.id",
+        "enable.auto.commit",
+        "enable.auto.offset.store",
+        "auto.offset.reset",
+        "enable.idempotence",
+        "acks",
+        "request.required.acks",
+        "message.timeout.ms",
+        "delivery.timeout.ms",
+        "session.timeout.ms",
+        "max.poll.interval.ms",
+        "heartbeat.interval.ms",
+        "allow.auto.create.topics",
+        "partitioner",
+        "enable.partition.eof",
+    ];
+
+    /// The library's settings for these.
+    pub fn transport_settings(&self) -> saga::transport::kafka::KafkaSettings {
+        saga::transport::kafka::KafkaSettings {
+            bootstrap_servers: self.bootstrap_servers.clone(),
+            topic_prefix: self.topic_prefix.clone(),
+            partitions: self.partitions,
+            replication_factor: self.replication_factor,
+            session_timeout: Duration::from_millis(self.session_timeout_ms),
+            max_poll_interval: Duration::from_millis(self.max_poll_interval_ms),
+            delivery_timeout: Duration::from_millis(self.delivery_timeout_ms),
+            operation_timeout: Duration::from_millis(self.operation_timeout_ms),
+            client_id: self.client_id.clone(),
+            extra: self
+                .extra
+                .iter()
+                .map(|(k, v)| (k.clone(), v.expose().to_owned()))
+                .collect(),
+        }
+    }
 }
 
 /// How long a host waits for in-flight work after SIGTERM/Ctrl-C before it
@@ -432,6 +565,7 @@ fn validate(s: &Settings) -> Result<(), SettingsError> {
     if !(s.rabbitmq.url.starts_with("amqp://") || s.rabbitmq.url.starts_with("amqps://")) {
         return Err(invalid("rabbitmq.url", "must be an amqp:// URL"));
     }
+    validate_kafka(&s.kafka)?;
     let otlp = s.tracing.otlp_endpoint.trim();
     if !(otlp.is_empty() || otlp.starts_with("http://") || otlp.starts_with("https://")) {
         return Err(invalid(
@@ -572,7 +706,105 @@ fn validate(s: &Settings) -> Result<(), SettingsError> {
     Ok(())
 }
 
+fn validate_kafka(k: &KafkaSettings) -> Result<(), SettingsError> {
+    let servers: Vec<&str> = k.bootstrap_servers.split(',').map(str::trim).collect();
+    if servers.iter().any(|server| {
+        server
+            .rsplit_once(':')
+            .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+    }) {
+        return Err(invalid(
+            "kafka.bootstrap_servers",
+            format!(
+                "`{}` is not a comma-separated list of host:port",
+                k.bootstrap_servers
+            ),
+        ));
+    }
+    let prefix_ok = !k.topic_prefix.is_empty()
+        && k.topic_prefix.len() <= 200
+        && k.topic_prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if !prefix_ok {
+        return Err(invalid(
+            "kafka.topic_prefix",
+            format!(
+                "`{}` must be 1-200 of [A-Za-z0-9._-] (it starts Kafka topic names)",
+                k.topic_prefix
+            ),
+        ));
+    }
+    for (key, value) in [
+        ("kafka.partitions", k.partitions),
+        ("kafka.replication_factor", k.replication_factor),
+    ] {
+        if value < 1 {
+            return Err(invalid(key, "must be at least 1"));
+        }
+    }
+    for (key, value) in [
+        ("kafka.prefetch", u64::from(k.prefetch)),
+        ("kafka.session_timeout_ms", k.session_timeout_ms),
+        ("kafka.max_poll_interval_ms", k.max_poll_interval_ms),
+        ("kafka.delivery_timeout_ms", k.delivery_timeout_ms),
+        ("kafka.operation_timeout_ms", k.operation_timeout_ms),
+    ] {
+        if value == 0 {
+            return Err(invalid(key, "must be greater than 0"));
+        }
+    }
+    if k.max_poll_interval_ms < k.session_timeout_ms {
+        return Err(invalid(
+            "kafka.max_poll_interval_ms",
+            format!(
+                "must be at least kafka.session_timeout_ms ({}), got {}",
+                k.session_timeout_ms, k.max_poll_interval_ms
+            ),
+        ));
+    }
+    if k.client_id.trim().is_empty() {
+        return Err(invalid("kafka.client_id", "must not be empty"));
+    }
+    for key in k.extra.keys() {
+        if KafkaSettings::RESERVED.contains(&key.as_str()) {
+            return Err(invalid(
+                &format!("kafka.extra.{key}"),
+                "is set by the Kafka transport itself (or by its own kafka.* key) and may not be overridden",
+            ));
+        }
+        if key.is_empty()
+            || !key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_'))
+        {
+            return Err(invalid(
+                "kafka.extra",
+                format!("`{key}` is not a librdkafka property name"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Settings {
+    /// The queue-name prefix of the configured broker: `rabbitmq.queue_prefix`
+    /// or `kafka.topic_prefix`.
+    pub fn queue_prefix(&self) -> &str {
+        match self.transport.kind {
+            TransportKind::Rabbitmq => &self.rabbitmq.queue_prefix,
+            TransportKind::Kafka => &self.kafka.topic_prefix,
+        }
+    }
+
+    /// Deliveries out at once per consumer on the configured broker.
+    pub fn prefetch(&self) -> u16 {
+        match self.transport.kind {
+            TransportKind::Rabbitmq => self.rabbitmq.prefetch,
+            TransportKind::Kafka => self.kafka.prefetch,
+        }
+    }
+
     pub fn payment_delay(&self) -> Duration {
         Duration::from_millis(self.payment.delay_ms)
     }
@@ -741,6 +973,138 @@ mod tests {
         let debug = format!("{:?}", loaded.settings);
         assert!(!debug.contains(loaded.settings.auth.jwt_secret.expose()));
         assert!(!debug.contains(loaded.settings.seed.admin_password.expose()));
+    }
+
+    #[test]
+    fn the_transport_is_rabbitmq_by_default_and_kafka_keys_have_their_defaults() {
+        let s = load_from(&repo_config(), env(&[])).expect("loads").settings;
+        assert_eq!(s.transport.kind, TransportKind::Rabbitmq);
+        assert_eq!(s.queue_prefix(), "order_saga");
+        assert_eq!(s.prefetch(), 64);
+        let k = &s.kafka;
+        assert_eq!(k.bootstrap_servers, "127.0.0.1:19092");
+        assert_eq!(k.topic_prefix, "order_saga");
+        assert_eq!((k.partitions, k.replication_factor, k.prefetch), (3, 1, 64));
+        assert_eq!(
+            (k.session_timeout_ms, k.max_poll_interval_ms),
+            (10_000, 30_000)
+        );
+        assert_eq!(
+            (k.delivery_timeout_ms, k.operation_timeout_ms),
+            (10_000, 10_000)
+        );
+        assert_eq!(k.connect_retry_seconds, 60);
+        assert_eq!(k.client_id, "order-saga");
+        assert!(k.extra.is_empty());
+        // A file without the sections gets the same values.
+        let d = KafkaSettings::default();
+        assert_eq!(d.bootstrap_servers, k.bootstrap_servers);
+        assert_eq!(d.max_poll_interval_ms, k.max_poll_interval_ms);
+    }
+
+    #[test]
+    fn kafka_is_chosen_and_tuned_by_environment_variables() {
+        let s = load_from(
+            &repo_config(),
+            env(&[
+                ("APP__TRANSPORT__KIND", "kafka"),
+                ("APP__KAFKA__BOOTSTRAP_SERVERS", "kafka:9092,kafka2:9092"),
+                ("APP__KAFKA__TOPIC_PREFIX", "shop"),
+                ("APP__KAFKA__PARTITIONS", "6"),
+                ("APP__KAFKA__PREFETCH", "8"),
+                ("APP__KAFKA__SESSION_TIMEOUT_MS", "6000"),
+                ("APP__KAFKA__MAX_POLL_INTERVAL_MS", "6000"),
+            ]),
+        )
+        .expect("loads")
+        .settings;
+        assert_eq!(s.transport.kind, TransportKind::Kafka);
+        assert_eq!(s.queue_prefix(), "shop");
+        assert_eq!(s.prefetch(), 8);
+        let t = s.kafka.transport_settings();
+        assert_eq!(t.bootstrap_servers, "kafka:9092,kafka2:9092");
+        assert_eq!(t.partitions, 6);
+        assert_eq!(t.session_timeout, Duration::from_secs(6));
+        assert_eq!(t.max_poll_interval, Duration::from_secs(6));
+    }
+
+    #[test]
+    fn bad_kafka_values_name_their_key() {
+        for (var, value, key) in [
+            ("APP__TRANSPORT__KIND", "nats", "transport.kind"),
+            (
+                "APP__KAFKA__BOOTSTRAP_SERVERS",
+                "kafka",
+                "kafka.bootstrap_servers",
+            ),
+            (
+                "APP__KAFKA__BOOTSTRAP_SERVERS",
+                "",
+                "kafka.bootstrap_servers",
+            ),
+            ("APP__KAFKA__TOPIC_PREFIX", "a b", "kafka.topic_prefix"),
+            ("APP__KAFKA__PARTITIONS", "0", "kafka.partitions"),
+            (
+                "APP__KAFKA__REPLICATION_FACTOR",
+                "-1",
+                "kafka.replication_factor",
+            ),
+            ("APP__KAFKA__PREFETCH", "0", "kafka.prefetch"),
+            (
+                "APP__KAFKA__SESSION_TIMEOUT_MS",
+                "0",
+                "kafka.session_timeout_ms",
+            ),
+            (
+                "APP__KAFKA__MAX_POLL_INTERVAL_MS",
+                "5000",
+                "kafka.max_poll_interval_ms",
+            ),
+            (
+                "APP__KAFKA__DELIVERY_TIMEOUT_MS",
+                "soon",
+                "kafka.delivery_timeout_ms",
+            ),
+            ("APP__KAFKA__CLIENT_ID", " ", "kafka.client_id"),
+        ] {
+            let err = load_from(&repo_config(), env(&[(var, value)]))
+                .expect_err(&format!("{var}={value} is refused"));
+            assert!(err.to_string().contains(key), "{var}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn kafka_extra_refuses_what_the_transport_sets_and_never_shows_values() {
+        let mut s = load_from(&repo_config(), env(&[])).expect("loads").settings;
+        s.kafka.extra.insert(
+            "sasl.password".to_owned(),
+            Secret::new("hunter2-very-secret"),
+        );
+        s.kafka
+            .extra
+            .insert("security.protocol".to_owned(), Secret::new("sasl_ssl"));
+        assert!(validate(&s).is_ok());
+        let debug = format!("{s:?}");
+        assert!(!debug.contains("hunter2-very-secret"), "{debug}");
+        assert!(debug.contains("sasl.password"), "{debug}");
+        let t = s.kafka.transport_settings();
+        assert_eq!(t.extra["sasl.password"], "hunter2-very-secret");
+        for reserved in [
+            "enable.auto.commit",
+            "acks",
+            "enable.idempotence",
+            "group.id",
+        ] {
+            let mut bad = s.clone();
+            bad.kafka
+                .extra
+                .insert(reserved.to_owned(), Secret::new("x"));
+            let err = validate(&bad).expect_err(reserved);
+            assert!(
+                err.to_string().contains(&format!("kafka.extra.{reserved}")),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Api, Processes, free_port, host_env};
+use common::{Api, KafkaTopics, Processes, free_port, host_env, host_env_kafka, kafka_lag_series};
 use entity::notifications;
 use saga::schema::instances as saga_instances;
 use saga::testing::{TcpProxy, TestBroker, TestDatabase, amqp_url, eventually};
@@ -40,13 +40,36 @@ impl Stack {
         all_env: &[(&str, String)],
     ) -> Stack {
         let port = free_port();
-        let base = format!("http://127.0.0.1:{port}");
         let mut env = host_env(tdb, broker, port);
+        env.extend(all_env.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+        Self::launch(port, env, success_rate, runner_env).await
+    }
+
+    /// The same three hosts on Kafka (`topics`: the test's own topics).
+    async fn start_kafka(
+        tdb: &TestDatabase,
+        topics: &KafkaTopics,
+        success_rate: &str,
+        runner_env: &[(&str, String)],
+        all_env: &[(&str, String)],
+    ) -> Stack {
+        let port = free_port();
+        let mut env = host_env_kafka(tdb, topics, port);
+        env.extend(all_env.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+        Self::launch(port, env, success_rate, runner_env).await
+    }
+
+    async fn launch(
+        port: u16,
+        mut env: Vec<(String, String)>,
+        success_rate: &str,
+        runner_env: &[(&str, String)],
+    ) -> Stack {
+        let base = format!("http://127.0.0.1:{port}");
         env.push((
             "APP__PAYMENT__SUCCESS_RATE".to_owned(),
             success_rate.to_owned(),
         ));
-        env.extend(all_env.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
         let mut stack = Stack {
             procs: Processes::new("e2e"),
             api: Api::new(base),
@@ -65,6 +88,18 @@ impl Stack {
             &stack.env,
         );
         stack
+    }
+
+    /// `http://<monitoring.runner_listen>`.
+    fn runner_monitoring(&self) -> String {
+        let listen = self
+            .env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "APP__MONITORING__RUNNER_LISTEN")
+            .map(|(_, v)| v.clone())
+            .expect("runner listen address");
+        format!("http://{listen}")
     }
 
     /// Starts (or restarts) the runner with the stack's environment plus
@@ -404,5 +439,258 @@ async fn runner_operator_commands_list_parked_sagas_redrive_dead_letters_and_rej
     let bad_queue = run(&["redrive", "orders"]);
     assert_eq!(bad_queue.status.code(), Some(2));
     broker.delete().await;
+    tdb.drop().await;
+}
+
+// ---- The same flows on Kafka (`transport.kind=kafka`) -------------------
+//
+// The broker is `KAFKA_BOOTSTRAP` (default 127.0.0.1:19092, started by
+// `scripts/kafka-broker.sh start`); without one these tests fail. Each test
+// creates its own topics (a fresh prefix) and deletes them at the end.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_kafka_every_order_completes_once_the_runner_is_ready_and_its_lag_drains_to_zero() {
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
+    let topics = KafkaTopics::create().await;
+    let mut stack = Stack::start_kafka(&tdb, &topics, "1", &[], &[]).await;
+    let http = reqwest::Client::new();
+    let monitoring = stack.runner_monitoring();
+    // Ready: the broker answers and both consumers are in their groups.
+    let ready = eventually(WITHIN, "the runner ready on Kafka", || async {
+        let response = http
+            .get(format!("{monitoring}/health/ready"))
+            .send()
+            .await
+            .ok()?;
+        if response.status() != 200 {
+            return None;
+        }
+        response.json::<Value>().await.ok()
+    })
+    .await;
+    let checks = ready["checks"].as_array().expect("checks");
+    let broker = checks
+        .iter()
+        .find(|c| c["name"] == "broker")
+        .expect("a broker check");
+    assert!(
+        broker["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("connected to Kafka")),
+        "{ready}"
+    );
+    let (token, user) = stack.api.register_and_login().await;
+    let ids = stack.api.place_orders(&token, user, ORDERS).await;
+    stack.wait_for_status(&token, &ids, "completed").await;
+    stack
+        .assert_one_notification_each(&tdb, &token, &ids, "OrderCompleted", true, "OrderExpired")
+        .await;
+    let emails = eventually(Duration::from_secs(10), "fake e-mails logged", || async {
+        let n = stack.procs.log("runner").matches("FAKE E-MAIL").count();
+        (n >= ORDERS).then_some(n)
+    })
+    .await;
+    assert_eq!(emails, ORDERS);
+    // /metrics: a lag series per consumer, topic and partition; all drain
+    // to 0 once every event is handled and committed.
+    let series = eventually(WITHIN, "every Kafka lag series at 0", || async {
+        let text = http
+            .get(format!("{monitoring}/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        let series = kafka_lag_series(&text);
+        let both = ["consumer=\"order-saga\"", "consumer=\"notifications\""]
+            .iter()
+            .all(|c| series.iter().any(|(labels, _)| labels.contains(c)));
+        (both && series.iter().all(|(_, lag)| *lag == 0.0)).then_some(series)
+    })
+    .await;
+    let created = topics.settings.event_topic("order.created");
+    assert!(
+        series.iter().any(
+            |(labels, _)| labels.contains(&format!("topic=\"{created}\""))
+                && labels.contains("partition=\"2\"")
+        ),
+        "{series:?}"
+    );
+    stack.procs.stop().await;
+    topics.delete().await;
+    tdb.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_kafka_with_payments_always_declined_every_order_expires_once() {
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
+    let topics = KafkaTopics::create().await;
+    let mut stack = Stack::start_kafka(&tdb, &topics, "0", &[], &[]).await;
+    let (token, user) = stack.api.register_and_login().await;
+    let ids = stack.api.place_orders(&token, user, ORDERS).await;
+    stack.wait_for_status(&token, &ids, "expired").await;
+    stack
+        .assert_one_notification_each(&tdb, &token, &ids, "OrderExpired", false, "OrderCompleted")
+        .await;
+    assert_eq!(stack.procs.log("runner").matches("FAKE E-MAIL").count(), 0);
+    stack.procs.stop().await;
+    topics.delete().await;
+    tdb.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_kafka_sigterm_stops_every_host_with_exit_0_and_a_restarted_runner_finishes_the_work() {
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
+    let topics = KafkaTopics::create().await;
+    let slow_payment = [("APP__PAYMENT__DELAY_MS", "2000".to_owned())];
+    let patient = [(
+        "APP__EXPIRATION__PROCESSING_TIMEOUT_SECONDS",
+        "120".to_owned(),
+    )];
+    let mut stack = Stack::start_kafka(&tdb, &topics, "1", &slow_payment, &patient).await;
+    let (token, user) = stack.api.register_and_login().await;
+    let ids = stack.api.place_orders(&token, user, ORDERS).await;
+    // Some orders reached the runner (processing) before it is stopped.
+    eventually(WITHIN, "an order processing", || async {
+        for id in &ids {
+            let (_, order) = stack.api.get(&format!("/api/orders/{id}"), &token).await;
+            if order["status"] == "processing" {
+                return Some(());
+            }
+        }
+        None
+    })
+    .await;
+    let status = stack.procs.terminate("runner").await;
+    assert!(status.success(), "runner exited with {status}");
+    assert!(stack.procs.log("runner").contains("runner stopped"));
+    let mut unfinished = 0;
+    for id in &ids {
+        let (_, order) = stack.api.get(&format!("/api/orders/{id}"), &token).await;
+        if order["status"] != "completed" {
+            unfinished += 1;
+        }
+    }
+    assert!(
+        unfinished > 0,
+        "orders were in flight when the runner stopped"
+    );
+    stack.spawn_runner(&slow_payment);
+    stack.wait_for_status(&token, &ids, "completed").await;
+    stack
+        .assert_one_notification_each(&tdb, &token, &ids, "OrderCompleted", true, "OrderExpired")
+        .await;
+    for host in ["runner", "scheduler", "api"] {
+        let status = stack.procs.terminate(host).await;
+        assert!(status.success(), "{host} exited with {status}");
+    }
+    stack.procs.stop().await;
+    topics.delete().await;
+    tdb.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_kafka_runner_redrive_moves_dead_letters_from_the_error_topic_back_to_the_queue() {
+    use futures_util::StreamExt;
+    use saga::transport::{OutgoingMessage, Transport};
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
+    let topics = KafkaTopics::create().await;
+    let queue = orders::topology::saga_queue(&topics.prefix);
+    // Two malformed messages, dead-lettered by a consumer of the queue's
+    // group (as the runner does with what it cannot decode).
+    for body in ["{first", "{second"] {
+        let message = OutgoingMessage {
+            message_id: uuid::Uuid::new_v4(),
+            message_type: "OrderCreated".to_owned(),
+            correlation_id: "4242".to_owned(),
+            routing_key: "order.created".to_owned(),
+            body: body.as_bytes().to_vec(),
+            trace: None,
+        };
+        topics
+            .transport
+            .publish_to_queue(&queue, &message)
+            .await
+            .expect("into the queue");
+    }
+    let mut stream = topics
+        .transport
+        .subscribe(&queue, &format!("{}-dead-letterer", topics.prefix), 8)
+        .await
+        .expect("subscribe");
+    for _ in 0..2 {
+        let delivery = tokio::time::timeout(WITHIN, stream.next())
+            .await
+            .expect("a delivery")
+            .expect("stream open")
+            .expect("delivery");
+        topics
+            .transport
+            .dead_letter(&queue, &delivery, "malformed message", 1)
+            .await
+            .expect("dead-lettered");
+        delivery.acker.ack().await.expect("ack");
+    }
+    drop(stream);
+    let config_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configuration");
+    let run = |args: &[&str]| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_runner"));
+        command
+            .args(args)
+            .env("APP_CONFIG_DIR", &config_dir)
+            .env("APP__DATABASE__URL", &tdb.url)
+            .env("NO_COLOR", "1");
+        for (k, v) in topics.env() {
+            command.env(k, v);
+        }
+        command.output().expect("runner runs")
+    };
+    let one = run(&["redrive", "order-saga", "1"]);
+    assert!(one.status.success(), "{one:?}");
+    let report: Value = serde_json::from_slice(&one.stdout).expect("JSON on stdout");
+    assert_eq!(report["moved"], 1, "{report}");
+    assert_eq!(report["before"]["error_queue"], 2, "{report}");
+    assert_eq!(report["after"]["error_queue"], 1, "{report}");
+    assert_eq!(report["queue"], queue.name.as_str());
+    let logged = saga::operator::get(&tdb.db, report["action_id"].as_i64().expect("id"))
+        .await
+        .expect("log")
+        .expect("the re-drive is logged");
+    assert_eq!(logged.action, "redrive");
+    let rest = run(&["redrive", "order-saga"]);
+    assert!(rest.status.success(), "{rest:?}");
+    let report: Value = serde_json::from_slice(&rest.stdout).expect("JSON on stdout");
+    assert_eq!(report["moved"], 1, "{report}");
+    assert_eq!(report["after"]["error_queue"], 0, "{report}");
+    // Both are back in the queue (its direct topic), once each, and the
+    // error topic has nothing left to redrive.
+    assert_eq!(
+        topics
+            .transport
+            .dead_letter_count(&queue)
+            .await
+            .expect("count"),
+        0
+    );
+    let mut stream = topics
+        .transport
+        .subscribe(&queue, &format!("{}-reader", topics.prefix), 8)
+        .await
+        .expect("subscribe");
+    let mut bodies = Vec::new();
+    for _ in 0..2 {
+        let delivery = tokio::time::timeout(WITHIN, stream.next())
+            .await
+            .expect("a redriven delivery")
+            .expect("stream open")
+            .expect("delivery");
+        bodies.push(String::from_utf8_lossy(&delivery.body).into_owned());
+        delivery.acker.ack().await.expect("ack");
+    }
+    bodies.sort();
+    assert_eq!(bodies, ["{first", "{second"]);
+    drop(stream);
+    topics.delete().await;
     tdb.drop().await;
 }

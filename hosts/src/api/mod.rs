@@ -298,13 +298,14 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     let mut state = AppState::new(db.clone(), &settings)?;
     let monitor = Arc::new(
         crate::ops::Monitor::new(db.clone(), state.clock.clone(), &settings)
-            .with_broker(crate::ops::Broker::Rabbit(broker_slot.clone()))
+            .with_broker(crate::ops::Broker::Remote(broker_slot.clone()))
             .with_shutdown(shutdown.clone()),
     );
     state.monitor = monitor.clone();
     state.console = Arc::new(
         crate::console::Console::new(&settings, infra::sagas(&state.orders))
-            .with_broker(crate::operator::Broker::Rabbit(broker_slot.clone()))
+            .with_broker(crate::operator::Broker::Remote(broker_slot.clone()))
+            .with_queue_prefix(settings.queue_prefix())
             .with_peers(&settings),
     );
     let outbox = state.orders.outbox().clone();
@@ -322,19 +323,19 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             // Stop trying to connect as soon as the host is asked to stop.
             let connected = tokio::select! {
                 _ = relay_shutdown.cancelled() => return,
-                connected = infra::connect_broker(&relay_settings, "order-saga api relay") => connected,
+                connected = crate::transport::HostTransport::connect(&relay_settings, "order-saga api relay") => connected,
             };
             match connected {
                 Ok(transport) => {
                     let _ = broker_slot.set(transport.clone());
                     let relay =
-                        infra::relay(&relay_settings, db.clone(), transport.clone(), outbox);
+                        infra::relay(&relay_settings, db.clone(), &transport, outbox);
                     relay.run_until_stopped(relay_shutdown.clone()).await;
                     transport.close().await;
                     return;
                 }
                 Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "outbox relay cannot reach RabbitMQ; retrying");
+                    tracing::error!(error = %format!("{e:#}"), "outbox relay cannot reach the broker; retrying");
                     tokio::select! {
                         _ = relay_shutdown.cancelled() => return,
                         _ = tokio::time::sleep(Duration::from_secs(5)) => {}

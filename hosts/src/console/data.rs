@@ -167,11 +167,8 @@ pub async fn overview(
         .collect();
     let mut queues = Vec::new();
     for (consumer, spec) in &console.queues {
-        let error_queue = spec.error_queue();
-        let (depth, error_depth) = tokio::join!(
-            console.broker.depth(&spec.name),
-            console.broker.depth(&error_queue)
-        );
+        let (depth, error_depth) =
+            tokio::join!(console.broker.depth(spec), console.broker.error_depth(spec));
         let problem = match (&depth, &error_depth) {
             (Err(e), _) | (_, Err(e)) => Some(format!("{e:#}")),
             _ => None,

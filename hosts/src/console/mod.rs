@@ -76,15 +76,20 @@ pub struct Console {
     http: reqwest::Client,
 }
 
+/// Each consumer the runner runs with its queue under `prefix`.
+fn queues_of(prefix: &str) -> Vec<(String, saga::transport::QueueSpec)> {
+    crate::runner::CONSUMERS
+        .iter()
+        .filter_map(|c| orders::topology::queue_of(c, prefix).map(|q| ((*c).to_owned(), q)))
+        .collect()
+}
+
 impl Console {
-    /// The console of a host running `sagas`, with the queues of the
-    /// configured prefix, no broker and no peers.
+    /// The console of a host running `sagas`, with the queues of
+    /// `rabbitmq.queue_prefix` (see [`Console::with_queue_prefix`]), no
+    /// broker and no peers.
     pub fn new(settings: &Settings, sagas: Sagas) -> Self {
-        let prefix = &settings.rabbitmq.queue_prefix;
-        let queues = crate::runner::CONSUMERS
-            .iter()
-            .filter_map(|c| orders::topology::queue_of(c, prefix).map(|q| ((*c).to_owned(), q)))
-            .collect();
+        let queues = queues_of(&settings.rabbitmq.queue_prefix);
         Self {
             sagas,
             broker: Broker::None,
@@ -105,6 +110,12 @@ impl Console {
 
     pub fn with_broker(mut self, broker: Broker) -> Self {
         self.broker = broker;
+        self
+    }
+
+    /// The queues of another prefix (the api on Kafka: `kafka.topic_prefix`).
+    pub fn with_queue_prefix(mut self, prefix: &str) -> Self {
+        self.queues = queues_of(prefix);
         self
     }
 

@@ -9,6 +9,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use saga::testing::{TestBroker, TestDatabase, amqp_url, eventually};
+use saga::transport::kafka::{KafkaSettings, KafkaTopology, KafkaTransport};
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
@@ -26,13 +27,36 @@ pub fn free_port() -> u16 {
 /// sweep every second, outbox poll 100 ms) and plain text logs. A test
 /// appends its overrides: a later entry for the same key wins.
 pub fn host_env(tdb: &TestDatabase, broker: &TestBroker, api_port: u16) -> Vec<(String, String)> {
+    let mut env = base_env(tdb, api_port);
+    env.extend(
+        [
+            ("APP__RABBITMQ__URL", amqp_url()),
+            ("APP__RABBITMQ__EXCHANGE", broker.exchange.clone()),
+            ("APP__RABBITMQ__QUEUE_PREFIX", broker.prefix.clone()),
+        ]
+        .map(|(k, v)| (k.to_owned(), v)),
+    );
+    env
+}
+
+/// Like [`host_env`], on Kafka: `transport.kind=kafka`, the test's topic
+/// prefix, and short group timeouts (a join takes about half the session
+/// timeout on Tansu).
+pub fn host_env_kafka(
+    tdb: &TestDatabase,
+    topics: &KafkaTopics,
+    api_port: u16,
+) -> Vec<(String, String)> {
+    let mut env = base_env(tdb, api_port);
+    env.extend(topics.env());
+    env
+}
+
+fn base_env(tdb: &TestDatabase, api_port: u16) -> Vec<(String, String)> {
     let config_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configuration");
     [
         ("APP_CONFIG_DIR", config_dir.display().to_string()),
         ("APP__DATABASE__URL", tdb.url.clone()),
-        ("APP__RABBITMQ__URL", amqp_url()),
-        ("APP__RABBITMQ__EXCHANGE", broker.exchange.clone()),
-        ("APP__RABBITMQ__QUEUE_PREFIX", broker.prefix.clone()),
         ("APP__API__LISTEN", format!("127.0.0.1:{api_port}")),
         (
             "APP__API__PUBLIC_URL",
@@ -56,6 +80,93 @@ pub fn host_env(tdb: &TestDatabase, broker: &TestBroker, api_port: u16) -> Vec<(
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect()
+}
+
+/// The Kafka broker the tests use: `KAFKA_BOOTSTRAP`, default
+/// `127.0.0.1:19092` (`scripts/kafka-broker.sh start`).
+pub fn kafka_bootstrap() -> String {
+    std::env::var("KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:19092".to_owned())
+}
+
+/// A test's own Kafka topics: a fresh prefix, the order saga's topology
+/// created before any host starts, deleted by [`KafkaTopics::delete`]
+/// (after the hosts are stopped). No broker is a failure, not a skip.
+pub struct KafkaTopics {
+    pub prefix: String,
+    pub settings: KafkaSettings,
+    pub transport: KafkaTransport,
+    pub topology: KafkaTopology,
+}
+
+impl KafkaTopics {
+    pub async fn create() -> Self {
+        let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
+        let settings = KafkaSettings {
+            bootstrap_servers: kafka_bootstrap(),
+            topic_prefix: prefix.clone(),
+            partitions: 3,
+            session_timeout: Duration::from_secs(3),
+            max_poll_interval: Duration::from_secs(3),
+            delivery_timeout: Duration::from_secs(5),
+            operation_timeout: Duration::from_secs(10),
+            client_id: format!("{prefix}-test"),
+            ..KafkaSettings::default()
+        };
+        let transport = KafkaTransport::connect(settings.clone())
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "no Kafka broker at {} ({e}). Start one with `scripts/kafka-broker.sh start` \
+                     (or point KAFKA_BOOTSTRAP at a broker)",
+                    kafka_bootstrap()
+                )
+            });
+        let topology = KafkaTopology::new(orders::topology::queues(&prefix), &settings);
+        transport.declare(&topology).await.expect("create topics");
+        Self {
+            prefix,
+            settings,
+            transport,
+            topology,
+        }
+    }
+
+    /// The hosts' `APP__TRANSPORT__*` and `APP__KAFKA__*` variables.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("APP__TRANSPORT__KIND", "kafka".to_owned()),
+            ("APP__KAFKA__BOOTSTRAP_SERVERS", kafka_bootstrap()),
+            ("APP__KAFKA__TOPIC_PREFIX", self.prefix.clone()),
+            ("APP__KAFKA__SESSION_TIMEOUT_MS", "3000".to_owned()),
+            ("APP__KAFKA__MAX_POLL_INTERVAL_MS", "3000".to_owned()),
+            ("APP__KAFKA__DELIVERY_TIMEOUT_MS", "5000".to_owned()),
+            ("APP__KAFKA__CLIENT_ID", format!("{}-host", self.prefix)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
+    /// Deletes the topics and groups (stop every host first).
+    pub async fn delete(self) {
+        self.transport
+            .delete(&self.topology)
+            .await
+            .expect("delete topics");
+        self.transport.close().await;
+    }
+}
+
+/// The `saga_kafka_consumer_lag` series of a `/metrics` text: (labels, value).
+pub fn kafka_lag_series(metrics: &str) -> Vec<(String, f64)> {
+    metrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("saga_kafka_consumer_lag{"))
+        .filter_map(|rest| {
+            let (labels, value) = rest.split_once("} ")?;
+            Some((labels.to_owned(), value.trim().parse().ok()?))
+        })
+        .collect()
 }
 
 /// Host processes started by a test, each logging to its own file, killed

@@ -21,29 +21,50 @@ FROM ${RUST_IMAGE} AS build
 WORKDIR /src
 ENV CARGO_TERM_COLOR=never CARGO_INCREMENTAL=0
 
+# librdkafka (the Kafka transport) is built from source by rdkafka-sys:
+# ./configure + make, C and C++ (no cmake; zlib comes from libz-sys). The
+# slim image has gcc but neither make nor g++. Versions are those of the
+# image's Debian release (pinned through RUST_IMAGE).
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends make g++ \
+ && rm -rf /var/lib/apt/lists/*
+
 # 1. Dependencies only. Stub sources stand in for the workspace's crates so
 #    this layer depends on nothing but the manifests and the lock file.
+#    Every workspace member's manifest is needed (cargo loads the whole
+#    workspace), and every target a manifest declares by name needs a file
+#    (saga's [[test]] kafka; migration's [[bin]] migrate);
+#    scripts/check-docker.sh checks both.
 COPY Cargo.toml Cargo.lock ./
+COPY saga/Cargo.toml saga/
+COPY orders/Cargo.toml orders/
 COPY entity/Cargo.toml entity/
 COPY migration/Cargo.toml migration/
-COPY saga/Cargo.toml saga/
 COPY hosts/Cargo.toml hosts/
-RUN mkdir -p entity/src migration/src saga/src hosts/src/bin \
- && for lib in entity migration saga hosts; do echo '' > "$lib/src/lib.rs"; done \
- && for bin in migration/src/main.rs hosts/src/bin/api.rs hosts/src/bin/runner.rs \
+COPY bench/Cargo.toml bench/
+RUN mkdir -p saga/src saga/tests orders/src entity/src migration/src hosts/src/bin bench/src \
+ && for lib in saga orders entity migration hosts; do echo '' > "$lib/src/lib.rs"; done \
+ && for bin in migration/src/main.rs bench/src/main.rs hosts/src/bin/api.rs hosts/src/bin/runner.rs \
                hosts/src/bin/scheduler.rs hosts/src/bin/healthcheck.rs hosts/src/bin/embedded.rs; do \
       echo 'fn main() {}' > "$bin"; \
     done \
+ && echo '' > saga/tests/kafka.rs \
  && cargo build --release --locked -p hosts --bins \
- && rm -rf entity/src migration/src saga/src hosts/src
+ && rm -rf saga/src saga/tests orders/src entity/src migration/src hosts/src bench/src
 
 # 2. The workspace's own crates. `touch` makes every real source newer than
-#    the stubs' build outputs, so cargo rebuilds exactly these crates.
+#    the stubs' build outputs, so cargo rebuilds exactly these crates. (bench
+#    and saga's tests keep their stubs: they are not built here.)
+COPY saga/src saga/src
+COPY orders/src orders/src
 COPY entity/src entity/src
 COPY migration/src migration/src
-COPY saga/src saga/src
 COPY hosts/src hosts/src
-RUN find entity/src migration/src saga/src hosts/src -name '*.rs' -exec touch {} + \
+RUN mkdir -p saga/tests bench/src \
+ && echo '' > saga/tests/kafka.rs \
+ && echo 'fn main() {}' > bench/src/main.rs \
+ && find saga/src orders/src entity/src migration/src hosts/src -name '*.rs' -exec touch {} + \
  && cargo build --release --locked -p hosts --bins \
  && mkdir -p /out \
  && cp target/release/api target/release/runner target/release/scheduler \
@@ -51,7 +72,7 @@ RUN find entity/src migration/src saga/src hosts/src -name '*.rs' -exec touch {}
 
 FROM ${RUNTIME_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="order-saga" \
-      org.opencontainers.image.description="order-saga hosts: api, runner, scheduler"
+      org.opencontainers.image.description="order-saga hosts: api, runner, scheduler (RabbitMQ or Kafka: transport.kind)"
 WORKDIR /app
 COPY --from=build /out/api /out/runner /out/scheduler /out/healthcheck /usr/local/bin/
 # instance.json and secrets.example.json (secrets.json never enters the

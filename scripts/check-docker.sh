@@ -6,7 +6,12 @@
 #      static binary);
 #   3. every binary the Dockerfile builds, stubs or copies is a real [[bin]]
 #      target of the workspace, and every bin of the `hosts` package is stubbed
-#      (the dependency layer would not build otherwise).
+#      (the dependency layer would not build otherwise);
+#   4. the Dockerfile copies the manifest of every workspace member (cargo
+#      loads the whole workspace) and, for both build steps, gives every
+#      target a manifest declares by name ([[bin]], [[test]], [[example]],
+#      [[bench]] with an explicit or default path) a file, since cargo refuses
+#      a manifest whose declared target has none.
 # The tools are installed into a virtualenv under target/ on first use.
 # Prints one "check: <name> ok|FAILED" line per check; exits 1 if any failed.
 # (The compose *configuration* itself is exercised by hosts/tests/compose.rs,
@@ -68,5 +73,55 @@ print("binaries: workspace bins", sorted(bins), "; image ships", sorted(copied))
 sys.exit(1 if problems else 0)
 '
 report "Dockerfile binaries are real workspace targets" $?
+
+cargo metadata --no-deps --format-version 1 --offline 2>/dev/null | python3 -c '
+import json, os, re, sys, tomllib
+meta = json.load(sys.stdin)
+root = meta["workspace_root"]
+text = open("Dockerfile").read()
+# The build steps: up to each `cargo build` (the dependency layer, then the
+# real crates); a file must exist in the step that builds.
+steps = text.split("cargo build")[:-1]
+def files_of(step):
+    created = set(re.findall(r"([A-Za-z0-9_][A-Za-z0-9_./-]*\.rs)", step))
+    for var, names, rest in re.findall(r"for (\w+) in ([^;]+); do echo [^>]*> \"\$(?:\{)?\w+(?:\})?(/[^\"]+)\"", step):
+        for name in names.split():
+            created.add(name + rest)
+    copied = set(re.findall(r"^COPY\s+(\S+)\s", step, re.M))
+    return created, copied
+required = {}
+members = []
+for pkg in meta["packages"]:
+    manifest = os.path.relpath(pkg["manifest_path"], root)
+    member = os.path.dirname(manifest)
+    members.append(member)
+    need = required.setdefault(manifest, set())
+    for t in pkg["targets"]:
+        src = os.path.relpath(t["src_path"], root)
+        if t["kind"] == ["lib"] or src == f"{member}/src/main.rs":
+            need.add(src)
+    with open(pkg["manifest_path"], "rb") as f:
+        toml = tomllib.load(f)
+    defaults = {"bin": "src/bin/{}.rs", "test": "tests/{}.rs", "example": "examples/{}.rs", "bench": "benches/{}.rs"}
+    for kind, default in defaults.items():
+        for target in toml.get(kind, []):
+            need.add(member + "/" + (target.get("path") or default.format(target["name"])))
+problems = []
+for i, step in enumerate(steps, 1):
+    created, copied = files_of(step)
+    all_copied = set(re.findall(r"^COPY\s+(\S+)\s", "".join(steps[:i]), re.M))
+    for manifest, files in sorted(required.items()):
+        if manifest not in all_copied:
+            problems.append(f"build step {i}: the Dockerfile never copies {manifest} (workspace member {os.path.dirname(manifest)})")
+        for f in sorted(files):
+            there = f in created or any(f.startswith(c.rstrip("/") + "/") for c in copied)
+            if not there:
+                problems.append(f"build step {i}: {f} (declared by or needed for {manifest}) is neither copied nor stubbed")
+for p in problems:
+    print("members:", p)
+print("members: workspace", sorted(members), "; build steps checked:", len(steps))
+sys.exit(1 if problems else 0)
+'
+report "Dockerfile copies every workspace member and declared target" $?
 
 exit "$failed"

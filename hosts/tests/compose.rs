@@ -1,5 +1,14 @@
 //! The compose configuration, proven without a Docker engine.
 //!
+//! The same is done for the `kafka` profile's hosts (`api-kafka`,
+//! `runner-kafka`, `scheduler-kafka`) on the local Kafka-protocol broker
+//! (`KAFKA_BOOTSTRAP`, default 127.0.0.1:19092): there `kafka:9092` becomes
+//! that broker, `postgres-kafka` and `api-kafka` become `127.0.0.1`, and
+//! `APP__KAFKA__TOPIC_PREFIX` (the test's own topics, created first) and
+//! short group timeouts (`APP__KAFKA__SESSION_TIMEOUT_MS` /
+//! `MAX_POLL_INTERVAL_MS` 3000) are added. The `kafka` service itself (the
+//! apache/kafka image in KRaft mode) is checked statically.
+//!
 //! `docker-compose.yml` is read (YAML merge keys applied, `${VAR}`
 //! interpolated from `.env.example`, as `docker compose` would with that file
 //! as `.env`). Each host service (`api`, `runner`, `scheduler`) is started as
@@ -33,7 +42,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{Api, Processes, free_port};
+use common::{Api, KafkaTopics, Processes, free_port};
 use saga::schema::transitions as saga_transitions;
 use saga::testing::{amqp_url, database_url, with_database};
 use saga::transport::rabbitmq::{QueueType, RabbitTransport, Topology};
@@ -41,6 +50,8 @@ use sea_orm::{ColumnTrait, ConnectionTrait, Database, EntityTrait, QueryFilter};
 use serde_yaml::Value;
 
 const HOST_SERVICES: [&str; 3] = ["api", "runner", "scheduler"];
+/// The `kafka` profile's hosts.
+const KAFKA_HOST_SERVICES: [&str; 3] = ["api-kafka", "runner-kafka", "scheduler-kafka"];
 const ORDERS: usize = 16;
 /// Replicas per service, as with `docker compose up --scale runner=2
 /// --scale scheduler=2`: competing runners and schedulers must not
@@ -212,6 +223,9 @@ struct Substitutions {
     database: String,
     exchange: String,
     prefix: String,
+    /// Kafka runs: the local broker for `kafka:9092`, and the test's own
+    /// topic prefix.
+    kafka: Option<(String, String)>,
     api_port: u16,
     /// Other container ports -> free local ports (one replica's).
     ports: Vec<(u16, u16)>,
@@ -227,7 +241,7 @@ impl Substitutions {
                 v = v.replacen(container, &host.display().to_string(), 1);
             }
         }
-        for host in ["postgres", "rabbitmq", "api"] {
+        for host in ["postgres-kafka", "postgres", "rabbitmq", "api-kafka", "api"] {
             v = v
                 .replace(&format!("@{host}:"), "@127.0.0.1:")
                 .replace(&format!("//{host}:"), "//127.0.0.1:");
@@ -244,6 +258,11 @@ impl Substitutions {
             .map(|(k, v)| {
                 let v = if k == "APP__DATABASE__URL" {
                     with_database(&self.value(v), &self.database)
+                } else if k == "APP__KAFKA__BOOTSTRAP_SERVERS"
+                    && let Some((bootstrap, _)) = &self.kafka
+                {
+                    assert_eq!(v, "kafka:9092", "the kafka service's advertised listener");
+                    bootstrap.clone()
                 } else {
                     self.value(v)
                 };
@@ -252,6 +271,13 @@ impl Substitutions {
             .collect();
         out.push(("APP__RABBITMQ__EXCHANGE".into(), self.exchange.clone()));
         out.push(("APP__RABBITMQ__QUEUE_PREFIX".into(), self.prefix.clone()));
+        if let Some((_, prefix)) = &self.kafka {
+            // The test's own topics, and short group timeouts (a group join
+            // takes about half the session timeout on the test broker).
+            out.push(("APP__KAFKA__TOPIC_PREFIX".into(), prefix.clone()));
+            out.push(("APP__KAFKA__SESSION_TIMEOUT_MS".into(), "3000".into()));
+            out.push(("APP__KAFKA__MAX_POLL_INTERVAL_MS".into(), "3000".into()));
+        }
         out.push(("NO_COLOR".into(), "1".into()));
         out
     }
@@ -364,16 +390,88 @@ fn the_compose_file_is_safe_to_scale_and_waits_for_healthy_dependencies() {
     );
 }
 
+#[test]
+fn the_kafka_profile_runs_apache_kafka_in_kraft_mode_and_its_own_hosts_on_it() {
+    let compose = load_compose();
+    let kafka = service(&compose, "kafka");
+    assert_eq!(strings(&kafka["profiles"]), ["kafka"]);
+    let image = kafka["image"].as_str().expect("kafka image");
+    assert!(
+        image.starts_with("apache/kafka:"),
+        "official image: {image}"
+    );
+    let env = environment(kafka);
+    assert_eq!(env["KAFKA_PROCESS_ROLES"], "broker,controller", "KRaft");
+    assert_eq!(env["KAFKA_CONTROLLER_QUORUM_VOTERS"], "1@kafka:9093");
+    assert_eq!(env["KAFKA_ADVERTISED_LISTENERS"], "PLAINTEXT://kafka:9092");
+    assert_eq!(env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"], "false");
+    assert!(!env.contains_key("KAFKA_ZOOKEEPER_CONNECT"));
+    assert!(kafka["healthcheck"]["test"].is_sequence());
+    assert!(compose["volumes"].get("kafka-data").is_some());
+    for name in KAFKA_HOST_SERVICES {
+        let svc = service(&compose, name);
+        assert_eq!(strings(&svc["profiles"]), ["kafka"], "{name}");
+        let env = environment(svc);
+        assert_eq!(env["APP__TRANSPORT__KIND"], "kafka", "{name}");
+        assert_eq!(env["APP__KAFKA__BOOTSTRAP_SERVERS"], "kafka:9092", "{name}");
+        assert!(
+            env["APP__DATABASE__URL"].contains("@postgres-kafka:5432/"),
+            "{name}: its own database"
+        );
+        for (dep, condition) in depends_on(svc) {
+            assert_eq!(condition, "service_healthy", "{name} waits for {dep}");
+            assert!(
+                strings(&service(&compose, &dep)["profiles"]) == ["kafka"],
+                "{name} depends only on the kafka profile's services, not {dep}"
+            );
+        }
+    }
+    assert!(
+        depends_on(service(&compose, "api-kafka"))
+            .iter()
+            .any(|(d, _)| d == "kafka")
+    );
+    // The default stack is untouched: no profile, RabbitMQ.
+    for name in HOST_SERVICES {
+        let svc = service(&compose, name);
+        assert!(svc["profiles"].is_null(), "{name} runs without a profile");
+        assert!(
+            !environment(svc).contains_key("APP__TRANSPORT__KIND"),
+            "{name}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_compose_services_run_the_order_flow_with_exactly_their_environment() {
-    run_compose_flow(&[], QueueType::Classic).await;
+    run_compose_flow(&[], Flavor::Rabbit(QueueType::Classic)).await;
 }
 
 /// `RABBITMQ_QUEUE_TYPE=quorum` in `.env` (what a RabbitMQ cluster wants):
 /// the hosts declare quorum queues and the flow is unchanged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_compose_services_run_the_order_flow_on_quorum_queues() {
-    run_compose_flow(&[("RABBITMQ_QUEUE_TYPE", "quorum")], QueueType::Quorum).await;
+    run_compose_flow(
+        &[("RABBITMQ_QUEUE_TYPE", "quorum")],
+        Flavor::Rabbit(QueueType::Quorum),
+    )
+    .await;
+}
+
+/// The `kafka` profile's hosts, with exactly their environment, on the
+/// local Kafka-protocol broker (`KAFKA_BOOTSTRAP`, as the other Kafka tests).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kafka_profile_services_run_the_order_flow_with_exactly_their_environment() {
+    run_compose_flow(&[], Flavor::Kafka).await;
+}
+
+/// Which stack of the compose file a run starts.
+#[derive(Clone, Copy)]
+enum Flavor {
+    /// `api`, `runner`, `scheduler` on RabbitMQ with queues of this type.
+    Rabbit(QueueType),
+    /// The `kafka` profile: `api-kafka`, `runner-kafka`, `scheduler-kafka`.
+    Kafka,
 }
 
 /// This test's own exchange and queues, of the type the compose file asks for.
@@ -406,13 +504,18 @@ async fn create_broker(queue_type: QueueType) -> Broker {
     }
 }
 
-async fn run_compose_flow(env_overrides: &[(&str, &str)], queue_type: QueueType) {
+async fn run_compose_flow(env_overrides: &[(&str, &str)], flavor: Flavor) {
     let compose = load_compose_with(env_overrides);
     let id = uuid::Uuid::new_v4().simple().to_string();
+    let services = match flavor {
+        Flavor::Rabbit(_) => HOST_SERVICES,
+        Flavor::Kafka => KAFKA_HOST_SERVICES,
+    };
+    let [api_service, runner_service, scheduler_service] = services;
 
     // PostgreSQL: the role the compose file connects as, and a fresh database
     // it owns (the api migrates it, as it does in compose).
-    let api_env = environment(service(&compose, "api"));
+    let api_env = environment(service(&compose, api_service));
     let compose_db_url = &api_env["APP__DATABASE__URL"];
     let pg_user = compose_db_url
         .split("://")
@@ -462,6 +565,10 @@ async fn run_compose_flow(env_overrides: &[(&str, &str)], queue_type: QueueType)
         .expect("userinfo in APP__RABBITMQ__URL");
     let (mq_user, mq_password) = userinfo.split_once(':').expect("user:password");
     provision_rabbitmq_user(mq_user, mq_password);
+    let queue_type = match flavor {
+        Flavor::Rabbit(queue_type) => queue_type,
+        Flavor::Kafka => QueueType::Classic,
+    };
     let broker = create_broker(queue_type).await;
     let want_type = match queue_type {
         QueueType::Classic => "classic",
@@ -471,11 +578,19 @@ async fn run_compose_flow(env_overrides: &[(&str, &str)], queue_type: QueueType)
         api_env["APP__RABBITMQ__QUEUE_TYPE"], want_type,
         "the compose file passes RABBITMQ_QUEUE_TYPE through"
     );
+    // Kafka: this test's own topics, created before the hosts start.
+    let topics = match flavor {
+        Flavor::Kafka => Some(KafkaTopics::create().await),
+        Flavor::Rabbit(_) => None,
+    };
 
     let subs = Substitutions {
         database: database.clone(),
         exchange: broker.exchange.clone(),
         prefix: broker.prefix.clone(),
+        kafka: topics
+            .as_ref()
+            .map(|t| (common::kafka_bootstrap(), t.prefix.clone())),
         api_port: free_port(),
         ports: Vec::new(),
         mounts: Vec::new(),
@@ -484,19 +599,19 @@ async fn run_compose_flow(env_overrides: &[(&str, &str)], queue_type: QueueType)
     // Start the host services in dependency order.
     let mut processes = Processes::new("compose");
     let mut started: Vec<&str> = Vec::new();
-    while started.len() < HOST_SERVICES.len() {
-        let next = HOST_SERVICES
+    while started.len() < services.len() {
+        let next = services
             .into_iter()
             .find(|name| {
                 !started.contains(name)
                     && depends_on(service(&compose, name)).iter().all(|(dep, _)| {
-                        !HOST_SERVICES.contains(&dep.as_str()) || started.contains(&dep.as_str())
+                        !services.contains(&dep.as_str()) || started.contains(&dep.as_str())
                     })
             })
             .expect("no dependency cycle among the host services");
         let svc = service(&compose, next);
         for (dep, _) in depends_on(svc) {
-            if HOST_SERVICES.contains(&dep.as_str()) {
+            if services.contains(&dep.as_str()) {
                 wait_healthy(&dep, service(&compose, &dep), &subs, &mut processes).await;
             }
         }
@@ -513,9 +628,10 @@ async fn run_compose_flow(env_overrides: &[(&str, &str)], queue_type: QueueType)
             mounts,
             ..subs.clone()
         };
+        let base_name = next.trim_end_matches("-kafka");
         let replicas = SCALE
             .iter()
-            .find(|(n, _)| *n == next)
+            .find(|(n, _)| *n == base_name)
             .map_or(1, |(_, r)| *r);
         for replica in 1..=replicas {
             let subs = Substitutions {
@@ -535,13 +651,19 @@ async fn run_compose_flow(env_overrides: &[(&str, &str)], queue_type: QueueType)
             processes.spawn(&format!("{next}-{replica}"), &exe, &args, &env);
             // The runner's and scheduler's own healthchecks (the api's is
             // awaited by the services that depend on it).
-            if next != "api" {
+            if next != api_service {
                 wait_healthy(&format!("{next}-{replica}"), svc, &subs, &mut processes).await;
             }
         }
         started.push(next);
     }
-    wait_healthy("api", service(&compose, "api"), &subs, &mut processes).await;
+    wait_healthy(
+        api_service,
+        service(&compose, api_service),
+        &subs,
+        &mut processes,
+    )
+    .await;
 
     // Drive orders through the flow with the compose timings (instance.json:
     // a 5 s payment, success rate 0.5).
@@ -617,7 +739,7 @@ async fn run_compose_flow(env_overrides: &[(&str, &str)], queue_type: QueueType)
         (1..=2)
             .map(|r| {
                 processes
-                    .log(&format!("runner-{r}"))
+                    .log(&format!("{runner_service}-{r}"))
                     .matches("FAKE E-MAIL")
                     .count()
             })
@@ -633,7 +755,7 @@ async fn run_compose_flow(env_overrides: &[(&str, &str)], queue_type: QueueType)
     for r in 1..=2 {
         assert!(
             processes
-                .log(&format!("scheduler-{r}"))
+                .log(&format!("{scheduler_service}-{r}"))
                 .contains("scheduler started")
         );
     }
@@ -641,6 +763,13 @@ async fn run_compose_flow(env_overrides: &[(&str, &str)], queue_type: QueueType)
 
     processes.stop().await;
     let _ = db.close().await;
+    if let Some(topics) = topics {
+        topics.delete().await;
+        let _ = broker.transport.delete(&broker.topology).await;
+        broker.transport.close().await;
+        drop_database(&admin, &database).await;
+        return;
+    }
     // The hosts' queues are of the configured type.
     let listed = rabbitmqctl(&["list_queues", "-q", "--no-table-headers", "name", "type"]);
     let listed = String::from_utf8_lossy(&listed.stdout).to_string();
@@ -656,6 +785,10 @@ async fn run_compose_flow(env_overrides: &[(&str, &str)], queue_type: QueueType)
     );
     let _ = broker.transport.delete(&broker.topology).await;
     broker.transport.close().await;
+    drop_database(&admin, &database).await;
+}
+
+async fn drop_database(admin: &sea_orm::DatabaseConnection, database: &str) {
     let _ = admin
         .execute_unprepared(&format!(
             "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"

@@ -15,18 +15,27 @@
 #   scripts/fault-suite.sh --orders N      N orders per fault
 #   scripts/fault-suite.sh --release       release build of the hosts
 #   scripts/fault-suite.sh ... -- FILTER   only the tests matching FILTER
+#   scripts/fault-suite.sh --kafka         faults 1 (runner kill -9) and 5 (three
+#                                          runners, two schedulers) with the hosts
+#                                          on Kafka: a PRIVATE Tansu broker
+#                                          (scripts/kafka-broker.sh, port 29092)
+#                                          instead of the RabbitMQ node
 #
 # Ports and names can be changed with FAULTS_PG_PORT, FAULTS_AMQP_PORT,
-# FAULTS_DIST_PORT, FAULTS_NODE. Exits non-zero if any fault run fails.
+# FAULTS_DIST_PORT, FAULTS_NODE, FAULTS_KAFKA_PORT (keep it below the kernel's
+# ephemeral range, /proc/sys/net/ipv4/ip_local_port_range, or a client's
+# local port may take it). Exits non-zero if any fault run fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 orders=1000
 cargo_profile=()
 filter=()
+kafka=
 while (($#)); do
   case $1 in
     --full) orders=10000 ;;
+    --kafka) kafka=1 ;;
     --orders)
       orders=${2:?--orders needs a number}
       shift
@@ -38,7 +47,7 @@ while (($#)); do
       break
       ;;
     -h | --help)
-      sed -n '2,21p' "$0"
+      sed -n '2,30p' "$0"
       exit 0
       ;;
     *)
@@ -53,7 +62,9 @@ if ! [[ $orders =~ ^[1-9][0-9]*$ ]]; then
   exit 2
 fi
 
-for tool in pg_createcluster pg_ctlcluster pg_dropcluster rabbitmq-server rabbitmqctl pg_isready; do
+tools=(pg_createcluster pg_ctlcluster pg_dropcluster pg_isready)
+if [[ -z $kafka ]]; then tools+=(rabbitmq-server rabbitmqctl); fi
+for tool in "${tools[@]}"; do
   if ! command -v "$tool" >/dev/null; then
     echo "fault-suite: $tool not found (Debian's postgresql and rabbitmq-server packages are needed)" >&2
     exit 1
@@ -61,14 +72,17 @@ for tool in pg_createcluster pg_ctlcluster pg_dropcluster rabbitmq-server rabbit
 done
 
 pg_version=$(ls /etc/postgresql | sort -V | tail -n1)
-pg_port=${FAULTS_PG_PORT:-55432}
+# A Kafka run has servers of its own (another cluster, port and folder), so
+# it can run beside a RabbitMQ run.
+pg_port=${FAULTS_PG_PORT:-$([[ -n $kafka ]] && echo 55433 || echo 55432)}
 amqp_port=${FAULTS_AMQP_PORT:-56720}
 dist_port=${FAULTS_DIST_PORT:-56729}
 node=${FAULTS_NODE:-faults@localhost}
-cluster=faults
-state=/tmp/order-saga-fault-suite
-for port in "$pg_port" "$amqp_port" "$dist_port"; do
-  if [[ $port == 5432 || $port == 5672 || $port == 25672 ]]; then
+kafka_port=${FAULTS_KAFKA_PORT:-29092}
+cluster=faults${kafka:+_kafka}
+state=/tmp/order-saga-fault-suite${kafka:+-kafka}
+for port in "$pg_port" "$amqp_port" "$dist_port" "$kafka_port"; do
+  if [[ $port == 5432 || $port == 5672 || $port == 25672 || $port == 19092 ]]; then
     echo "fault-suite: port $port belongs to the shared servers; choose another" >&2
     exit 2
   fi
@@ -90,8 +104,16 @@ export RABBITMQ_CONF_ENV_FILE=$state/rabbitmq/rabbitmq-env.conf
 export ERL_EPMD_ADDRESS=127.0.0.1
 rmqctl=(rabbitmqctl -q -n "$node")
 
+kafka_broker() { # kafka_broker start|stop: the private Tansu broker
+  KAFKA_PORT=$kafka_port KAFKA_BROKER_PIDFILE=$state/kafka.pid KAFKA_BROKER_LOG=$state/kafka.log \
+    scripts/kafka-broker.sh "$1"
+}
 stop_servers() {
-  "${rmqctl[@]}" shutdown >/dev/null 2>&1 || true
+  if [[ -n $kafka ]]; then
+    if [[ -f $state/kafka.pid ]]; then kafka_broker stop >/dev/null 2>&1 || true; fi
+  else
+    "${rmqctl[@]}" shutdown >/dev/null 2>&1 || true
+  fi
   if pg_lsclusters -h 2>/dev/null | awk '{print $1, $2}' | grep -qx "$pg_version $cluster"; then
     pg_dropcluster --stop "$pg_version" "$cluster" >/dev/null 2>&1 || true
   fi
@@ -103,7 +125,8 @@ cleanup() {
   # The tests and the hosts they started run in a session of their own
   # (setsid below): if the run was interrupted, nothing of it outlives us.
   if [[ -n $test_pid ]]; then kill -KILL -- "-$test_pid" 2>/dev/null || true; fi
-  echo "fault-suite: removing the private PostgreSQL cluster and RabbitMQ node"
+  if [[ -n $kafka ]]; then broker_name="Kafka broker"; else broker_name="RabbitMQ node"; fi
+  echo "fault-suite: removing the private PostgreSQL cluster and $broker_name"
   stop_servers
   exit "$status"
 }
@@ -121,7 +144,11 @@ wait_for() { # wait_for <seconds> <description> <command...>
 }
 
 # Idempotent: whatever an earlier (interrupted) run left is replaced.
-echo "fault-suite: starting a private PostgreSQL $pg_version cluster on port $pg_port and RabbitMQ node $node on port $amqp_port"
+if [[ -n $kafka ]]; then
+  echo "fault-suite: starting a private PostgreSQL $pg_version cluster on port $pg_port and a Kafka broker (Tansu) on port $kafka_port"
+else
+  echo "fault-suite: starting a private PostgreSQL $pg_version cluster on port $pg_port and RabbitMQ node $node on port $amqp_port"
+fi
 stop_servers
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -130,30 +157,49 @@ pg_createcluster "$pg_version" "$cluster" -p "$pg_port" -- --auth-host=trust --a
 pg_ctlcluster --skip-systemctl-redirect "$pg_version" "$cluster" start
 wait_for 60 "PostgreSQL on $pg_port" pg_isready -h 127.0.0.1 -p "$pg_port" -q
 
-mkdir -p "$state/rabbitmq/mnesia" "$state/rabbitmq/log"
-: >"$state/rabbitmq/enabled_plugins"
-echo "listeners.tcp.local = 127.0.0.1:$amqp_port" >"$state/rabbitmq/rabbitmq.conf"
-{
-  echo "NODENAME=$node"
-  echo 'export ERL_FLAGS="-kernel inet_dist_use_interface {127,0,0,1}"'
-} >"$state/rabbitmq/rabbitmq-env.conf"
-chmod 755 "$state"
-chown -R rabbitmq:rabbitmq "$state/rabbitmq"
-rabbitmq-server -detached
-# `await_startup` fails at once while the node has not registered yet.
-wait_for 120 "RabbitMQ node $node" "${rmqctl[@]}" await_startup
+if [[ -n $kafka ]]; then
+  mkdir -p "$state"
+  if (exec 3<>"/dev/tcp/127.0.0.1/$kafka_port") 2>/dev/null; then
+    echo "fault-suite: something already listens on 127.0.0.1:$kafka_port; choose FAULTS_KAFKA_PORT" >&2
+    exit 1
+  fi
+  kafka_broker start
+else
+  mkdir -p "$state/rabbitmq/mnesia" "$state/rabbitmq/log"
+  : >"$state/rabbitmq/enabled_plugins"
+  echo "listeners.tcp.local = 127.0.0.1:$amqp_port" >"$state/rabbitmq/rabbitmq.conf"
+  {
+    echo "NODENAME=$node"
+    echo 'export ERL_FLAGS="-kernel inet_dist_use_interface {127,0,0,1}"'
+  } >"$state/rabbitmq/rabbitmq-env.conf"
+  chmod 755 "$state"
+  chown -R rabbitmq:rabbitmq "$state/rabbitmq"
+  rabbitmq-server -detached
+  # `await_startup` fails at once while the node has not registered yet.
+  wait_for 120 "RabbitMQ node $node" "${rmqctl[@]}" await_startup
+fi
 echo "fault-suite: private servers are up"
 
 export FAULTS_DATABASE_URL="postgres://postgres@127.0.0.1:$pg_port/postgres"
-export FAULTS_AMQP_URL="amqp://guest:guest@127.0.0.1:$amqp_port/%2f"
-export DATABASE_URL=$FAULTS_DATABASE_URL AMQP_URL=$FAULTS_AMQP_URL
+export DATABASE_URL=$FAULTS_DATABASE_URL
 export FAULTS_RESTART_POSTGRES="pg_ctlcluster --skip-systemctl-redirect $pg_version $cluster restart"
-export FAULTS_RABBITMQCTL="rabbitmqctl -q -n $node"
+if [[ -n $kafka ]]; then
+  export FAULTS_KAFKA_BOOTSTRAP="127.0.0.1:$kafka_port"
+  export KAFKA_BOOTSTRAP=$FAULTS_KAFKA_BOOTSTRAP
+  unset FAULTS_AMQP_URL FAULTS_RABBITMQCTL
+  # Faults 1 and 5: the others restart RabbitMQ (3) or are RabbitMQ-only (6).
+  if ((${#filter[@]} == 0)); then filter=(fault_1_ fault_5_); fi
+else
+  export FAULTS_AMQP_URL="amqp://guest:guest@127.0.0.1:$amqp_port/%2f"
+  export AMQP_URL=$FAULTS_AMQP_URL
+  export FAULTS_RABBITMQCTL="rabbitmqctl -q -n $node"
+  unset FAULTS_KAFKA_BOOTSTRAP
+fi
 export FAULTS_ORDERS=$orders
 export FAULTS_REPORT=$state/report.md
 : >"$FAULTS_REPORT"
 
-echo "fault-suite: $orders orders per fault${cargo_profile:+ (release build)}"
+echo "fault-suite: $orders orders per fault${cargo_profile:+ (release build)}${kafka:+, hosts on Kafka}"
 set +e
 setsid cargo test "${cargo_profile[@]}" -p hosts --test faults -- --ignored --test-threads=1 --nocapture "${filter[@]}" &
 test_pid=$!
@@ -162,7 +208,7 @@ status=$?
 set -e
 
 echo
-echo "fault-suite: summary ($orders orders per fault; $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown))"
+echo "fault-suite: summary (${kafka:+Kafka; }$orders orders per fault; $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown))"
 echo "| fault | orders | faults | ok | lost | duplicated | unexpected | e-mails missing | client retries | load + settle |"
 echo "|---|---|---|---|---|---|---|---|---|---|"
 grep '^|' "$FAULTS_REPORT" || echo "(no fault run finished)"

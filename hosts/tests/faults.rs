@@ -190,6 +190,7 @@ async fn fault_2_api_killed_while_clients_retry_with_idempotency_keys_makes_each
 #[ignore = "restarts servers: run scripts/fault-suite.sh"]
 async fn fault_3_broker_connections_dropped_and_broker_restarted_consumers_resume() {
     let servers = Servers::from_env();
+    assert!(!servers.kafka, "fault 3 drives RabbitMQ (rabbitmqctl)");
     let stack = Stack::start("broker", 1, 1).await;
     let load = Load::start(&stack, servers.orders, CLIENTS, 50.0).await;
     let (mut faults, mut problems) = (Faults::default(), Vec::new());
@@ -293,7 +294,9 @@ async fn fault_5_three_runners_and_two_schedulers_at_once_decide_each_order_once
 async fn fault_6_poison_messages_in_the_middle_of_batches_are_dead_lettered_alone() {
     use saga::transport::{OutgoingMessage, Transport as _};
     let servers = Servers::from_env();
+    assert!(!servers.kafka, "fault 6 runs on RabbitMQ only");
     let stack = Stack::start("poison", 1, 1).await;
+    let broker = stack.broker.as_ref().expect("a RabbitMQ run");
     let load = Load::start(&stack, servers.orders, CLIENTS, 100.0).await;
     let (mut faults, mut problems) = (Faults::default(), Vec::new());
     let n = servers.faults();
@@ -316,8 +319,7 @@ async fn fault_6_poison_messages_in_the_middle_of_batches_are_dead_lettered_alon
             initiated_by: None,
             payload: serde_json::json!({"poison": k}),
         };
-        let published = stack
-            .broker
+        let published = broker
             .transport
             .publish(&[OutgoingMessage {
                 message_id: envelope.message_id,
@@ -348,12 +350,11 @@ async fn fault_6_poison_messages_in_the_middle_of_batches_are_dead_lettered_alon
         .await;
     }
     // Every poison message, and nothing else, in each consumer's error queue.
-    for queue in orders::topology::queues(&stack.broker.prefix) {
+    for queue in orders::topology::queues(&broker.prefix) {
         let error_queue = queue.error_queue();
         let deadline = Instant::now() + RECOVERY_DEADLINE;
         let depth = loop {
-            let depth = stack
-                .broker
+            let depth = broker
                 .transport
                 .queue_depth(&error_queue)
                 .await

@@ -13,7 +13,7 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use serde_json::json;
 
 use super::checker::Observations;
-use crate::common::{Api, Processes, free_port};
+use crate::common::{Api, KafkaTopics, Processes, free_port};
 
 /// The private PostgreSQL and RabbitMQ that `scripts/fault-suite.sh` starts,
 /// and how to disturb them. Faults restart servers, so the suite never runs
@@ -25,6 +25,9 @@ pub struct Servers {
     pub rabbitmqctl: String,
     /// Orders per fault (`FAULTS_ORDERS`, default 1,000).
     pub orders: usize,
+    /// The hosts run on Kafka (`FAULTS_KAFKA_BOOTSTRAP`, a private broker
+    /// that `scripts/fault-suite.sh --kafka` starts) instead of RabbitMQ.
+    pub kafka: bool,
 }
 
 fn required(name: &str) -> String {
@@ -43,6 +46,39 @@ impl Servers {
     /// Reads the environment set by `scripts/fault-suite.sh`; panics with
     /// what is missing otherwise.
     pub fn from_env() -> Self {
+        let orders = std::env::var("FAULTS_ORDERS")
+            .ok()
+            .map(|v| {
+                v.parse::<usize>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .unwrap_or_else(|| panic!("FAULTS_ORDERS must be a positive number, got {v:?}"))
+            })
+            .unwrap_or(1000);
+        if let Ok(kafka) = std::env::var("FAULTS_KAFKA_BOOTSTRAP") {
+            let db = required("FAULTS_DATABASE_URL");
+            assert_eq!(
+                database_url(),
+                db,
+                "DATABASE_URL must equal FAULTS_DATABASE_URL (the private server)"
+            );
+            assert_eq!(
+                crate::common::kafka_bootstrap(),
+                kafka,
+                "KAFKA_BOOTSTRAP must equal FAULTS_KAFKA_BOOTSTRAP (the private broker)"
+            );
+            assert!(
+                !db.contains(":5432/") && !kafka.ends_with(":19092"),
+                "FAULTS_DATABASE_URL/FAULTS_KAFKA_BOOTSTRAP point at the shared servers; the \
+                 fault suite needs private ones (scripts/fault-suite.sh --kafka)"
+            );
+            return Self {
+                restart_postgres: required("FAULTS_RESTART_POSTGRES"),
+                rabbitmqctl: String::new(),
+                orders,
+                kafka: true,
+            };
+        }
         let db = required("FAULTS_DATABASE_URL");
         let amqp = required("FAULTS_AMQP_URL");
         // The test database and broker helpers read DATABASE_URL/AMQP_URL:
@@ -68,19 +104,11 @@ impl Servers {
             rabbitmqctl.contains(" -n "),
             "FAULTS_RABBITMQCTL must name the private node with -n, got {rabbitmqctl:?}"
         );
-        let orders = std::env::var("FAULTS_ORDERS")
-            .ok()
-            .map(|v| {
-                v.parse::<usize>()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .unwrap_or_else(|| panic!("FAULTS_ORDERS must be a positive number, got {v:?}"))
-            })
-            .unwrap_or(1000);
         Self {
             restart_postgres: required("FAULTS_RESTART_POSTGRES"),
             rabbitmqctl,
             orders,
+            kafka: false,
         }
     }
 
@@ -122,7 +150,10 @@ pub struct Stack {
     pub procs: Processes,
     pub api: Api,
     pub tdb: TestDatabase,
-    pub broker: TestBroker,
+    /// RabbitMQ runs: the test's exchange and queues.
+    pub broker: Option<TestBroker>,
+    /// Kafka runs (`FAULTS_KAFKA_BOOTSTRAP`): the test's topics.
+    pub kafka: Option<KafkaTopics>,
     env: Vec<(String, String)>,
     label: String,
 }
@@ -139,18 +170,33 @@ impl Stack {
             .execute_unprepared("UPDATE products SET stock = 1000000000")
             .await
             .expect("stock");
-        let broker = TestBroker::create(orders::topology::queues).await;
+        let (broker, kafka) = if std::env::var("FAULTS_KAFKA_BOOTSTRAP").is_ok() {
+            (None, Some(KafkaTopics::create().await))
+        } else {
+            (
+                Some(TestBroker::create(orders::topology::queues).await),
+                None,
+            )
+        };
         let port = free_port();
         let base = format!("http://127.0.0.1:{port}");
         let config_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configuration");
+        let broker_env: Vec<(String, String)> = match (&broker, &kafka) {
+            (Some(broker), _) => [
+                ("APP__RABBITMQ__URL", amqp_url()),
+                ("APP__RABBITMQ__EXCHANGE", broker.exchange.clone()),
+                ("APP__RABBITMQ__QUEUE_PREFIX", broker.prefix.clone()),
+                ("APP__RABBITMQ__RECONNECT_MAX_BACKOFF_MS", "1000".into()),
+            ]
+            .map(|(k, v)| (k.to_owned(), v))
+            .into(),
+            (None, Some(kafka)) => kafka.env(),
+            (None, None) => Vec::new(),
+        };
         let env = [
             ("APP_CONFIG_DIR", config_dir.display().to_string()),
             ("APP__DATABASE__URL", tdb.url.clone()),
             ("APP__DATABASE__ACQUIRE_TIMEOUT_SECONDS", "2".into()),
-            ("APP__RABBITMQ__URL", amqp_url()),
-            ("APP__RABBITMQ__EXCHANGE", broker.exchange.clone()),
-            ("APP__RABBITMQ__QUEUE_PREFIX", broker.prefix.clone()),
-            ("APP__RABBITMQ__RECONNECT_MAX_BACKOFF_MS", "1000".into()),
             ("APP__API__LISTEN", format!("127.0.0.1:{port}")),
             ("APP__API__PUBLIC_URL", base.clone()),
             // Many runners and schedulers at once: each binds its own
@@ -174,9 +220,11 @@ impl Stack {
             api: Api::new(base),
             tdb,
             broker,
+            kafka,
             env: env
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .chain(broker_env)
                 .collect(),
             label: label.to_owned(),
         };
@@ -294,7 +342,12 @@ impl Stack {
     /// Kills every host, deletes the topology and drops the database.
     pub async fn stop(self) {
         self.procs.stop().await;
-        self.broker.delete().await;
+        if let Some(broker) = self.broker {
+            broker.delete().await;
+        }
+        if let Some(kafka) = self.kafka {
+            kafka.delete().await;
+        }
         self.tdb.drop().await;
     }
 }

@@ -5,8 +5,8 @@
 # then every order is checked (ok / lost / duplicated / unexpected).
 #
 # Faults restart servers, so this script starts a PRIVATE PostgreSQL cluster
-# (pg_createcluster, port 55432) and a PRIVATE RabbitMQ node
-# (faults@localhost, port 56720) and removes both at the end. The shared
+# (pg_createcluster, port 25432) and a PRIVATE RabbitMQ node
+# (faults@localhost, port 25682) and removes both at the end. The shared
 # servers on 5432/5672 are never touched. Needs root (or the postgres and
 # rabbitmq users' rights) and Debian's PostgreSQL and RabbitMQ packages.
 #
@@ -74,9 +74,9 @@ done
 pg_version=$(ls /etc/postgresql | sort -V | tail -n1)
 # A Kafka run has servers of its own (another cluster, port and folder), so
 # it can run beside a RabbitMQ run.
-pg_port=${FAULTS_PG_PORT:-$([[ -n $kafka ]] && echo 55433 || echo 55432)}
-amqp_port=${FAULTS_AMQP_PORT:-56720}
-dist_port=${FAULTS_DIST_PORT:-56729}
+pg_port=${FAULTS_PG_PORT:-$([[ -n $kafka ]] && echo 25433 || echo 25432)}
+amqp_port=${FAULTS_AMQP_PORT:-25682}
+dist_port=${FAULTS_DIST_PORT:-25692}
 node=${FAULTS_NODE:-faults@localhost}
 kafka_port=${FAULTS_KAFKA_PORT:-29092}
 cluster=faults${kafka:+_kafka}

@@ -243,19 +243,118 @@ pub async fn place_order(
         correlation_id = tracing::field::Empty,
         message_id = tracing::field::Empty,
     );
-    place_order_in_span(engine, txn, customer, lines)
-        .instrument(span)
-        .await
+    async {
+        reserve_stock(txn, &lines).await?;
+        place_reserved(engine, txn, customer, lines).await
+    }
+    .instrument(span)
+    .await
 }
 
-async fn place_order_in_span(
+/// What one order line asks for: a product and a quantity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Item {
+    /// `products.id`.
+    pub product_id: i64,
+    /// Units (at least 1).
+    pub quantity: i32,
+}
+
+/// Like [`place_order`], for items whose names and prices come from the
+/// catalogue as their stock is reserved (one statement per line: the
+/// conditional stock update returns the product). A product that does not
+/// exist gives [`OrderError::UnknownProduct`], a total above `max_total`
+/// [`OrderError::TotalTooLarge`]; the caller then rolls back.
+pub async fn place_items(
+    engine: &SagaEngine<OrderSaga>,
+    txn: &DatabaseTransaction,
+    customer: &Customer,
+    items: &[Item],
+    max_total: Decimal,
+) -> Result<PlacedOrder, OrderError> {
+    let span = tracing::info_span!(
+        "order.place",
+        user_id = customer.user_id,
+        order_id = tracing::field::Empty,
+        correlation_id = tracing::field::Empty,
+        message_id = tracing::field::Empty,
+    );
+    async {
+        let lines = reserve_items(txn, items).await?;
+        let total: Decimal = lines
+            .iter()
+            .map(|l| l.unit_price * Decimal::from(l.quantity))
+            .sum();
+        if total > max_total {
+            return Err(OrderError::TotalTooLarge {
+                total,
+                max: max_total,
+            });
+        }
+        place_reserved(engine, txn, customer, lines).await
+    }
+    .instrument(span)
+    .await
+}
+
+/// Takes every item's quantity off its product's stock, in product id
+/// order (so concurrent orders lock rows in the same order and cannot
+/// deadlock), each update conditional on enough stock and returning the
+/// product's name and price. Returns the lines in the items' order.
+async fn reserve_items(
+    txn: &DatabaseTransaction,
+    items: &[Item],
+) -> Result<Vec<OrderLine>, OrderError> {
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by_key(|&i| items[i].product_id);
+    let mut lines: Vec<Option<OrderLine>> = vec![None; items.len()];
+    for i in order {
+        let item = items[i];
+        let reserved = products::Entity::update_many()
+            .col_expr(
+                products::Column::Stock,
+                Expr::col(products::Column::Stock).sub(item.quantity),
+            )
+            .filter(products::Column::Id.eq(item.product_id))
+            .filter(products::Column::Stock.gte(item.quantity))
+            .exec_with_returning(txn)
+            .await
+            .map_err(SagaError::from)?;
+        let Some(product) = reserved.into_iter().next() else {
+            let available = products::Entity::find_by_id(item.product_id)
+                .one(txn)
+                .await
+                .map_err(SagaError::from)?
+                .map(|p| p.stock);
+            return Err(match available {
+                None => OrderError::UnknownProduct {
+                    product_id: item.product_id,
+                },
+                Some(available) => OrderError::OutOfStock {
+                    product_id: item.product_id,
+                    requested: item.quantity,
+                    available,
+                },
+            });
+        };
+        lines[i] = Some(OrderLine {
+            product_id: product.id,
+            product_name: product.name,
+            quantity: item.quantity,
+            unit_price: product.price,
+        });
+    }
+    Ok(lines.into_iter().flatten().collect())
+}
+
+/// The order rows and the saga's start, for lines whose stock is reserved.
+async fn place_reserved(
     engine: &SagaEngine<OrderSaga>,
     txn: &DatabaseTransaction,
     customer: &Customer,
     lines: Vec<OrderLine>,
 ) -> Result<PlacedOrder, OrderError> {
     let now = engine.clock().now();
-    reserve_stock(txn, &lines).await?;
     let total: Decimal = lines
         .iter()
         .map(|l| l.unit_price * Decimal::from(l.quantity))

@@ -1,10 +1,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use ::orders::contracts::OrderLine;
-use ::orders::{Customer, OrderError, OrderInput, OrderSaga};
+use ::orders::{Customer, Item, OrderError, OrderInput, OrderSaga};
 use chrono::{DateTime, TimeZone, Utc};
-use entity::{idempotency_keys, notifications, order_items, orders, products, users};
+use entity::{idempotency_keys, notifications, order_items, orders, users};
 use poem::web::Data;
 use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::Json;
@@ -550,65 +549,65 @@ impl OrdersApi {
                 (user.email, user.name)
             }
         };
-        let ids: Vec<i64> = items.iter().map(|i| i.product_id).collect();
-        // No row lock here: `place_order` takes the products' row locks (in
-        // id order) when it reserves stock; a shared lock taken first would
-        // deadlock two orders of the same product upgrading it.
-        let catalogue: HashMap<i64, products::Model> = products::Entity::find()
-            .filter(products::Column::Id.is_in(ids))
-            .all(&txn)
-            .await?
-            .into_iter()
-            .map(|p| (p.id, p))
-            .collect();
-        let mut lines = Vec::with_capacity(items.len());
-        let mut total = Decimal::ZERO;
-        for (i, item) in items.iter().enumerate() {
-            let Some(product) = catalogue.get(&item.product_id) else {
-                // The catalogue's current state, like stock: a conflict.
-                return Err(ApiError::conflict(
-                    format!("product {} does not exist", item.product_id),
-                    Some(&format!("items[{}].product_id", origin[i])),
-                ));
-            };
-            total += product.price * Decimal::from(item.quantity);
-            lines.push(OrderLine {
-                product_id: product.id,
-                product_name: product.name.clone(),
-                quantity: item.quantity,
-                unit_price: product.price,
-            });
-        }
-        if total > Money::max() {
-            return Err(ApiError::unprocessable(
-                format!("the order total {total} is more than {}", Money::max()),
-                "items",
-            ));
-        }
         let customer = Customer {
             user_id: caller.user_id,
             email,
             name,
         };
-        let placed = match ::orders::place_order(&state.orders, &txn, &customer, lines).await {
+        let wanted: Vec<Item> = items
+            .iter()
+            .map(|i| Item {
+                product_id: i.product_id,
+                quantity: i.quantity,
+            })
+            .collect();
+        // The products' names and prices come back from reserving their
+        // stock (row locks taken in id order there; no earlier read).
+        let field_of = |product_id: i64, what: &str| {
+            let index = items
+                .iter()
+                .position(|item| item.product_id == product_id)
+                .map(|i| origin[i])
+                .unwrap_or_default();
+            format!("items[{index}].{what}")
+        };
+        let placed = match ::orders::place_items(
+            &state.orders,
+            &txn,
+            &customer,
+            &wanted,
+            Money::max(),
+        )
+        .await
+        {
             Ok(placed) => placed,
+            Err(OrderError::UnknownProduct { product_id }) => {
+                txn.rollback().await?;
+                // The catalogue's current state, like stock: a conflict.
+                return Err(ApiError::conflict(
+                    format!("product {product_id} does not exist"),
+                    Some(&field_of(product_id, "product_id")),
+                ));
+            }
+            Err(OrderError::TotalTooLarge { total, max }) => {
+                txn.rollback().await?;
+                return Err(ApiError::unprocessable(
+                    format!("the order total {total} is more than {max}"),
+                    "items",
+                ));
+            }
             Err(OrderError::OutOfStock {
                 product_id,
                 requested,
                 available,
             }) => {
                 txn.rollback().await?;
-                let index = items
-                    .iter()
-                    .position(|item| item.product_id == product_id)
-                    .map(|i| origin[i])
-                    .unwrap_or_default();
                 return Err(ApiError::conflict(
                     format!(
                         "not enough stock for product {product_id}: {requested} requested, \
                          {available} available"
                     ),
-                    Some(&format!("items[{index}].quantity")),
+                    Some(&field_of(product_id, "quantity")),
                 ));
             }
             Err(e) => return Err(e.into()),
@@ -655,7 +654,7 @@ impl OrdersApi {
             correlation_id = view.id,
             message_id = %message_id,
             user_id = customer.user_id,
-            total = %total,
+            total = %view.total.0,
             "order placed"
         );
         Ok(CreateOrderResponse::Created(Json(view)))

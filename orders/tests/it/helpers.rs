@@ -61,6 +61,26 @@ pub async fn place_order(db: &DatabaseConnection, now: DateTime<Utc>) -> (OrderS
     place_order_of(db, now, first.id, 2).await
 }
 
+/// A new customer (a user row) as of `now`.
+pub async fn new_customer(db: &DatabaseConnection, now: DateTime<Utc>) -> Customer {
+    let user = users::Entity::insert(users::ActiveModel {
+        name: Set("Test User".into()),
+        email: Set(format!("{}@example.com", uuid::Uuid::new_v4().simple())),
+        password_hash: Set("not-a-real-hash".into()),
+        role: Set("user".into()),
+        created_at: Set(now),
+        ..Default::default()
+    })
+    .exec_with_returning(db)
+    .await
+    .expect("user");
+    Customer {
+        user_id: user.id,
+        email: user.email,
+        name: user.name,
+    }
+}
+
 /// Like [`place_order`], for `quantity` of product `product_id`.
 pub async fn place_order_of(
     db: &DatabaseConnection,

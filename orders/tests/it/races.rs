@@ -7,7 +7,7 @@ use std::time::Duration as StdDuration;
 use ::orders::contracts::OrderLine;
 use ::orders::notifications::NotificationHandler;
 use ::orders::topology::{self, NOTIFICATIONS_CONSUMER};
-use ::orders::{Customer, OrderError, OrderInput, OrderSaga, OrderState};
+use ::orders::{Customer, Item, OrderError, OrderInput, OrderSaga, OrderState};
 use async_trait::async_trait;
 use chrono::Duration;
 use entity::{orders, products};
@@ -235,6 +235,128 @@ async fn an_order_larger_than_the_stock_is_refused_and_writes_nothing() {
     }
     txn.rollback().await.expect("rollback");
     assert_eq!(stock_of(&tdb, product.id).await, product.stock);
+    assert_eq!(
+        orders::Entity::find().count(&tdb.db).await.expect("count"),
+        orders_before
+    );
+    tdb.drop().await;
+}
+
+#[tokio::test]
+async fn placing_items_takes_names_and_prices_from_the_reservation_and_refuses_what_it_cannot_place()
+ {
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
+    let clock = ManualClock::new(t0());
+    let engine = engine(&tdb.db, &clock, true);
+    let customer = new_customer(&tdb.db, t0()).await;
+    let catalogue = products::Entity::find()
+        .order_by_asc(products::Column::Id)
+        .all(&tdb.db)
+        .await
+        .expect("products");
+    let (first, second) = (&catalogue[0], &catalogue[1]);
+    let stocks = (first.stock, second.stock);
+    let max = rust_decimal::Decimal::new(999_999_999_999, 2);
+
+    // Items in descending id order come back in the items' order, priced
+    // and named from the catalogue.
+    let txn = tdb.db.begin().await.expect("begin");
+    let items = [
+        Item {
+            product_id: second.id,
+            quantity: 2,
+        },
+        Item {
+            product_id: first.id,
+            quantity: 1,
+        },
+    ];
+    let placed = ::orders::place_items(&engine, &txn, &customer, &items, max)
+        .await
+        .expect("placed");
+    txn.commit().await.expect("commit");
+    let lines: Vec<(i64, String, i32, rust_decimal::Decimal)> = placed
+        .snapshot
+        .items
+        .iter()
+        .map(|l| {
+            (
+                l.product_id,
+                l.product_name.clone(),
+                l.quantity,
+                l.unit_price,
+            )
+        })
+        .collect();
+    assert_eq!(
+        lines,
+        vec![
+            (second.id, second.name.clone(), 2, second.price),
+            (first.id, first.name.clone(), 1, first.price),
+        ]
+    );
+    assert_eq!(
+        placed.order.total,
+        second.price * rust_decimal::Decimal::from(2) + first.price
+    );
+    assert_eq!(stock_of(&tdb, first.id).await, stocks.0 - 1);
+    assert_eq!(stock_of(&tdb, second.id).await, stocks.1 - 2);
+    let orders_before = orders::Entity::find().count(&tdb.db).await.expect("count");
+
+    // A product that does not exist, after one that does: nothing is kept.
+    let txn = tdb.db.begin().await.expect("begin");
+    let unknown = [
+        Item {
+            product_id: first.id,
+            quantity: 1,
+        },
+        Item {
+            product_id: 999_999,
+            quantity: 1,
+        },
+    ];
+    match ::orders::place_items(&engine, &txn, &customer, &unknown, max).await {
+        Err(OrderError::UnknownProduct { product_id }) => assert_eq!(product_id, 999_999),
+        other => panic!("expected UnknownProduct, got {other:?}"),
+    }
+    txn.rollback().await.expect("rollback");
+
+    // A total above the limit.
+    let txn = tdb.db.begin().await.expect("begin");
+    let one = [Item {
+        product_id: first.id,
+        quantity: 1,
+    }];
+    let below_price = first.price - rust_decimal::Decimal::new(1, 2);
+    match ::orders::place_items(&engine, &txn, &customer, &one, below_price).await {
+        Err(OrderError::TotalTooLarge { total, max }) => {
+            assert_eq!((total, max), (first.price, below_price));
+        }
+        other => panic!("expected TotalTooLarge, got {other:?}"),
+    }
+    txn.rollback().await.expect("rollback");
+
+    // More than the stock.
+    let txn = tdb.db.begin().await.expect("begin");
+    let too_many = [Item {
+        product_id: second.id,
+        quantity: stocks.1,
+    }];
+    match ::orders::place_items(&engine, &txn, &customer, &too_many, max).await {
+        Err(OrderError::OutOfStock {
+            product_id,
+            requested,
+            available,
+        }) => assert_eq!(
+            (product_id, requested, available),
+            (second.id, stocks.1, stocks.1 - 2)
+        ),
+        other => panic!("expected OutOfStock, got {other:?}"),
+    }
+    txn.rollback().await.expect("rollback");
+
+    assert_eq!(stock_of(&tdb, first.id).await, stocks.0 - 1);
+    assert_eq!(stock_of(&tdb, second.id).await, stocks.1 - 2);
     assert_eq!(
         orders::Entity::find().count(&tdb.db).await.expect("count"),
         orders_before

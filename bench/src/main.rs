@@ -6,6 +6,7 @@
 //! the options). It builds the release host binaries first.
 
 mod baselines;
+mod kafka;
 mod report;
 mod scenarios;
 mod stack;
@@ -32,7 +33,9 @@ usage: cargo run --release -p bench -- [options]
   --quick               small sizes, one run each (a smoke run of a minute or two)
   --out DIR             where report.md, report.json, latency.svg go (target/bench)
   --runs N              repeats of the DB, broker, API and end-to-end scenarios (3; quick: 1)
-  --only LIST           comma list of: db,broker,seed,api,e2e,burst,sweep (all)
+  --only LIST           comma list of: db,broker,seed,api,e2e,burst,sweep,
+                        kafka-broker,kafka-e2e (all; the Kafka rows are skipped
+                        with a note when no broker answers at KAFKA_BOOTSTRAP)
   --db-txns N           DB limit transactions per run (20000)
   --broker-messages N   broker limit messages per run (50000)
   --seed-orders N       seed design orders (64)
@@ -46,7 +49,7 @@ usage: cargo run --release -p bench -- [options]
   --config-dir DIR      configuration folder of the hosts (the workspace's)
 
 Environment: DATABASE_URL (any database on the server; bench databases are
-created next to it and dropped), AMQP_URL.";
+created next to it and dropped), AMQP_URL, KAFKA_BOOTSTRAP (127.0.0.1:19092).";
 
 #[derive(Clone, Debug)]
 struct Options {
@@ -114,7 +117,17 @@ impl Options {
                 "--only" => {
                     let v = value()?;
                     o.only = v.split(',').map(|s| s.trim().to_owned()).collect();
-                    let known = ["db", "broker", "seed", "api", "e2e", "burst", "sweep"];
+                    let known = [
+                        "db",
+                        "broker",
+                        "seed",
+                        "api",
+                        "e2e",
+                        "burst",
+                        "sweep",
+                        "kafka-broker",
+                        "kafka-e2e",
+                    ];
                     if let Some(bad) = o.only.iter().find(|s| !known.contains(&s.as_str())) {
                         bail!(
                             "--only: unknown scenario {bad:?}; known: {}",
@@ -450,9 +463,83 @@ async fn run(options: Options) -> anyhow::Result<Figures> {
             f.sweeps.push(result.context("sweep scenario")?);
         }
     }
+    if options.wants("kafka-broker") || options.wants("kafka-e2e") {
+        match kafka::unavailable().await {
+            Some(why) => f.kafka_skipped = Some(why),
+            None => run_kafka(&options, &config, &hosts, &mut f).await?,
+        }
+    }
     f.environment.load_after = load_average();
     f.summarise();
     Ok(f)
+}
+
+/// The Kafka rows (a broker answers): the transport's broker limit and end
+/// to end with every host on Kafka, each on topics of its own.
+async fn run_kafka(
+    options: &Options,
+    config: &Config,
+    hosts: &Hosts,
+    f: &mut Figures,
+) -> anyhow::Result<()> {
+    let runs = options.runs;
+    if options.wants("kafka-broker") {
+        for r in 0..runs {
+            let pb = bar(
+                options.broker_messages,
+                &format!("Kafka broker limit (run {}/{runs})", r + 1),
+            );
+            let (both, publish) =
+                kafka::broker_limit(options.broker_messages, config.prefetch, 1000, &pb)
+                    .await
+                    .context("Kafka broker limit")?;
+            pb.finish();
+            f.kafka_broker_limit.push(both);
+            f.kafka_broker_publish_only.push(publish);
+        }
+    }
+    if options.wants("kafka-e2e") {
+        for r in 0..runs {
+            let services = Services::create().await?;
+            let topics = match kafka::Topics::create(orders::topology::queues).await {
+                Ok(topics) => topics,
+                Err(e) => {
+                    services.remove().await;
+                    return Err(e.context("Kafka end to end"));
+                }
+            };
+            let label = format!("kafka-e2e-{}", r + 1);
+            let pb = bar(
+                options.e2e_orders,
+                &format!("Kafka end to end (run {}/{runs})", r + 1),
+            );
+            let result = async {
+                let stack = stack::Stack::start_on(
+                    hosts,
+                    &services.db,
+                    stack::BrokerSpec::Kafka(topics.host_env()),
+                    scenarios::end_to_end_spec(&label),
+                )
+                .await?;
+                scenarios::measure_end_to_end(
+                    stack,
+                    hosts,
+                    &services,
+                    options.e2e_orders,
+                    options.clients,
+                    &pb,
+                )
+                .await
+            }
+            .await;
+            pb.finish();
+            topics.delete().await;
+            services.remove().await;
+            f.kafka_end_to_end
+                .push(result.context("Kafka end-to-end scenario")?);
+        }
+    }
+    Ok(())
 }
 
 fn write_report(f: &Figures, out: &Path) -> anyhow::Result<()> {
@@ -532,11 +619,50 @@ mod tests {
     }
 
     #[test]
+    fn the_kafka_rows_are_selected_by_name_and_included_by_default() {
+        let o = parse(&["--quick", "--only", "kafka-broker,kafka-e2e"])
+            .expect("ok")
+            .expect("options");
+        assert!(o.wants("kafka-broker") && o.wants("kafka-e2e"));
+        assert!(!o.wants("broker") && !o.wants("e2e"));
+        let all = parse(&[]).expect("ok").expect("options");
+        assert!(all.wants("kafka-broker") && all.wants("kafka-e2e"));
+    }
+
+    #[test]
+    fn a_skipped_kafka_section_says_why_and_measured_rows_are_listed() {
+        let mut f = Figures {
+            kafka_skipped: Some("Kafka rows skipped: no broker answers at x".into()),
+            ..Figures::default()
+        };
+        f.summarise();
+        assert!(f.markdown().contains("## Kafka"));
+        assert!(
+            f.markdown()
+                .contains("Kafka rows skipped: no broker answers at x")
+        );
+        f.kafka_skipped = None;
+        f.kafka_broker_limit.push(baselines::Throughput {
+            count: 100,
+            seconds: 2.0,
+            per_second: 50.0,
+            latency: None,
+        });
+        let text = f.markdown();
+        assert!(
+            text.contains("| Kafka broker limit | 1 | 100 | 2.00 | 50.0 |"),
+            "{text}"
+        );
+        assert!(!Figures::default().markdown().contains("## Kafka"));
+    }
+
+    #[test]
     fn bad_options_are_refused_with_the_reason() {
         let err = |args: &[&str]| parse(args).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err(&["--runs", "0"]).contains("positive whole number"));
         assert!(err(&["--runs"]).contains("needs a value"));
         assert!(err(&["--only", "db,nope"]).contains("unknown scenario \"nope\""));
+        assert!(err(&["--only", "kafka"]).contains("unknown scenario \"kafka\""));
         assert!(err(&["--frobnicate"]).contains("unknown option"));
         assert!(parse(&["--help"]).expect("ok").is_none());
     }

@@ -43,6 +43,14 @@ pub struct Figures {
     pub end_to_end: Vec<EndToEnd>,
     pub burst: Option<Burst>,
     pub sweeps: Vec<Sweep>,
+    /// Kafka rows (`--only kafka-broker,kafka-e2e`): the Kafka transport's
+    /// broker limit, its publish side, and end to end with the hosts on
+    /// Kafka. Empty when skipped (see `kafka_skipped`).
+    pub kafka_broker_limit: Vec<Throughput>,
+    pub kafka_broker_publish_only: Vec<Throughput>,
+    pub kafka_end_to_end: Vec<EndToEnd>,
+    /// Why the Kafka rows were skipped (no broker answered).
+    pub kafka_skipped: Option<String>,
     pub summary: Summary,
     pub notes: Vec<String>,
     /// The SQL of the captured `place_order` transaction (the DB limit).
@@ -481,6 +489,7 @@ impl Figures {
                 e.cost.statements
             );
         }
+        self.kafka_markdown(&mut m);
         if !self.notes.is_empty() {
             let _ = writeln!(m, "\n## Notes\n");
             for n in &self.notes {
@@ -499,6 +508,57 @@ impl Figures {
         }
         let _ = writeln!(m, "\n![latency percentiles](latency.svg)");
         m
+    }
+}
+
+impl Figures {
+    /// The Kafka section: its runs, or why it was skipped.
+    fn kafka_markdown(&self, m: &mut String) {
+        let measured = !self.kafka_broker_limit.is_empty() || !self.kafka_end_to_end.is_empty();
+        if !measured && self.kafka_skipped.is_none() {
+            return;
+        }
+        let _ = writeln!(m, "\n## Kafka (`transport.kind = kafka`)\n");
+        if let Some(why) = &self.kafka_skipped {
+            let _ = writeln!(m, "{why}");
+            return;
+        }
+        let _ = writeln!(
+            m,
+            "| scenario | run | count | seconds | per second | p50 ms | p95 ms | p99 ms |\n| --- | --- | --- | --- | --- | --- | --- | --- |"
+        );
+        for (name, runs) in [
+            ("Kafka broker limit", &self.kafka_broker_limit),
+            (
+                "Kafka broker: publish side",
+                &self.kafka_broker_publish_only,
+            ),
+        ] {
+            for (i, t) in runs.iter().enumerate() {
+                let _ = writeln!(
+                    m,
+                    "| {name} | {} | {} | {:.2} | {:.1} | - | - | - |",
+                    i + 1,
+                    t.count,
+                    t.seconds,
+                    t.per_second
+                );
+            }
+        }
+        for (i, e) in self.kafka_end_to_end.iter().enumerate() {
+            let l = &e.latency;
+            let _ = writeln!(
+                m,
+                "| Kafka end to end | {} | {} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                i + 1,
+                e.orders,
+                e.seconds,
+                e.per_second,
+                l.p50_ms,
+                l.p95_ms,
+                l.p99_ms
+            );
+        }
     }
 }
 

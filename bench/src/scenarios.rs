@@ -238,14 +238,31 @@ pub async fn end_to_end(
     clients: usize,
     progress: &ProgressBar,
 ) -> anyhow::Result<EndToEnd> {
-    let spec = StackSpec {
+    let spec = end_to_end_spec(label);
+    let stack = Stack::start(hosts, &services.db, &services.broker, spec).await?;
+    measure_end_to_end(stack, hosts, services, count, clients, progress).await
+}
+
+/// The settings of the end-to-end scenario (payment delay 0, success 1).
+pub fn end_to_end_spec(label: &str) -> StackSpec<'_> {
+    StackSpec {
         label,
         runner: true,
         scheduler: true,
         payment_delay_ms: 0,
         success_rate: 1.0,
-    };
-    let mut stack = Stack::start(hosts, &services.db, &services.broker, spec).await?;
+    }
+}
+
+/// The end-to-end measure on a started `stack` (either broker).
+pub async fn measure_end_to_end(
+    mut stack: Stack,
+    hosts: &Hosts,
+    services: &Services,
+    count: usize,
+    clients: usize,
+    progress: &ProgressBar,
+) -> anyhow::Result<EndToEnd> {
     let result = async {
         let token = stack.api.user_token().await?;
         let before = Counters::read(&services.db.db, &stack).await?;

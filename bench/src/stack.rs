@@ -48,6 +48,14 @@ pub struct StackSpec<'a> {
     pub success_rate: f64,
 }
 
+/// The broker a stack runs on.
+pub enum BrokerSpec<'a> {
+    /// RabbitMQ: the run's exchange and queues.
+    Rabbit(&'a TestBroker),
+    /// Kafka: the hosts' `APP__TRANSPORT__*` / `APP__KAFKA__*` variables.
+    Kafka(Vec<(&'static str, String)>),
+}
+
 impl Stack {
     /// Starts the api (and, as asked, a runner and a scheduler) on `db` and
     /// `broker`; returns once the api answers `/health` and every runner
@@ -58,16 +66,32 @@ impl Stack {
         broker: &TestBroker,
         spec: StackSpec<'_>,
     ) -> anyhow::Result<Stack> {
+        Self::start_on(hosts, db, BrokerSpec::Rabbit(broker), spec).await
+    }
+
+    /// [`Stack::start`] on either broker; on Kafka it returns once the
+    /// runner is ready (its consumers are in their groups).
+    pub async fn start_on(
+        hosts: &Hosts,
+        db: &TestDatabase,
+        broker: BrokerSpec<'_>,
+        spec: StackSpec<'_>,
+    ) -> anyhow::Result<Stack> {
         let port = free_port()?;
         let base = format!("http://127.0.0.1:{port}");
         let runner_port = free_port()?;
         let scheduler_port = free_port()?;
-        let env: Vec<(&str, String)> = vec![
+        let broker_env: Vec<(&str, String)> = match &broker {
+            BrokerSpec::Rabbit(broker) => vec![
+                ("APP__RABBITMQ__URL", broker.url.clone()),
+                ("APP__RABBITMQ__EXCHANGE", broker.exchange.clone()),
+                ("APP__RABBITMQ__QUEUE_PREFIX", broker.prefix.clone()),
+            ],
+            BrokerSpec::Kafka(env) => env.clone(),
+        };
+        let mut env: Vec<(&str, String)> = vec![
             ("APP_CONFIG_DIR", hosts.config_dir.display().to_string()),
             ("APP__DATABASE__URL", db.url.clone()),
-            ("APP__RABBITMQ__URL", broker.url.clone()),
-            ("APP__RABBITMQ__EXCHANGE", broker.exchange.clone()),
-            ("APP__RABBITMQ__QUEUE_PREFIX", broker.prefix.clone()),
             ("APP__API__LISTEN", format!("127.0.0.1:{port}")),
             ("APP__API__PUBLIC_URL", base.clone()),
             ("APP__PAYMENT__DELAY_MS", spec.payment_delay_ms.to_string()),
@@ -83,6 +107,7 @@ impl Stack {
             // Logs as configured (`logging.filter`), to a file per host.
             ("NO_COLOR", "1".into()),
         ];
+        env.extend(broker_env);
         std::fs::create_dir_all(&hosts.logs)
             .with_context(|| format!("Failed to create {}", hosts.logs.display()))?;
         let mut metrics = vec![("api", base.clone())];
@@ -101,11 +126,19 @@ impl Stack {
         stack.api.wait_healthy(Duration::from_secs(60)).await?;
         if spec.runner {
             stack.spawn(hosts, "runner", spec.label, &env)?;
-            let queues = [
-                orders::topology::saga_queue(&broker.prefix).name,
-                orders::topology::notifications_queue(&broker.prefix).name,
-            ];
-            wait_for_consumers(&broker.url, &queues, Duration::from_secs(60)).await?;
+            match &broker {
+                BrokerSpec::Rabbit(broker) => {
+                    let queues = [
+                        orders::topology::saga_queue(&broker.prefix).name,
+                        orders::topology::notifications_queue(&broker.prefix).name,
+                    ];
+                    wait_for_consumers(&broker.url, &queues, Duration::from_secs(60)).await?;
+                }
+                BrokerSpec::Kafka(_) => {
+                    let ready = format!("http://127.0.0.1:{runner_port}/health/ready");
+                    wait_until_ready(&mut stack, hosts, &ready, Duration::from_secs(60)).await?;
+                }
+            }
         }
         if spec.scheduler {
             stack.spawn(hosts, "scheduler", spec.label, &env)?;
@@ -220,6 +253,29 @@ fn free_port() -> anyhow::Result<u16> {
     let listener =
         std::net::TcpListener::bind("127.0.0.1:0").context("Failed to find a free port")?;
     Ok(listener.local_addr()?.port())
+}
+
+/// Polls `url` until it answers 200 (a host's readiness).
+async fn wait_until_ready(
+    stack: &mut Stack,
+    hosts: &Hosts,
+    url: &str,
+    within: Duration,
+) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(r) = client.get(url).send().await
+            && r.status().is_success()
+        {
+            return Ok(());
+        }
+        stack.check_running(hosts)?;
+        if Instant::now() >= deadline {
+            bail!("{url} not ready after {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Waits until each of `queues` has at least one consumer.

@@ -1108,6 +1108,36 @@ mod tests {
     }
 
     #[test]
+    fn kafka_extra_properties_with_dots_load_from_a_file() {
+        let dir = std::env::temp_dir().join(format!("order-saga-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let full = std::fs::read_to_string(repo_config().join("instance.json")).expect("read");
+        let mut json: serde_json::Value = serde_json::from_str(&full).expect("json");
+        json["kafka"]["extra"] = serde_json::json!({
+            "security.protocol": "sasl_plaintext",
+            "sasl.mechanism": "PLAIN",
+            "fetch.wait.max.ms": "100"
+        });
+        std::fs::write(dir.join("instance.json"), json.to_string()).expect("write");
+        std::fs::copy(
+            repo_config().join("secrets.example.json"),
+            dir.join("secrets.example.json"),
+        )
+        .expect("copy");
+        let loaded = load_from(&dir, env(&[]));
+        let _ = std::fs::remove_dir_all(&dir);
+        let extra = loaded
+            .expect("loads")
+            .settings
+            .kafka
+            .transport_settings()
+            .extra;
+        assert_eq!(extra["security.protocol"], "sasl_plaintext");
+        assert_eq!(extra["sasl.mechanism"], "PLAIN");
+        assert_eq!(extra["fetch.wait.max.ms"], "100");
+    }
+
+    #[test]
     fn database_password_is_merged_into_a_url_without_one() {
         let mut db = DatabaseSettings {
             url: "postgres://app@db:5432/orders".into(),

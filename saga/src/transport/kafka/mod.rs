@@ -15,8 +15,8 @@
 //! | error queue `q.error` | topic `q.error` ([`error_topic`]), read by `dead_letters`/`redrive` through group `q.error.redrive` ([`redrive_group_id`]) |
 //! | competing consumers on `q` | members of group `q`, sharing its partitions |
 //!
-//! Queue names are used as they are: [`crate::topology`] already puts the
-//! deployment prefix in them. [`KafkaTransport::declare`] creates every topic
+//! Queue names are used as they are: a service's queue names already carry
+//! its deployment prefix (the order saga's `orders::topology`). [`KafkaTransport::declare`] creates every topic
 //! of a [`KafkaTopology`] with an explicit partition count (topics created
 //! by a broker's auto-creation would get the broker's default count, and no
 //! client here asks for auto-creation). A routing key with no topic is an

@@ -285,11 +285,17 @@ impl<H: MessageHandler + ?Sized> Consumer<H> {
         saga_metrics::batch(&self.name, batch.len(), true);
         let seconds = started.elapsed().as_secs_f64();
         for ((delivery, envelope, span, held), outcome) in batch.into_iter().zip(outcomes) {
-            let _entered = span.enter();
             let message_type = saga_metrics::message_type_label(
                 self.handler.message_types(),
                 Some(&envelope.message_type),
             );
+            // Acknowledged after the commit: a crash before this redelivers
+            // and the inbox makes that a duplicate. The span is entered only
+            // after the await: a guard held across it would stay entered on
+            // this thread while the task waits, and other tasks' logs would
+            // be attributed to this message.
+            let acked = delivery.acker.ack().instrument(span.clone()).await;
+            let _entered = span.enter();
             if outcome == HandlerOutcome::Duplicate {
                 tracing::info!(
                     consumer = %self.name,
@@ -298,9 +304,7 @@ impl<H: MessageHandler + ?Sized> Consumer<H> {
                     "duplicate message skipped"
                 );
             }
-            // Acknowledged after the commit: a crash before this redelivers
-            // and the inbox makes that a duplicate.
-            match delivery.acker.ack().await {
+            match acked {
                 Ok(()) => {
                     let result = match outcome {
                         HandlerOutcome::Done => ConsumeResult::Ok,

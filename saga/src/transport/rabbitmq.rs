@@ -638,7 +638,7 @@ async fn declare_on(connection: &Connection, topology: &Topology) -> Result<(), 
     Ok(())
 }
 
-fn to_delivery(d: lapin::message::Delivery) -> Delivery {
+fn to_delivery(d: lapin::message::Delivery, ack_timeout: Duration) -> Delivery {
     Delivery {
         message_id: d.properties.message_id().as_ref().map(|s| s.to_string()),
         message_type: d.properties.kind().as_ref().map(|s| s.to_string()),
@@ -646,7 +646,10 @@ fn to_delivery(d: lapin::message::Delivery) -> Delivery {
         redelivered: d.redelivered,
         trace: trace_from(&d.properties),
         body: d.data,
-        acker: Box::new(RabbitAcker(d.acker)),
+        acker: Box::new(RabbitAcker {
+            acker: d.acker,
+            timeout: ack_timeout,
+        }),
     }
 }
 
@@ -692,7 +695,11 @@ async fn keep_consuming(
                         _ = sender.closed() => break None,
                         item = consumer.next() => match item {
                             Some(Ok(d)) => {
-                                if sender.send(Ok(to_delivery(d))).await.is_err() {
+                                if sender
+                                    .send(Ok(to_delivery(d, inner.confirm_timeout)))
+                                    .await
+                                    .is_err()
+                                {
                                     break None;
                                 }
                             }
@@ -937,14 +944,41 @@ impl Transport for RabbitTransport {
     }
 }
 
-struct RabbitAcker(lapin::Acker);
+/// Settles one delivery. Each settlement is bounded by
+/// `rabbitmq.confirm_timeout_ms`: when the connection dies under an ack,
+/// lapin's future can stay pending for good (seen in the fault suite: the
+/// consumer waited on it for minutes, stopped taking deliveries and never
+/// noticed that the broker had cancelled it). A timed-out ack is an error;
+/// the broker redelivers the message and the inbox skips it.
+struct RabbitAcker {
+    acker: lapin::Acker,
+    timeout: Duration,
+}
+
+impl RabbitAcker {
+    async fn bounded<F>(&self, what: &str, op: F) -> Result<bool, TransportError>
+    where
+        F: std::future::Future<Output = lapin::Result<bool>>,
+    {
+        match tokio::time::timeout(self.timeout, op).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(TransportError::Broker(format!(
+                "{what} not settled within {} ms: the connection is gone; the broker redelivers",
+                self.timeout.as_millis()
+            ))),
+        }
+    }
+}
 
 #[async_trait]
 impl Acknowledger for RabbitAcker {
     async fn ack(&self) -> Result<(), TransportError> {
         // After a connection recovery an ack on the old channel returns
         // Ok(false): the broker will redeliver, and the inbox skips it.
-        if !self.0.ack(BasicAckOptions::default()).await? {
+        if !self
+            .bounded("ack", self.acker.ack(BasicAckOptions::default()))
+            .await?
+        {
             return Err(TransportError::Broker(
                 "ack not delivered: channel was closed".to_owned(),
             ));
@@ -953,12 +987,14 @@ impl Acknowledger for RabbitAcker {
     }
 
     async fn requeue(&self) -> Result<(), TransportError> {
-        self.0
-            .nack(BasicNackOptions {
+        self.bounded(
+            "requeue",
+            self.acker.nack(BasicNackOptions {
                 requeue: true,
                 ..BasicNackOptions::default()
-            })
-            .await?;
+            }),
+        )
+        .await?;
         Ok(())
     }
 }

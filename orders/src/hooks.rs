@@ -301,8 +301,8 @@ pub async fn place_items(
 /// order (so concurrent orders lock rows in the same order and cannot
 /// deadlock), each update conditional on enough stock and returning the
 /// product's name and price. Returns the lines in the items' order.
-async fn reserve_items(
-    txn: &DatabaseTransaction,
+async fn reserve_items<C: ConnectionTrait>(
+    txn: &C,
     items: &[Item],
 ) -> Result<Vec<OrderLine>, OrderError> {
     let mut order: Vec<usize> = (0..items.len()).collect();
@@ -407,38 +407,19 @@ async fn place_reserved(
     })
 }
 
-/// Takes every line's quantity off its product's stock, in product id order
-/// (so concurrent orders lock rows in the same order and cannot deadlock).
-/// Each update is conditional on enough stock being left.
+/// Takes every line's quantity off its product's stock, as
+/// [`reserve_items`] does (the lines keep the names and prices they came
+/// with).
 async fn reserve_stock<C: ConnectionTrait>(
     conn: &C,
     lines: &[OrderLine],
 ) -> Result<(), OrderError> {
-    let mut sorted: Vec<&OrderLine> = lines.iter().collect();
-    sorted.sort_by_key(|l| l.product_id);
-    for line in sorted {
-        let reserved = products::Entity::update_many()
-            .col_expr(
-                products::Column::Stock,
-                Expr::col(products::Column::Stock).sub(line.quantity),
-            )
-            .filter(products::Column::Id.eq(line.product_id))
-            .filter(products::Column::Stock.gte(line.quantity))
-            .exec(conn)
-            .await
-            .map_err(SagaError::from)?;
-        if reserved.rows_affected != 1 {
-            let available = products::Entity::find_by_id(line.product_id)
-                .one(conn)
-                .await
-                .map_err(SagaError::from)?
-                .map_or(0, |p| p.stock);
-            return Err(OrderError::OutOfStock {
-                product_id: line.product_id,
-                requested: line.quantity,
-                available,
-            });
-        }
-    }
-    Ok(())
+    let items: Vec<Item> = lines
+        .iter()
+        .map(|l| Item {
+            product_id: l.product_id,
+            quantity: l.quantity,
+        })
+        .collect();
+    reserve_items(conn, &items).await.map(drop)
 }

@@ -62,7 +62,7 @@ pub async fn place_order(db: &DatabaseConnection, now: DateTime<Utc>) -> (OrderS
 }
 
 /// A new customer (a user row) as of `now`.
-pub async fn new_customer(db: &DatabaseConnection, now: DateTime<Utc>) -> Customer {
+pub async fn new_customer(db: &impl sea_orm::ConnectionTrait, now: DateTime<Utc>) -> Customer {
     let user = users::Entity::insert(users::ActiveModel {
         name: Set("Test User".into()),
         email: Set(format!("{}@example.com", uuid::Uuid::new_v4().simple())),
@@ -89,17 +89,7 @@ pub async fn place_order_of(
     quantity: i32,
 ) -> (OrderSnapshot, Envelope) {
     let txn = db.begin().await.expect("begin");
-    let user = users::Entity::insert(users::ActiveModel {
-        name: Set("Test User".into()),
-        email: Set(format!("{}@example.com", uuid::Uuid::new_v4().simple())),
-        password_hash: Set("not-a-real-hash".into()),
-        role: Set("user".into()),
-        created_at: Set(now),
-        ..Default::default()
-    })
-    .exec_with_returning(&txn)
-    .await
-    .expect("user");
+    let customer = new_customer(&txn, now).await;
     let product = products::Entity::find_by_id(product_id)
         .one(&txn)
         .await
@@ -110,11 +100,7 @@ pub async fn place_order_of(
     let placed = orders::place_order(
         &placer,
         &txn,
-        &Customer {
-            user_id: user.id,
-            email: user.email.clone(),
-            name: user.name.clone(),
-        },
+        &customer,
         vec![OrderLine {
             product_id: product.id,
             product_name: product.name.clone(),

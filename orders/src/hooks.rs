@@ -236,19 +236,24 @@ pub async fn place_order(
     customer: &Customer,
     lines: Vec<OrderLine>,
 ) -> Result<PlacedOrder, OrderError> {
-    let span = tracing::info_span!(
-        "order.place",
-        user_id = customer.user_id,
-        order_id = tracing::field::Empty,
-        correlation_id = tracing::field::Empty,
-        message_id = tracing::field::Empty,
-    );
+    let span = place_span(customer);
     async {
         reserve_stock(txn, &lines).await?;
         place_reserved(engine, txn, customer, lines).await
     }
     .instrument(span)
     .await
+}
+
+/// The `order.place` span; [`place_reserved`] records the ids in it.
+fn place_span(customer: &Customer) -> tracing::Span {
+    tracing::info_span!(
+        "order.place",
+        user_id = customer.user_id,
+        order_id = tracing::field::Empty,
+        correlation_id = tracing::field::Empty,
+        message_id = tracing::field::Empty,
+    )
 }
 
 /// What one order line asks for: a product and a quantity.
@@ -272,13 +277,7 @@ pub async fn place_items(
     items: &[Item],
     max_total: Decimal,
 ) -> Result<PlacedOrder, OrderError> {
-    let span = tracing::info_span!(
-        "order.place",
-        user_id = customer.user_id,
-        order_id = tracing::field::Empty,
-        correlation_id = tracing::field::Empty,
-        message_id = tracing::field::Empty,
-    );
+    let span = place_span(customer);
     async {
         let lines = reserve_items(txn, items).await?;
         let total: Decimal = lines

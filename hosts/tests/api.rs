@@ -926,6 +926,51 @@ async fn an_idempotency_key_replays_the_first_response_and_places_nothing_new() 
 }
 
 #[tokio::test]
+async fn a_retry_is_answered_even_when_placing_again_would_fail() {
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
+    let api = api(&tdb).await;
+    let (_, alice) = api.user().await;
+    let key = [("idempotency-key", "k-then-sold-out")];
+    let body = json!({"items": [{"product_id": 1, "quantity": 1}]});
+    let (status, _, _, first) = api.place_order(&alice, body.clone(), &key).await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    // The product sells out: placing the order again would be a 409.
+    entity::products::Entity::update_many()
+        .col_expr(
+            entity::products::Column::Stock,
+            sea_orm::sea_query::Expr::value(0),
+        )
+        .filter(entity::products::Column::Id.eq(1))
+        .exec(&tdb.db)
+        .await
+        .expect("update");
+    let (status, _, _, again) = api.place_order(&alice, body.clone(), &key).await;
+    assert_eq!(status, StatusCode::CREATED, "{again}");
+    assert_eq!(again, first, "the first response");
+    // Another body with that key is still a reused key, not "out of stock".
+    let (status, ct, _, problem) = api
+        .place_order(
+            &alice,
+            json!({"items": [{"product_id": 1, "quantity": 5}]}),
+            &key,
+        )
+        .await;
+    assert_problem(status, &ct, &problem, StatusCode::CONFLICT);
+    assert_eq!(
+        problem["type"],
+        "urn:order-saga:problem:idempotency-key-reused"
+    );
+    // A new key gets the stock answer.
+    let (status, ct, _, problem) = api
+        .place_order(&alice, body, &[("idempotency-key", "k-new")])
+        .await;
+    assert_problem(status, &ct, &problem, StatusCode::CONFLICT);
+    assert_eq!(problem["field"], "items[0].quantity", "{problem}");
+    assert_eq!(count_orders(&tdb).await, 1);
+    tdb.drop().await;
+}
+
+#[tokio::test]
 async fn an_expired_idempotency_key_is_forgotten() {
     let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let api = api(&tdb).await;

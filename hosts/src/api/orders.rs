@@ -347,30 +347,29 @@ pub async fn purge_expired_keys_until_stopped(
 /// Problem type of an `Idempotency-Key` reused with a different body.
 pub const KEY_REUSED: &str = "urn:order-saga:problem:idempotency-key-reused";
 
-/// What an `Idempotency-Key` says about this request.
-enum Claim {
-    /// First use (or the earlier use expired): go ahead, inside this
-    /// transaction, and record the response.
-    New,
-    /// Used before with the same body: answer what that request got.
-    Replay(OrderView),
-}
-
-/// Claims `key` for `user_id` inside `txn` in one statement: `INSERT ... ON
+/// Records `key` for `user_id` with the response `view` as the last
+/// statement of the transaction that placed the order: `INSERT ... ON
 /// CONFLICT DO UPDATE ... WHERE` the existing row has expired (an expired
-/// key is claimed anew; a live one is left alone). A concurrent request
-/// holding the same key makes the insert wait until that request commits
-/// (then this one replays its response) or rolls back (then this one goes
-/// ahead).
-async fn claim_key(
+/// key is taken anew; a live one is left alone). `true` when this request
+/// holds the key; `false` when an earlier request does (the caller rolls
+/// back and answers [`earlier_use`]). A concurrent request holding the same
+/// key makes the insert wait until that request commits (then this one
+/// finds its row) or rolls back (then this one takes the key).
+///
+/// Recording at the end, not claiming first, saves a round trip on every
+/// request; a retry of a placed order does the placing work again and
+/// rolls it back.
+async fn record_key(
     txn: &DatabaseTransaction,
     user_id: i64,
     key: &str,
     fingerprint: &str,
+    view: &OrderView,
     now: DateTime<Utc>,
     ttl: chrono::Duration,
-) -> Result<Claim, ApiError> {
+) -> Result<bool, ApiError> {
     use idempotency_keys::Column as K;
+    let body = view.to_json();
     let mut insert = SqlQuery::insert();
     insert
         .into_table(idempotency_keys::Entity)
@@ -380,6 +379,9 @@ async fn claim_key(
             K::RequestFingerprint,
             K::CreatedAt,
             K::ExpiresAt,
+            K::ResponseStatus,
+            K::ResponseBody,
+            K::OrderId,
         ])
         .values([
             user_id.into(),
@@ -387,6 +389,9 @@ async fn claim_key(
             fingerprint.into(),
             now.into(),
             (now + ttl).into(),
+            201.into(),
+            body.clone().into(),
+            view.id.into(),
         ])
         .map_err(|e| ApiError::internal("idempotency key row", &e))?
         .on_conflict(
@@ -395,12 +400,9 @@ async fn claim_key(
                     (K::RequestFingerprint, Expr::value(fingerprint)),
                     (K::CreatedAt, Expr::value(now)),
                     (K::ExpiresAt, Expr::value(now + ttl)),
-                    (K::ResponseStatus, Expr::value(Option::<i32>::None)),
-                    (
-                        K::ResponseBody,
-                        Expr::value(Option::<serde_json::Value>::None),
-                    ),
-                    (K::OrderId, Expr::value(Option::<i64>::None)),
+                    (K::ResponseStatus, Expr::value(201)),
+                    (K::ResponseBody, Expr::value(body)),
+                    (K::OrderId, Expr::value(view.id)),
                 ])
                 .action_and_where(sea_orm::sea_query::ExprTrait::lte(
                     Expr::col((idempotency_keys::Entity, K::ExpiresAt)),
@@ -408,19 +410,29 @@ async fn claim_key(
                 ))
                 .to_owned(),
         );
-    if txn.execute(&insert).await?.rows_affected() == 1 {
-        return Ok(Claim::New);
-    }
+    Ok(txn.execute(&insert).await?.rows_affected() == 1)
+}
+
+/// What an earlier request with `key` got, if one is on record and has not
+/// expired: its response when `fingerprint` (the body) matches, a 409 with
+/// problem type [`KEY_REUSED`] when it does not. `None` when the key is
+/// free.
+async fn earlier_use<C: ConnectionTrait>(
+    conn: &C,
+    user_id: i64,
+    key: &str,
+    fingerprint: &str,
+    now: DateTime<Utc>,
+) -> Result<Option<OrderView>, ApiError> {
+    use idempotency_keys::Column as K;
     let earlier = idempotency_keys::Entity::find()
         .filter(K::UserId.eq(user_id))
         .filter(K::Key.eq(key))
-        .one(txn)
+        .filter(K::ExpiresAt.gt(now))
+        .one(conn)
         .await?;
     let Some(earlier) = earlier else {
-        return Err(ApiError::conflict(
-            "a request with this Idempotency-Key is being processed; retry",
-            Some("Idempotency-Key"),
-        ));
+        return Ok(None);
     };
     if earlier.request_fingerprint != fingerprint {
         return Err(ApiError::conflict_kind(
@@ -434,13 +446,13 @@ async fn claim_key(
         .response_body
         .and_then(|body| OrderView::parse_from_json(Some(body)).ok());
     if let Some(view) = stored {
-        return Ok(Claim::Replay(view));
+        return Ok(Some(view));
     }
     // A stored response this version cannot read: answer the order itself.
     if let Some(order_id) = earlier.order_id
-        && let Some(order) = orders::Entity::find_by_id(order_id).one(txn).await?
+        && let Some(order) = orders::Entity::find_by_id(order_id).one(conn).await?
     {
-        return Ok(Claim::Replay(view(txn, order).await?));
+        return Ok(Some(view(conn, order).await?));
     }
     Err(ApiError::conflict(
         "a request with this Idempotency-Key is being processed; retry",
@@ -518,25 +530,6 @@ impl OrdersApi {
         let now = state.clock.now();
         let txn = state.db.begin().await?;
         let key = idempotency_key.0;
-        if let Some(key) = &key {
-            match claim_key(
-                &txn,
-                caller.user_id,
-                key,
-                &fingerprint,
-                now,
-                state.idempotency_ttl,
-            )
-            .await?
-            {
-                Claim::New => {}
-                Claim::Replay(view) => {
-                    txn.rollback().await?;
-                    tracing::info!(order_id = view.id, "idempotent replay of an order");
-                    return Ok(CreateOrderResponse::Created(Json(view)));
-                }
-            }
-        }
         // Who places it: from the token (users cannot change their e-mail
         // or name), else (a token of an earlier version) from the database.
         let (email, name) = match (&caller.email, &caller.name) {
@@ -581,36 +574,41 @@ impl OrdersApi {
         .await
         {
             Ok(placed) => placed,
-            Err(OrderError::UnknownProduct { product_id }) => {
+            Err(e) => {
                 txn.rollback().await?;
-                // The catalogue's current state, like stock: a conflict.
-                return Err(ApiError::conflict(
-                    format!("product {product_id} does not exist"),
-                    Some(&field_of(product_id, "product_id")),
-                ));
-            }
-            Err(OrderError::TotalTooLarge { total, max }) => {
-                txn.rollback().await?;
-                return Err(ApiError::unprocessable(
-                    format!("the order total {total} is more than {max}"),
-                    "items",
-                ));
-            }
-            Err(OrderError::OutOfStock {
-                product_id,
-                requested,
-                available,
-            }) => {
-                txn.rollback().await?;
-                return Err(ApiError::conflict(
-                    format!(
-                        "not enough stock for product {product_id}: {requested} requested, \
-                         {available} available"
+                // A retry of a request that was answered before gets that
+                // answer, even when the catalogue has changed since.
+                if let Some(key) = &key
+                    && let Some(view) =
+                        earlier_use(&state.db, caller.user_id, key, &fingerprint, now).await?
+                {
+                    tracing::info!(order_id = view.id, "idempotent replay of an order");
+                    return Ok(CreateOrderResponse::Created(Json(view)));
+                }
+                return Err(match e {
+                    // The catalogue's current state, like stock: a conflict.
+                    OrderError::UnknownProduct { product_id } => ApiError::conflict(
+                        format!("product {product_id} does not exist"),
+                        Some(&field_of(product_id, "product_id")),
                     ),
-                    Some(&field_of(product_id, "quantity")),
-                ));
+                    OrderError::TotalTooLarge { total, max } => ApiError::unprocessable(
+                        format!("the order total {total} is more than {max}"),
+                        "items",
+                    ),
+                    OrderError::OutOfStock {
+                        product_id,
+                        requested,
+                        available,
+                    } => ApiError::conflict(
+                        format!(
+                            "not enough stock for product {product_id}: {requested} requested, \
+                             {available} available"
+                        ),
+                        Some(&field_of(product_id, "quantity")),
+                    ),
+                    e => e.into(),
+                });
             }
-            Err(e) => return Err(e.into()),
         };
         let (order, message_id, events) = (placed.order, placed.message_id, placed.events);
         let placed_items = placed.snapshot.items;
@@ -631,16 +629,30 @@ impl OrdersApi {
             created_at: order.created_at,
             updated_at: order.updated_at,
         };
-        if let Some(key) = &key {
-            use idempotency_keys::Column as K;
-            idempotency_keys::Entity::update_many()
-                .col_expr(K::ResponseStatus, Expr::value(201))
-                .col_expr(K::ResponseBody, Expr::value(view.to_json()))
-                .col_expr(K::OrderId, Expr::value(view.id))
-                .filter(K::UserId.eq(caller.user_id))
-                .filter(K::Key.eq(key.as_str()))
-                .exec(&txn)
-                .await?;
+        if let Some(key) = &key
+            && !record_key(
+                &txn,
+                caller.user_id,
+                key,
+                &fingerprint,
+                &view,
+                now,
+                state.idempotency_ttl,
+            )
+            .await?
+        {
+            // An earlier request holds the key: nothing of this one is kept.
+            txn.rollback().await?;
+            return match earlier_use(&state.db, caller.user_id, key, &fingerprint, now).await? {
+                Some(view) => {
+                    tracing::info!(order_id = view.id, "idempotent replay of an order");
+                    Ok(CreateOrderResponse::Created(Json(view)))
+                }
+                None => Err(ApiError::conflict(
+                    "a request with this Idempotency-Key is being processed; retry",
+                    Some("Idempotency-Key"),
+                )),
+            };
         }
         txn.commit().await?;
         // The OrderCreated event leaves at once through this process's relay.

@@ -167,6 +167,7 @@ struct Config {
     payment_delay_ms: u64,
     success_rate: f64,
     batch_size: u64,
+    sweep_workers: u32,
     processing_timeout_seconds: i64,
     api_db_pool: u32,
 }
@@ -183,6 +184,7 @@ impl Config {
             payment_delay_ms: s.payment.delay_ms,
             success_rate: s.payment.success_rate,
             batch_size: s.expiration.batch_size,
+            sweep_workers: s.expiration.sweep_workers,
             processing_timeout_seconds: i64::try_from(s.expiration.processing_timeout_seconds)?,
             api_db_pool: s.database.max_connections,
         })
@@ -302,6 +304,8 @@ async fn environment(options: &Options, config: &Config) -> anyhow::Result<Envir
                 .into(),
         prefetch: config.prefetch,
         api_db_pool: config.api_db_pool,
+        sweep_batch_size: config.batch_size,
+        sweep_workers: config.sweep_workers,
         clients: options.clients,
         mode: if options.quick {
             "quick".into()
@@ -453,6 +457,7 @@ async fn run(options: Options) -> anyhow::Result<Figures> {
             let result = scenarios::sweep(
                 size,
                 config.batch_size,
+                config.sweep_workers,
                 chrono::Duration::seconds(config.processing_timeout_seconds),
                 &insert,
                 &pb,

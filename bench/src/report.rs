@@ -27,6 +27,8 @@ pub struct Environment {
     pub publisher_confirms: String,
     pub prefetch: u16,
     pub api_db_pool: u32,
+    pub sweep_batch_size: u64,
+    pub sweep_workers: u32,
     pub clients: usize,
     pub mode: String,
 }
@@ -269,6 +271,13 @@ impl Figures {
                 e.api_db_pool.to_string(),
             ),
             ("concurrent clients (API, DB limit)", e.clients.to_string()),
+            (
+                "sweep (`expiration.batch_size`, `expiration.sweep_workers`)",
+                format!(
+                    "{} orders per transaction, {} at once",
+                    e.sweep_batch_size, e.sweep_workers
+                ),
+            ),
         ];
         for (k, v) in rows {
             let _ = writeln!(m, "| {k} | {v} |");

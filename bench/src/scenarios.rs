@@ -423,6 +423,7 @@ pub struct Sweep {
     pub per_second: f64,
     pub microseconds_per_order: f64,
     pub batch_size: u64,
+    pub workers: u32,
 }
 
 /// Inserts `count` orders that have been `processing` for an hour, as the
@@ -482,11 +483,12 @@ async fn insert_stale_orders(
 }
 
 /// The expiration sweep over `count` stale orders, through the engine
-/// function the scheduler calls each tick (`sweep_all`, batch by batch as
-/// it does, so progress can be shown).
+/// function the scheduler calls each tick (`sweep_all`, with `workers`
+/// transactions at once; progress after each batch).
 pub async fn sweep(
     count: usize,
     batch_size: u64,
+    workers: u32,
     timeout: chrono::Duration,
     insert_progress: &ProgressBar,
     progress: &ProgressBar,
@@ -497,6 +499,7 @@ pub async fn sweep(
         insert_stale_orders(&db.db, count, &products, insert_progress).await?;
         let settings = EngineSettings {
             sweep_batch_size: batch_size,
+            sweep_workers: workers,
             ..EngineSettings::default()
         };
         let saga = OrderSaga {
@@ -507,16 +510,10 @@ pub async fn sweep(
             .with_hooks(OrderHooks::new(Arc::new(FixedPayment { approved: false })))
             .with_settings(settings);
         let started = Instant::now();
-        let mut expired = 0usize;
-        // The loop of `SagaEngine::sweep_all`, with progress.
-        loop {
-            let batch = engine.try_sweep_once().await?;
-            expired += batch.timed_out;
-            progress.set_position(expired as u64);
-            if (batch.examined as u64) < batch_size || batch.timed_out == 0 {
-                break;
-            }
-        }
+        let swept = engine
+            .sweep_all_with(|batch| progress.inc(batch.timed_out as u64))
+            .await?;
+        let expired = swept.timed_out;
         let elapsed = started.elapsed();
         if expired != count {
             bail!("the sweep expired {expired} of {count} stale orders");
@@ -527,6 +524,7 @@ pub async fn sweep(
             per_second: rate(count, elapsed),
             microseconds_per_order: elapsed.as_secs_f64() * 1e6 / count.max(1) as f64,
             batch_size,
+            workers,
         })
     }
     .await;

@@ -111,12 +111,14 @@ pub fn order_saga(settings: &Settings) -> OrderSaga {
     }
 }
 
-/// The engine's limits and retry budget (`retry.*`, `expiration.batch_size`).
+/// The engine's limits and retry budget (`retry.*`, `expiration.batch_size`,
+/// `expiration.sweep_workers`).
 pub fn engine_settings(settings: &Settings) -> EngineSettings {
     EngineSettings {
         max_conflict_retries: 10,
         retry: retry_policy(settings),
         sweep_batch_size: settings.expiration.batch_size,
+        sweep_workers: settings.expiration.sweep_workers,
         timer_batch_size: settings.timers.batch_size,
     }
 }

@@ -313,6 +313,8 @@ pub struct ExpirationSettings {
     pub sweep_interval_seconds: u64,
     pub processing_timeout_seconds: u64,
     pub batch_size: u64,
+    /// Sweep transactions at once (each takes a database connection).
+    pub sweep_workers: u32,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -623,6 +625,10 @@ fn validate(s: &Settings) -> Result<(), SettingsError> {
             s.expiration.processing_timeout_seconds,
         ),
         ("expiration.batch_size", s.expiration.batch_size),
+        (
+            "expiration.sweep_workers",
+            u64::from(s.expiration.sweep_workers),
+        ),
         ("retry.max_attempts", u64::from(s.retry.max_attempts)),
         ("outbox.poll_interval_ms", s.outbox.poll_interval_ms),
         ("outbox.batch_size", s.outbox.batch_size),
@@ -671,6 +677,16 @@ fn validate(s: &Settings) -> Result<(), SettingsError> {
         if value == 0 {
             return Err(invalid(key, "must be greater than 0"));
         }
+    }
+    if s.expiration.sweep_workers > s.database.max_connections {
+        return Err(invalid(
+            "expiration.sweep_workers",
+            format!(
+                "must be at most database.max_connections ({}): each sweep worker holds a \
+                 connection",
+                s.database.max_connections
+            ),
+        ));
     }
     if s.auth.token_ttl_seconds > 86_400 {
         return Err(invalid(
@@ -833,6 +849,8 @@ mod tests {
         assert_eq!(s.payment.success_rate, 0.5);
         assert_eq!(s.expiration.sweep_interval_seconds, 60);
         assert_eq!(s.expiration.processing_timeout_seconds, 600);
+        assert_eq!(s.expiration.batch_size, 2000);
+        assert_eq!(s.expiration.sweep_workers, 4);
         assert_eq!(s.retry.max_attempts, 3);
         assert_eq!(s.monitoring.runner_listen, "127.0.0.1:9091");
         assert_eq!(s.monitoring.scheduler_listen, "127.0.0.1:9092");
@@ -909,6 +927,21 @@ mod tests {
                 .contains("monitoring.consumer_stall_seconds"),
             "{err}"
         );
+
+        for workers in ["0", "11"] {
+            let err = load_from(
+                &repo_config(),
+                env(&[
+                    ("APP__EXPIRATION__SWEEP_WORKERS", workers),
+                    ("APP__DATABASE__MAX_CONNECTIONS", "10"),
+                ]),
+            )
+            .expect_err("no workers, or more than connections");
+            assert!(
+                err.to_string().contains("expiration.sweep_workers"),
+                "{workers}: {err}"
+            );
+        }
 
         let err = load_from(&repo_config(), env(&[("APP__PAYMENT__DELAY", "5")]))
             .expect_err("unknown key");

@@ -128,21 +128,6 @@ impl Hooks<OrderSaga> for OrderHooks {
             .collect();
         release_stock_of(txn, &order_ids).await
     }
-
-    /// Expiring releases stock. Lock every product the batch will give
-    /// stock back to now, in id order (the order in which placing an order
-    /// reserves), so the batch and concurrent orders cannot deadlock.
-    async fn prepare_batch(
-        &self,
-        txn: &DatabaseTransaction,
-        correlation_ids: &[String],
-    ) -> Result<(), SagaError> {
-        let order_ids: Vec<i64> = correlation_ids
-            .iter()
-            .filter_map(|id| id.parse().ok())
-            .collect();
-        lock_products_of(txn, &order_ids).await
-    }
 }
 
 /// Locks the products of `order_ids`' items, in id order.

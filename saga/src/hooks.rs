@@ -137,9 +137,11 @@ pub trait Hooks<S: Saga>: Send + Sync + 'static {
     }
 
     /// Called once per state-timeout batch, before its instances are
-    /// decided, with their correlation ids: lock what the batch's effects
-    /// will touch, in a fixed order, so the batch cannot deadlock with the
-    /// saga's other writers.
+    /// decided, with their correlation ids: lock what must be locked before
+    /// the decisions, in a fixed order, so the batch cannot deadlock with
+    /// the saga's other writers. Effect hooks run last in the transaction
+    /// (just before its commit), so locks they take themselves in a fixed
+    /// order are held briefly; prefer that where it is enough.
     async fn prepare_batch(
         &self,
         _txn: &DatabaseTransaction,

@@ -10,7 +10,7 @@ use entity::products;
 use orders::topology::{self, ORDER_SAGA_CONSUMER};
 use orders::{OrderInput, OrderState};
 use saga::clock::ManualClock;
-use saga::engine::{Handled, Incoming};
+use saga::engine::{EngineSettings, Handled, Incoming};
 use saga::message::Envelope;
 use saga::outbox::{OutboxHandle, OutboxRelay, RelaySettings};
 use saga::testing::{TestBroker, TestDatabase};
@@ -360,6 +360,67 @@ async fn a_sweep_expires_a_batch_set_based_and_gives_each_product_its_stock_back
         )
         .await,
         1
+    );
+    assert_eq!(engine.sweep_all().await.expect("again").timed_out, 0);
+    tdb.drop().await;
+}
+
+#[tokio::test]
+async fn sweep_workers_in_parallel_expire_each_order_once_and_give_the_stock_back_once() {
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
+    let clock = ManualClock::new(t0());
+    let engine = engine(&tdb.db, &clock, false).with_settings(EngineSettings {
+        sweep_batch_size: 20,
+        sweep_workers: 3,
+        ..EngineSettings::default()
+    });
+    let all = products::Entity::find()
+        .all(&tdb.db)
+        .await
+        .expect("products");
+    let (a, b) = (all[0].id, all[1].id);
+    let (stock_a, stock_b) = (stock(&tdb.db, a).await, stock(&tdb.db, b).await);
+    let mut orders = Vec::new();
+    for n in 0..130 {
+        // Every batch gives stock back to both products: the workers
+        // contend for the same rows.
+        let product = if n % 2 == 0 { b } else { a };
+        let (order, created) = place_order_of(&tdb.db, t0(), product, 1).await;
+        engine
+            .handle(ORDER_SAGA_CONSUMER, &created)
+            .await
+            .expect("handled");
+        orders.push(order.order_id);
+    }
+    assert_eq!(stock(&tdb.db, a).await, stock_a - 65);
+    assert_eq!(stock(&tdb.db, b).await, stock_b - 65);
+    clock.advance(Duration::seconds(601));
+    let batches = std::sync::atomic::AtomicUsize::new(0);
+    let swept = engine
+        .sweep_all_with(|_| {
+            batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        })
+        .await
+        .expect("sweep");
+    assert_eq!(swept.timed_out, 130);
+    // 7 full or partial batches of 20, plus each worker's last, empty look.
+    assert!(
+        batches.load(std::sync::atomic::Ordering::Relaxed) >= 7,
+        "{batches:?}"
+    );
+    for order in &orders {
+        assert_eq!(order_status(&tdb.db, *order).await, "expired");
+        assert_eq!(outbox_count(&tdb.db, *order, "OrderExpired").await, 1);
+    }
+    assert_eq!(stock(&tdb.db, a).await, stock_a);
+    assert_eq!(stock(&tdb.db, b).await, stock_b);
+    assert!(
+        transactions(
+            &tdb.db,
+            "SELECT xmin FROM saga_transitions WHERE trigger = 'ExpirationDue'"
+        )
+        .await
+            >= 7
     );
     assert_eq!(engine.sweep_all().await.expect("again").timed_out, 0);
     tdb.drop().await;

@@ -45,6 +45,7 @@ pub fn engine(
                 max_backoff: std::time::Duration::from_millis(50),
             },
             sweep_batch_size: 50,
+            sweep_workers: 1,
             timer_batch_size: 100,
         })
 }

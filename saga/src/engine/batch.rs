@@ -328,8 +328,9 @@ impl<S: Saga> SagaEngine<S> {
     }
 
     /// Writes a planned transaction: the instance updates (with their
-    /// version checks; a mismatch is a conflict), the hooks, the outbox
-    /// (leased to this process's relay), the timers and the journal. Returns
+    /// version checks; a mismatch is a conflict), the `entered` hooks, the
+    /// outbox (leased to this process's relay), the timers, the journal and
+    /// then the effect hooks. Returns
     /// the events to hand to the relay after the commit.
     pub(super) async fn store(
         &self,
@@ -363,6 +364,13 @@ impl<S: Saga> SagaEngine<S> {
                 .collect();
             self.hooks.entered_batch(txn, now, &calls).await?;
         }
+        let committed =
+            outbox::enqueue_many(txn, &plan.events, self.outbox.leased_until(now)).await?;
+        write_timers::<S>(txn, now, plan.timers).await?;
+        journal::write_many(txn, S::TYPE, &plan.journal, now).await?;
+        // The domain effects last: rows they lock (stock, say) are then held
+        // only until the commit that follows, not while the engine's own
+        // rows are written.
         if !plan.effects.is_empty() {
             let calls: Vec<EffectCall<'_, S>> = plan
                 .effects
@@ -376,10 +384,6 @@ impl<S: Saga> SagaEngine<S> {
                 .collect();
             self.hooks.effects_batch(txn, now, &calls).await?;
         }
-        let committed =
-            outbox::enqueue_many(txn, &plan.events, self.outbox.leased_until(now)).await?;
-        write_timers::<S>(txn, now, plan.timers).await?;
-        journal::write_many(txn, S::TYPE, &plan.journal, now).await?;
         Ok(committed)
     }
 }

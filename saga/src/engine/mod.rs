@@ -55,6 +55,10 @@ pub struct EngineSettings {
     pub retry: RetryPolicy,
     /// How many instances one state-timeout sweep transaction takes.
     pub sweep_batch_size: u64,
+    /// How many sweep transactions [`SagaEngine::sweep_all`] runs at once
+    /// (each on its own connection; `SKIP LOCKED` keeps their batches
+    /// apart). At least 1.
+    pub sweep_workers: u32,
     /// How many due timers one timer transaction fires.
     pub timer_batch_size: u64,
 }
@@ -65,6 +69,7 @@ impl Default for EngineSettings {
             max_conflict_retries: 10,
             retry: RetryPolicy::default(),
             sweep_batch_size: 500,
+            sweep_workers: 1,
             timer_batch_size: 100,
         }
     }
@@ -1004,21 +1009,49 @@ impl<S: Saga> SagaEngine<S> {
         Ok(total)
     }
 
-    /// Sweeps batch after batch until no instance is past a state timeout.
+    /// Sweeps batch after batch until no instance is past a state timeout,
+    /// with [`EngineSettings::sweep_workers`] transactions at once.
     pub async fn sweep_all(&self) -> Result<SweepOutcome, SagaError> {
+        self.sweep_all_with(|_| {}).await
+    }
+
+    /// [`SagaEngine::sweep_all`], calling `on_batch` after each committed
+    /// batch (for progress). When a worker fails, the others finish their
+    /// loops; the outcome is then the first error.
+    pub async fn sweep_all_with(
+        &self,
+        on_batch: impl Fn(&SweepOutcome) + Sync,
+    ) -> Result<SweepOutcome, SagaError> {
         let mut total = SweepOutcome::default();
+        let mut first_error = None;
         for timeout in self.saga.state_timeouts() {
-            loop {
-                let batch = self.sweep(&timeout).await?;
-                let done = (batch.examined as u64) < self.settings.sweep_batch_size
-                    || batch.timed_out == 0;
-                total += batch;
-                if done {
-                    break;
+            let worker = || async {
+                let mut swept = SweepOutcome::default();
+                loop {
+                    let batch = self.sweep(&timeout).await?;
+                    on_batch(&batch);
+                    let done = (batch.examined as u64) < self.settings.sweep_batch_size
+                        || batch.timed_out == 0;
+                    swept += batch;
+                    if done {
+                        return Ok::<_, SagaError>(swept);
+                    }
+                }
+            };
+            let workers = Ord::max(self.settings.sweep_workers, 1);
+            for result in futures_util::future::join_all((0..workers).map(|_| worker())).await {
+                match result {
+                    Ok(swept) => total += swept,
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
                 }
             }
         }
-        Ok(total)
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(total),
+        }
     }
 
     async fn sweep(&self, timeout: &StateTimeout<S>) -> Result<SweepOutcome, SagaError> {

@@ -863,6 +863,30 @@ async fn orders_are_listed_newest_first_with_pagination_and_a_status_filter() {
     tdb.drop().await;
 }
 
+/// An order of `quantity` units of product 1 with `key`, which an earlier
+/// order with another body holds: a 409 naming the header, with the
+/// key-reused problem type.
+async fn assert_key_reused<E: Endpoint>(
+    api: &Api<E>,
+    token: &str,
+    key: &[(&str, &str)],
+    quantity: i32,
+) {
+    let (status, ct, _, problem) = api
+        .place_order(
+            token,
+            json!({"items": [{"product_id": 1, "quantity": quantity}]}),
+            key,
+        )
+        .await;
+    assert_problem(status, &ct, &problem, StatusCode::CONFLICT);
+    assert_eq!(
+        problem["type"],
+        "urn:order-saga:problem:idempotency-key-reused"
+    );
+    assert_eq!(problem["field"], "Idempotency-Key");
+}
+
 #[tokio::test]
 async fn an_idempotency_key_replays_the_first_response_and_places_nothing_new() {
     let tdb = TestDatabase::create_with::<migration::Migrator>().await;
@@ -881,19 +905,7 @@ async fn an_idempotency_key_replays_the_first_response_and_places_nothing_new() 
     assert_eq!(stock_of(&tdb, 1).await, stock - 2, "stock reserved once");
 
     // The same key with another body is refused.
-    let (status, ct, _, problem) = api
-        .place_order(
-            &alice,
-            json!({"items": [{"product_id": 1, "quantity": 3}]}),
-            &key,
-        )
-        .await;
-    assert_problem(status, &ct, &problem, StatusCode::CONFLICT);
-    assert_eq!(
-        problem["type"],
-        "urn:order-saga:problem:idempotency-key-reused"
-    );
-    assert_eq!(problem["field"], "Idempotency-Key");
+    assert_key_reused(&api, &alice, &key, 3).await;
     assert_eq!(count_orders(&tdb).await, 1);
 
     // Keys belong to their user: Bob's identical key is a new order.
@@ -948,18 +960,7 @@ async fn a_retry_is_answered_even_when_placing_again_would_fail() {
     assert_eq!(status, StatusCode::CREATED, "{again}");
     assert_eq!(again, first, "the first response");
     // Another body with that key is still a reused key, not "out of stock".
-    let (status, ct, _, problem) = api
-        .place_order(
-            &alice,
-            json!({"items": [{"product_id": 1, "quantity": 5}]}),
-            &key,
-        )
-        .await;
-    assert_problem(status, &ct, &problem, StatusCode::CONFLICT);
-    assert_eq!(
-        problem["type"],
-        "urn:order-saga:problem:idempotency-key-reused"
-    );
+    assert_key_reused(&api, &alice, &key, 5).await;
     // A new key gets the stock answer.
     let (status, ct, _, problem) = api
         .place_order(&alice, body, &[("idempotency-key", "k-new")])

@@ -8,9 +8,9 @@ use std::time::Duration as StdDuration;
 use chrono::Duration;
 use entity::products;
 use orders::topology::{self, ORDER_SAGA_CONSUMER};
-use orders::{OrderInput, OrderState};
+use orders::{OrderInput, OrderSaga, OrderState};
 use saga::clock::ManualClock;
-use saga::engine::{EngineSettings, Handled, Incoming};
+use saga::engine::{EngineSettings, Handled, Incoming, SagaEngine};
 use saga::message::Envelope;
 use saga::outbox::{OutboxHandle, OutboxRelay, RelaySettings};
 use saga::testing::{TestBroker, TestDatabase};
@@ -321,27 +321,41 @@ fn clock_now(clock: &ManualClock) -> chrono::DateTime<chrono::Utc> {
     saga::clock::Clock::now(clock)
 }
 
-#[tokio::test]
-async fn a_sweep_expires_a_batch_set_based_and_gives_each_product_its_stock_back_once() {
-    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
-    let clock = ManualClock::new(t0());
-    let engine = engine(&tdb.db, &clock, false);
-    let all = products::Entity::find()
-        .all(&tdb.db)
-        .await
-        .expect("products");
+/// The first two products and their stock.
+async fn two_products(db: &DatabaseConnection) -> (i64, i64, i32, i32) {
+    let all = products::Entity::find().all(db).await.expect("products");
     let (a, b) = (all[0].id, all[1].id);
-    let (stock_a, stock_b) = (stock(&tdb.db, a).await, stock(&tdb.db, b).await);
-    let mut orders = Vec::new();
-    for n in 0..30 {
-        let product = if n % 3 == 0 { b } else { a };
-        let (order, created) = place_order_of(&tdb.db, t0(), product, 1).await;
+    (a, b, stock(db, a).await, stock(db, b).await)
+}
+
+/// Places `count` orders of one unit of `product_of(n)` each and hands
+/// their `OrderCreated` to `engine` (they go `processing`). Returns the
+/// order ids.
+async fn processing_orders(
+    engine: &SagaEngine<OrderSaga>,
+    db: &DatabaseConnection,
+    count: usize,
+    product_of: impl Fn(usize) -> i64,
+) -> Vec<i64> {
+    let mut orders = Vec::with_capacity(count);
+    for n in 0..count {
+        let (order, created) = place_order_of(db, t0(), product_of(n), 1).await;
         engine
             .handle(ORDER_SAGA_CONSUMER, &created)
             .await
             .expect("handled");
         orders.push(order.order_id);
     }
+    orders
+}
+
+#[tokio::test]
+async fn a_sweep_expires_a_batch_set_based_and_gives_each_product_its_stock_back_once() {
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
+    let clock = ManualClock::new(t0());
+    let engine = engine(&tdb.db, &clock, false);
+    let (a, b, stock_a, stock_b) = two_products(&tdb.db).await;
+    let orders = processing_orders(&engine, &tdb.db, 30, |n| if n % 3 == 0 { b } else { a }).await;
     assert_eq!(stock(&tdb.db, a).await, stock_a - 20);
     assert_eq!(stock(&tdb.db, b).await, stock_b - 10);
     clock.advance(Duration::seconds(601));
@@ -374,24 +388,10 @@ async fn sweep_workers_in_parallel_expire_each_order_once_and_give_the_stock_bac
         sweep_workers: 3,
         ..EngineSettings::default()
     });
-    let all = products::Entity::find()
-        .all(&tdb.db)
-        .await
-        .expect("products");
-    let (a, b) = (all[0].id, all[1].id);
-    let (stock_a, stock_b) = (stock(&tdb.db, a).await, stock(&tdb.db, b).await);
-    let mut orders = Vec::new();
-    for n in 0..130 {
-        // Every batch gives stock back to both products: the workers
-        // contend for the same rows.
-        let product = if n % 2 == 0 { b } else { a };
-        let (order, created) = place_order_of(&tdb.db, t0(), product, 1).await;
-        engine
-            .handle(ORDER_SAGA_CONSUMER, &created)
-            .await
-            .expect("handled");
-        orders.push(order.order_id);
-    }
+    let (a, b, stock_a, stock_b) = two_products(&tdb.db).await;
+    // Every batch gives stock back to both products: the workers contend
+    // for the same rows.
+    let orders = processing_orders(&engine, &tdb.db, 130, |n| if n % 2 == 0 { b } else { a }).await;
     assert_eq!(stock(&tdb.db, a).await, stock_a - 65);
     assert_eq!(stock(&tdb.db, b).await, stock_b - 65);
     clock.advance(Duration::seconds(601));

@@ -18,8 +18,8 @@ use saga::outbox::Committed;
 use sea_orm::sea_query::LockType;
 use sea_orm::sea_query::{Expr, ExprTrait as _, Query};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect, Statement,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait,
+    QueryFilter, QueryOrder, QuerySelect, Statement,
 };
 use tracing::Instrument as _;
 use uuid::Uuid;
@@ -155,24 +155,41 @@ async fn lock_products_of(txn: &DatabaseTransaction, order_ids: &[i64]) -> Resul
     Ok(())
 }
 
-/// Gives the reserved quantities of `order_ids` back to their products in
-/// one statement (products locked in id order first). Runs as the effect of
-/// the transition that ends an order, so it happens exactly once.
+/// Gives the reserved quantities of `order_ids` back to their products,
+/// the products locked in id order first (two transactions releasing stock
+/// of the same products cannot deadlock). On PostgreSQL one statement does
+/// both. Runs as the effect of the transition that ends an order, so it
+/// happens exactly once.
 async fn release_stock_of(txn: &DatabaseTransaction, order_ids: &[i64]) -> Result<(), SagaError> {
     if order_ids.is_empty() {
         return Ok(());
     }
-    lock_products_of(txn, order_ids).await?;
     // Order ids are numbers: listed inline.
     let ids: Vec<String> = order_ids.iter().map(i64::to_string).collect();
-    let sql = format!(
-        "UPDATE products SET stock = stock + s.qty \
-         FROM (SELECT product_id, SUM(quantity) AS qty FROM order_items \
-               WHERE order_id IN ({}) GROUP BY product_id) AS s \
-         WHERE products.id = s.product_id",
-        ids.join(", ")
-    );
-    txn.execute_raw(Statement::from_string(txn.get_database_backend(), sql))
+    let ids = ids.join(", ");
+    let backend = txn.get_database_backend();
+    let sql = if backend == DbBackend::Postgres {
+        // `locked` takes the row locks in id order, whatever join order the
+        // UPDATE is planned with: every plan reads all of it before the
+        // first row is updated, or reads it in id order.
+        format!(
+            "WITH s AS (SELECT product_id, SUM(quantity) AS qty FROM order_items \
+                        WHERE order_id IN ({ids}) GROUP BY product_id), \
+                  locked AS (SELECT id FROM products WHERE id IN (SELECT product_id FROM s) \
+                             ORDER BY id FOR UPDATE) \
+             UPDATE products SET stock = stock + s.qty FROM s, locked \
+             WHERE products.id = s.product_id AND locked.id = s.product_id"
+        )
+    } else {
+        lock_products_of(txn, order_ids).await?;
+        format!(
+            "UPDATE products SET stock = stock + s.qty \
+             FROM (SELECT product_id, SUM(quantity) AS qty FROM order_items \
+                   WHERE order_id IN ({ids}) GROUP BY product_id) AS s \
+             WHERE products.id = s.product_id"
+        )
+    };
+    txn.execute_raw(Statement::from_string(backend, sql))
         .await?;
     Ok(())
 }

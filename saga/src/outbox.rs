@@ -25,9 +25,10 @@ use std::time::Duration as StdDuration;
 use chrono::{DateTime, Duration, Utc};
 use sea_orm::sea_query::{Expr, ExprTrait as _, LockBehavior, LockType, Query};
 use sea_orm::{
-    ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, EntityTrait, PaginatorTrait,
-    QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+    ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait,
+    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Statement, TransactionTrait,
 };
+use serde_json::value::RawValue;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -188,6 +189,57 @@ pub async fn enqueue_many<C: ConnectionTrait>(
     if events.is_empty() {
         return Ok(Vec::new());
     }
+    let mut committed = Vec::with_capacity(events.len());
+    for event in events {
+        let envelope = &event.envelope;
+        let body = serde_json::to_vec(envelope)
+            .map_err(|e| SagaError::Corrupt(format!("envelope: {e}")))?;
+        committed.push(Committed {
+            message_id: envelope.message_id,
+            message_type: envelope.message_type.clone(),
+            correlation_id: envelope.correlation_id.clone(),
+            routing_key: event.routing_key.clone(),
+            body,
+            trace: event.trace.clone(),
+        });
+    }
+    if conn.get_database_backend() == DbBackend::Postgres {
+        // The rows travel as one JSON array: one parameter, not twelve per
+        // row (cheaper to build here and to plan there).
+        let mut rows = Vec::with_capacity(committed.len());
+        for (event, c) in events.iter().zip(&committed) {
+            let (traceparent, tracestate) = TraceContext::columns(c.trace.as_ref());
+            let body = std::str::from_utf8(&c.body)
+                .ok()
+                .and_then(|b| RawValue::from_string(b.to_owned()).ok())
+                .ok_or_else(|| SagaError::Corrupt("envelope: not JSON".into()))?;
+            rows.push(PgOutboxRow {
+                message_id: c.message_id,
+                message_type: &c.message_type,
+                routing_key: &c.routing_key,
+                correlation_id: &c.correlation_id,
+                body,
+                created_at: micros(event.envelope.occurred_at),
+                traceparent,
+                tracestate,
+            });
+        }
+        let rows = serde_json::to_string(&rows)
+            .map_err(|e| SagaError::Corrupt(format!("outbox rows: {e}")))?;
+        conn.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "INSERT INTO saga_outbox (message_id, message_type, routing_key, correlation_id, \
+             body, created_at, locked_until, sent_at, publish_attempts, last_error, \
+             traceparent, tracestate) \
+             SELECT (r->>'message_id')::uuid, r->>'message_type', r->>'routing_key', \
+             r->>'correlation_id', r->'body', (r->>'created_at')::timestamptz, $1, NULL, 0, \
+             NULL, r->>'traceparent', r->>'tracestate' \
+             FROM jsonb_array_elements($2::text::jsonb) WITH ORDINALITY AS t(r, n) ORDER BY n",
+            [leased_until.into(), rows.into()],
+        ))
+        .await?;
+        return Ok(committed);
+    }
     let mut insert = Query::insert();
     insert.into_table(saga_outbox::Entity).columns([
         O::MessageId,
@@ -203,22 +255,18 @@ pub async fn enqueue_many<C: ConnectionTrait>(
         O::Traceparent,
         O::Tracestate,
     ]);
-    let mut committed = Vec::with_capacity(events.len());
-    for event in events {
-        let envelope = &event.envelope;
-        let body = serde_json::to_value(envelope)
+    for (event, c) in events.iter().zip(&committed) {
+        let body: serde_json::Value = serde_json::from_slice(&c.body)
             .map_err(|e| SagaError::Corrupt(format!("envelope: {e}")))?;
-        let bytes =
-            serde_json::to_vec(&body).map_err(|e| SagaError::Corrupt(format!("envelope: {e}")))?;
-        let (traceparent, tracestate) = TraceContext::columns(event.trace.as_ref());
+        let (traceparent, tracestate) = TraceContext::columns(c.trace.as_ref());
         insert
             .values([
-                envelope.message_id.into(),
-                envelope.message_type.clone().into(),
-                event.routing_key.clone().into(),
-                envelope.correlation_id.clone().into(),
+                c.message_id.into(),
+                c.message_type.clone().into(),
+                c.routing_key.clone().into(),
+                c.correlation_id.clone().into(),
                 body.into(),
-                envelope.occurred_at.into(),
+                event.envelope.occurred_at.into(),
                 leased_until.into(),
                 Option::<DateTime<Utc>>::None.into(),
                 0.into(),
@@ -227,17 +275,28 @@ pub async fn enqueue_many<C: ConnectionTrait>(
                 tracestate.into(),
             ])
             .map_err(|e| SagaError::Corrupt(e.to_string()))?;
-        committed.push(Committed {
-            message_id: envelope.message_id,
-            message_type: envelope.message_type.clone(),
-            correlation_id: envelope.correlation_id.clone(),
-            routing_key: event.routing_key.clone(),
-            body: bytes,
-            trace: event.trace.clone(),
-        });
     }
     conn.execute(&insert).await?;
     Ok(committed)
+}
+
+/// An outbox row as [`enqueue_many`] sends it to PostgreSQL.
+#[derive(serde::Serialize)]
+struct PgOutboxRow<'a> {
+    message_id: Uuid,
+    message_type: &'a str,
+    routing_key: &'a str,
+    correlation_id: &'a str,
+    body: Box<RawValue>,
+    created_at: String,
+    traceparent: Option<String>,
+    tracestate: Option<String>,
+}
+
+/// A timestamp as PostgreSQL stores it (microseconds, truncated as the
+/// driver truncates a bound timestamp).
+pub(crate) fn micros(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
 #[derive(Clone, Debug)]

@@ -6,11 +6,11 @@
 
 use std::collections::HashMap;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
 use sea_orm::sea_query::{Expr, LockType, OnConflict, Query};
 use sea_orm::{
     ColumnTrait, Condition, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait,
-    QueryFilter, QueryOrder, QuerySelect, Statement, Value,
+    QueryFilter, QueryOrder, QuerySelect, Statement,
 };
 use uuid::Uuid;
 
@@ -52,7 +52,7 @@ impl<S: Saga> Work<S> {
                 row.state
             ))
         })?;
-        let data = serde_json::from_value(row.data.clone()).map_err(|e| {
+        let data = serde::Deserialize::deserialize(&row.data).map_err(|e| {
             SagaError::Corrupt(format!("{} instance {} data: {e}", S::TYPE, row.id))
         })?;
         Ok(Work {
@@ -410,51 +410,39 @@ async fn update_instances<S: Saga>(
         rows.push((w, data, traceparent, tracestate));
     }
     if txn.get_database_backend() == DbBackend::Postgres {
-        let mut sql = String::from(
-            "UPDATE saga_instances AS i SET state = v.state, version = v.new_version, \
+        // The rows travel as one JSON array (`jsonb_to_recordset`): one
+        // parameter, where a `VALUES` list took eight per row and
+        // PostgreSQL planned an expression for each of them.
+        let v: Vec<serde_json::Value> = rows
+            .into_iter()
+            .map(|(w, data, traceparent, tracestate)| {
+                serde_json::json!({
+                    "id": w.row.id,
+                    "version": w.row.version,
+                    "new_version": w.row.version + w.steps,
+                    "state": w.state.name(),
+                    "entered_at": w.entered_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+                    "has_data": data.is_some(),
+                    "data": data,
+                    "traceparent": traceparent,
+                    "tracestate": tracestate,
+                })
+            })
+            .collect();
+        let sql = "UPDATE saga_instances AS i SET state = v.state, version = v.new_version, \
              attempts = 0, last_error = NULL, state_entered_at = v.entered_at, updated_at = $1, \
-             data = COALESCE(v.data, i.data), \
+             data = CASE WHEN v.has_data THEN COALESCE(v.data, 'null'::jsonb) ELSE i.data END, \
              traceparent = COALESCE(v.traceparent, i.traceparent), \
              tracestate = CASE WHEN v.traceparent IS NULL THEN i.tracestate ELSE v.tracestate END \
-             FROM (VALUES ",
-        );
-        let mut values: Vec<Value> = vec![now.into()];
-        for (n, (w, data, traceparent, tracestate)) in rows.into_iter().enumerate() {
-            let p = 2 + n * 8;
-            if n > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str(&format!(
-                "(${}::bigint, ${}::int, ${}::int, ${}::varchar, ${}::timestamptz, ${}::jsonb, ${}::text, ${}::text)",
-                p,
-                p + 1,
-                p + 2,
-                p + 3,
-                p + 4,
-                p + 5,
-                p + 6,
-                p + 7
-            ));
-            values.extend([
-                w.row.id.into(),
-                w.row.version.into(),
-                (w.row.version + w.steps).into(),
-                w.state.name().into(),
-                w.entered_at.into(),
-                data.into(),
-                traceparent.into(),
-                tracestate.into(),
-            ]);
-        }
-        sql.push_str(
-            ") AS v(id, version, new_version, state, entered_at, data, traceparent, tracestate) \
-             WHERE i.id = v.id AND i.version = v.version",
-        );
+             FROM jsonb_to_recordset($2::jsonb) AS v(id bigint, version int, new_version int, \
+             state varchar, entered_at timestamptz, has_data boolean, data jsonb, \
+             traceparent text, tracestate text) \
+             WHERE i.id = v.id AND i.version = v.version";
         let result = txn
             .execute_raw(Statement::from_sql_and_values(
                 DbBackend::Postgres,
                 sql,
-                values,
+                [now.into(), serde_json::Value::Array(v).into()],
             ))
             .await?;
         return Ok(result.rows_affected());

@@ -16,8 +16,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use orders::contracts::OrderLine;
-use orders::{Customer, OrderSaga};
+use orders::{Customer, Item, OrderSaga};
 use rust_decimal::Decimal;
 use saga::engine::SagaEngine;
 use saga::testing::TestDatabase;
@@ -37,7 +36,7 @@ const PRODUCT_IDS_FROM: i64 = 2_000_000_000;
 const ORDER_IDS_FROM: i64 = 3_000_000_000;
 const INSTANCE_IDS_FROM: i64 = 4_000_000_000;
 
-/// One order's creation transaction, as `orders::place_order` issued it.
+/// One order's creation transaction, as `orders::place_items` issued it.
 pub struct CapturedOrder {
     pub statements: Vec<Statement>,
     order_id: i64,
@@ -90,9 +89,9 @@ pub async fn prepare_db(
     Ok((products, customer))
 }
 
-/// Runs `place_order` once in a transaction and records every statement it
+/// Runs `place_items` (what the API calls) once in a transaction and records every statement it
 /// sends (SQL text and parameters) through sea-orm's metric callback.
-pub async fn capture_place_order(
+pub async fn capture_place_items(
     url: &str,
     customer: &Customer,
     product_id: i64,
@@ -107,17 +106,16 @@ pub async fn capture_place_order(
             v.push(info.statement.clone());
         }
     });
-    let line = OrderLine {
-        product_id,
-        product_name: "bench product".to_owned(),
-        quantity: 1,
-        unit_price: Decimal::new(1250, 2),
-    };
     let txn = conn.begin().await?;
     let engine = SagaEngine::new(OrderSaga::default(), conn.clone());
-    let placed = orders::place_order(&engine, &txn, customer, vec![line])
+    // What the API's `POST /api/orders` calls (its idempotency key aside).
+    let item = Item {
+        product_id,
+        quantity: 1,
+    };
+    let placed = orders::place_items(&engine, &txn, customer, &[item], Decimal::MAX)
         .await
-        .context("place_order failed while capturing its statements")?;
+        .context("place_items failed while capturing its statements")?;
     txn.commit().await?;
     let statements = captured
         .lock()
@@ -165,10 +163,63 @@ impl CapturedOrder {
             Value::String(Some(s)) if *s == self.order_id.to_string() => {
                 Value::String(ids.order_id.map(|o| o.to_string()))
             }
+            // The engine's multi-row statements send their rows as one JSON
+            // array (journal, outbox): the same ids, inside.
+            Value::String(Some(s)) if s.starts_with('[') => {
+                match serde_json::from_str::<serde_json::Value>(s) {
+                    Ok(rows) => Value::String(Some(
+                        self.substitute_json(&rows, product_id, ids).to_string(),
+                    )),
+                    Err(_) => v.clone(),
+                }
+            }
             Value::Uuid(Some(u)) => Value::Uuid(Some(
                 *ids.uuids.entry(*u).or_insert_with(uuid::Uuid::new_v4),
             )),
             other => other.clone(),
+        }
+    }
+
+    /// [`CapturedOrder::substitute`] inside a JSON parameter.
+    fn substitute_json(
+        &self,
+        v: &serde_json::Value,
+        product_id: i64,
+        ids: &mut ReplayIds,
+    ) -> serde_json::Value {
+        use serde_json::Value as J;
+        match v {
+            J::Number(n) => match n.as_i64() {
+                Some(x) if x == self.product_id => J::from(product_id),
+                Some(x) if x == self.order_id => ids.order_id.map_or(J::Null, J::from),
+                Some(x) if x == self.instance_id => ids.instance_id.map_or(J::Null, J::from),
+                _ => v.clone(),
+            },
+            J::String(s) if *s == self.order_id.to_string() => {
+                ids.order_id.map_or(J::Null, |o| J::String(o.to_string()))
+            }
+            J::String(s) => match s.parse::<uuid::Uuid>() {
+                Ok(u) => J::String(
+                    ids.uuids
+                        .entry(u)
+                        .or_insert_with(uuid::Uuid::new_v4)
+                        .to_string(),
+                ),
+                Err(_) => v.clone(),
+            },
+            J::Array(items) => J::Array(
+                items
+                    .iter()
+                    .map(|i| self.substitute_json(i, product_id, ids))
+                    .collect(),
+            ),
+            J::Object(fields) => J::Object(
+                fields
+                    .iter()
+                    .map(|(k, i)| (k.clone(), self.substitute_json(i, product_id, ids)))
+                    .collect(),
+            ),
+            _ => v.clone(),
         }
     }
 
@@ -190,7 +241,13 @@ impl CapturedOrder {
                 .unwrap_or_else(|| sea_orm::sea_query::Values(Vec::new()));
             let query =
                 sqlx::query_with(sqlx::AssertSqlSafe(stmt.sql.as_str()), SqlxValues(values));
-            if stmt.sql.contains(" RETURNING ") {
+            if stmt.sql.starts_with("WITH wanted ") {
+                // The stock reservation with the order and its items: one
+                // row per reserved line, with the order's id.
+                let row = query.fetch_one(&mut *tx).await?;
+                let order_id: Option<i64> = row.try_get("order_id")?;
+                ids.order_id = Some(order_id.context("the replayed order was not inserted")?);
+            } else if stmt.sql.contains(" RETURNING ") {
                 let row = query.fetch_one(&mut *tx).await?;
                 if stmt.sql.starts_with("INSERT INTO \"orders\"") {
                     ids.order_id = Some(row.try_get("id")?);

@@ -337,9 +337,9 @@ async fn run(options: Options) -> anyhow::Result<Figures> {
         let result = async {
             let (products, customer) = baselines::prepare_db(&db, scenarios::CATALOGUE).await?;
             let captured =
-                Arc::new(baselines::capture_place_order(&db.url, &customer, products[0]).await?);
+                Arc::new(baselines::capture_place_items(&db.url, &customer, products[0]).await?);
             f.notes.push(format!(
-                "DB limit: the {} statements of one `place_order` transaction were captured from \
+                "DB limit: the {} statements of one `place_items` transaction were captured from \
                  the engine in this run (sea-orm's metric callback) and replayed on sqlx with the \
                  same SQL text and parameter types; only the ids (product, order, instance, message \
                  ids) differ per transaction.",

@@ -55,7 +55,7 @@ pub struct Figures {
     pub kafka_skipped: Option<String>,
     pub summary: Summary,
     pub notes: Vec<String>,
-    /// The SQL of the captured `place_order` transaction (the DB limit).
+    /// The SQL of the captured `place_items` transaction (the DB limit).
     pub db_limit_statements: Vec<String>,
 }
 
@@ -299,7 +299,7 @@ impl Figures {
         let _ = writeln!(m, "| figure | value |\n| --- | --- |");
         let figures = [
             (
-                "DB limit (place_order's statements, sqlx, 32 connections)",
+                "DB limit (place_items' statements, sqlx, 32 connections)",
                 format!("{:.0} tx/s", s.db_limit_tps),
             ),
             (
@@ -508,7 +508,7 @@ impl Figures {
         if !self.db_limit_statements.is_empty() {
             let _ = writeln!(
                 m,
-                "\n## The DB limit's transaction\n\nBEGIN, then as captured from `place_order`, then COMMIT:\n\n```sql"
+                "\n## The DB limit's transaction\n\nBEGIN, then as captured from `place_items`, then COMMIT:\n\n```sql"
             );
             for sql in &self.db_limit_statements {
                 let _ = writeln!(m, "{sql};");

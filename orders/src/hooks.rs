@@ -19,7 +19,7 @@ use sea_orm::sea_query::LockType;
 use sea_orm::sea_query::{Expr, ExprTrait as _, Query};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait,
-    QueryFilter, QueryOrder, QuerySelect, Statement,
+    FromQueryResult, QueryFilter, QueryOrder, QuerySelect, Statement,
 };
 use tracing::Instrument as _;
 use uuid::Uuid;
@@ -268,10 +268,14 @@ pub struct Item {
 }
 
 /// Like [`place_order`], for items whose names and prices come from the
-/// catalogue as their stock is reserved (one statement per line: the
-/// conditional stock update returns the product). A product that does not
-/// exist gives [`OrderError::UnknownProduct`], a total above `max_total`
+/// catalogue as their stock is reserved (the conditional stock update
+/// returns the product). A product that does not exist gives
+/// [`OrderError::UnknownProduct`], a total above `max_total`
 /// [`OrderError::TotalTooLarge`]; the caller then rolls back.
+///
+/// On PostgreSQL, for distinct products, one statement reserves the stock
+/// (products locked in id order), inserts the order and its items; then the
+/// saga starts. Elsewhere, one statement per line and one per table.
 pub async fn place_items(
     engine: &SagaEngine<OrderSaga>,
     txn: &DatabaseTransaction,
@@ -281,6 +285,17 @@ pub async fn place_items(
 ) -> Result<PlacedOrder, OrderError> {
     let span = place_span(customer);
     async {
+        let mut ids: Vec<i64> = items.iter().map(|i| i.product_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if txn.get_database_backend() == DbBackend::Postgres
+            && !items.is_empty()
+            && ids.len() == items.len()
+        {
+            let now = engine.clock().now();
+            let (order, lines) = insert_order_pg(txn, customer, items, max_total, now).await?;
+            return start_order(engine, txn, customer, order, lines).await;
+        }
         let lines = reserve_items(txn, items).await?;
         let total: Decimal = lines
             .iter()
@@ -296,6 +311,143 @@ pub async fn place_items(
     }
     .instrument(span)
     .await
+}
+
+/// A row of [`insert_order_pg`]'s statement: one per reserved line, with
+/// the order when every line was reserved within the total.
+#[derive(Debug, sea_orm::FromQueryResult)]
+struct ReservedLine {
+    n: i32,
+    product_id: i64,
+    name: String,
+    price: Decimal,
+    quantity: i32,
+    order_id: Option<i64>,
+    status: Option<String>,
+    total: Option<Decimal>,
+    created_at: Option<DateTime<Utc>>,
+}
+
+/// The stock reservation, the order row and its item rows in ONE statement
+/// (data-modifying CTEs). `locked` takes the products' row locks in id order
+/// (as [`reserve_items`] does), so two orders of the same products cannot
+/// deadlock; the order is inserted only if every line was reserved and the
+/// total is at most `max_total`. Distinct products only.
+async fn insert_order_pg(
+    txn: &DatabaseTransaction,
+    customer: &Customer,
+    items: &[Item],
+    max_total: Decimal,
+    now: DateTime<Utc>,
+) -> Result<(orders::Model, Vec<OrderLine>), OrderError> {
+    let wanted: Vec<serde_json::Value> = items
+        .iter()
+        .enumerate()
+        .map(|(n, i)| {
+            serde_json::json!({"n": n, "product_id": i.product_id, "quantity": i.quantity})
+        })
+        .collect();
+    let wanted = serde_json::Value::Array(wanted).to_string();
+    let sql = "WITH wanted AS (\
+           SELECT * FROM jsonb_to_recordset($1::text::jsonb) \
+           AS w(n int, product_id bigint, quantity int)), \
+         locked AS (\
+           SELECT id FROM products WHERE id IN (SELECT product_id FROM wanted) \
+           ORDER BY id FOR UPDATE), \
+         reserved AS (\
+           UPDATE products AS p SET stock = p.stock - w.quantity FROM wanted w, locked l \
+           WHERE p.id = w.product_id AND l.id = w.product_id AND p.stock >= w.quantity \
+           RETURNING w.n, p.id AS product_id, p.name, p.price, w.quantity), \
+         o AS (\
+           INSERT INTO orders (user_id, status, total, created_at, updated_at) \
+           SELECT $2, $3, SUM(r.price * r.quantity), $4, $4 FROM reserved r \
+           HAVING COUNT(*) = $5 AND SUM(r.price * r.quantity) <= $6 \
+           RETURNING id, status, total, created_at), \
+         i AS (\
+           INSERT INTO order_items (order_id, product_id, quantity, unit_price) \
+           SELECT o.id, r.product_id, r.quantity, r.price FROM o, reserved r ORDER BY r.n) \
+         SELECT r.n, r.product_id, r.name, r.price, r.quantity, o.id AS order_id, o.status, \
+           o.total, o.created_at \
+         FROM reserved r LEFT JOIN o ON true ORDER BY r.n";
+    let rows = ReservedLine::find_by_statement(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        sql,
+        [
+            wanted.into(),
+            customer.user_id.into(),
+            OrderState::Pending.name().into(),
+            now.into(),
+            (items.len() as i64).into(),
+            max_total.into(),
+        ],
+    ))
+    .all(txn)
+    .await
+    .map_err(SagaError::from)?;
+    if rows.len() < items.len() {
+        // The first line (in product id order, as locked) that was not
+        // reserved: unknown, or short of stock.
+        let mut order: Vec<&Item> = items.iter().collect();
+        order.sort_by_key(|i| i.product_id);
+        for item in order {
+            if rows.iter().any(|r| r.product_id == item.product_id) {
+                continue;
+            }
+            let available = products::Entity::find_by_id(item.product_id)
+                .one(txn)
+                .await
+                .map_err(SagaError::from)?
+                .map(|p| p.stock);
+            return Err(match available {
+                None => OrderError::UnknownProduct {
+                    product_id: item.product_id,
+                },
+                Some(available) => OrderError::OutOfStock {
+                    product_id: item.product_id,
+                    requested: item.quantity,
+                    available,
+                },
+            });
+        }
+    }
+    let lines: Vec<OrderLine> = rows
+        .iter()
+        .map(|r| OrderLine {
+            product_id: r.product_id,
+            product_name: r.name.clone(),
+            quantity: r.quantity,
+            unit_price: r.price,
+        })
+        .collect();
+    let first = rows.first();
+    match (
+        first.and_then(|r| r.order_id),
+        first.and_then(|r| r.status.clone()),
+        first.and_then(|r| r.total),
+        first.and_then(|r| r.created_at),
+    ) {
+        (Some(id), Some(status), Some(total), Some(created_at)) => {
+            debug_assert!(rows.iter().map(|r| r.n).eq(0..items.len() as i32));
+            Ok((
+                orders::Model {
+                    id,
+                    user_id: customer.user_id,
+                    status,
+                    total,
+                    created_at,
+                    updated_at: created_at,
+                },
+                lines,
+            ))
+        }
+        _ => Err(OrderError::TotalTooLarge {
+            total: lines
+                .iter()
+                .map(|l| l.unit_price * Decimal::from(l.quantity))
+                .sum(),
+            max: max_total,
+        }),
+    }
 }
 
 /// Takes every item's quantity off its product's stock, in product id
@@ -371,9 +523,6 @@ async fn place_reserved(
     .exec_with_returning(txn)
     .await
     .map_err(SagaError::from)?;
-    let span = tracing::Span::current();
-    span.record("order_id", order.id);
-    span.record("correlation_id", order.id);
     order_items::Entity::insert_many(lines.iter().map(|l| order_items::ActiveModel {
         order_id: Set(order.id),
         product_id: Set(l.product_id),
@@ -384,6 +533,21 @@ async fn place_reserved(
     .exec(txn)
     .await
     .map_err(SagaError::from)?;
+    start_order(engine, txn, customer, order, lines).await
+}
+
+/// Starts the saga of an inserted order (its snapshot is the saga's data).
+async fn start_order(
+    engine: &SagaEngine<OrderSaga>,
+    txn: &DatabaseTransaction,
+    customer: &Customer,
+    order: orders::Model,
+    lines: Vec<OrderLine>,
+) -> Result<PlacedOrder, OrderError> {
+    let span = tracing::Span::current();
+    span.record("order_id", order.id);
+    span.record("correlation_id", order.id);
+    let total = order.total;
     let snapshot = OrderSnapshot {
         order_id: order.id,
         user_id: customer.user_id,

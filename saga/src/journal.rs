@@ -147,7 +147,44 @@ pub struct Row {
     pub detail: Option<String>,
 }
 
-/// A journal row as [`write_many`] sends it to PostgreSQL.
+/// `rows` as one JSON array, for [`pg_insert`]: one parameter instead of
+/// thirteen per row.
+pub(crate) fn pg_rows(rows: &[Row]) -> Result<String, SagaError> {
+    let json: Vec<PgJournalRow<'_>> = rows
+        .iter()
+        .map(|row| PgJournalRow {
+            instance_id: row.instance_id,
+            correlation_id: &row.correlation_id,
+            from: row.from,
+            to: row.to,
+            trigger: &row.trigger,
+            outcome: row.outcome.as_str(),
+            message_id: row.message_id,
+            attempt: row.attempt,
+            input: row.input.as_ref(),
+            detail: row.detail.as_deref(),
+        })
+        .collect();
+    serde_json::to_string(&json).map_err(|e| SagaError::Corrupt(format!("journal rows: {e}")))
+}
+
+/// The PostgreSQL insert of [`pg_rows`]' rows (parameter `rows`) for saga
+/// type parameter `saga_type` at parameter `now`. `r->'input'` is SQL NULL
+/// only when the key is absent (no input); an input that is JSON `null`
+/// stays JSON `null`.
+pub(crate) fn pg_insert(saga_type: usize, now: usize, rows: usize) -> String {
+    format!(
+        "INSERT INTO saga_transitions (saga_instance_id, saga_type, correlation_id, \
+         from_state, to_state, trigger, outcome, message_id, attempt, input, detail, error, \
+         occurred_at) \
+         SELECT (r->>'instance_id')::bigint, ${saga_type}::varchar, r->>'correlation_id', \
+         r->>'from', r->>'to', r->>'trigger', r->>'outcome', (r->>'message_id')::uuid, \
+         (r->>'attempt')::int, r->'input', r->>'detail', NULL, ${now}::timestamptz \
+         FROM jsonb_array_elements(${rows}::text::jsonb) WITH ORDINALITY AS t(r, n) ORDER BY n"
+    )
+}
+
+/// A journal row as [`pg_rows`] sends it to PostgreSQL.
 #[derive(serde::Serialize)]
 struct PgJournalRow<'a> {
     instance_id: i64,
@@ -174,36 +211,10 @@ pub async fn write_many<C: ConnectionTrait>(
         return Ok(());
     }
     if conn.get_database_backend() == DbBackend::Postgres {
-        // One JSON array parameter instead of thirteen per row.
-        let json: Vec<PgJournalRow<'_>> = rows
-            .iter()
-            .map(|row| PgJournalRow {
-                instance_id: row.instance_id,
-                correlation_id: &row.correlation_id,
-                from: row.from,
-                to: row.to,
-                trigger: &row.trigger,
-                outcome: row.outcome.as_str(),
-                message_id: row.message_id,
-                attempt: row.attempt,
-                input: row.input.as_ref(),
-                detail: row.detail.as_deref(),
-            })
-            .collect();
-        let json = serde_json::to_string(&json)
-            .map_err(|e| SagaError::Corrupt(format!("journal rows: {e}")))?;
-        // `r->'input'` is SQL NULL only when the key is absent (no input);
-        // an input that is JSON `null` stays JSON `null`.
         conn.execute_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
-            "INSERT INTO saga_transitions (saga_instance_id, saga_type, correlation_id, \
-             from_state, to_state, trigger, outcome, message_id, attempt, input, detail, error, \
-             occurred_at) \
-             SELECT (r->>'instance_id')::bigint, $1, r->>'correlation_id', r->>'from', \
-             r->>'to', r->>'trigger', r->>'outcome', (r->>'message_id')::uuid, \
-             (r->>'attempt')::int, r->'input', r->>'detail', NULL, $2 \
-             FROM jsonb_array_elements($3::text::jsonb) WITH ORDINALITY AS t(r, n) ORDER BY n",
-            [saga_type.into(), now.into(), json.into()],
+            pg_insert(1, 2, 3),
+            [saga_type.into(), now.into(), pg_rows(rows)?.into()],
         ))
         .await?;
         return Ok(());

@@ -189,52 +189,12 @@ pub async fn enqueue_many<C: ConnectionTrait>(
     if events.is_empty() {
         return Ok(Vec::new());
     }
-    let mut committed = Vec::with_capacity(events.len());
-    for event in events {
-        let envelope = &event.envelope;
-        let body = serde_json::to_vec(envelope)
-            .map_err(|e| SagaError::Corrupt(format!("envelope: {e}")))?;
-        committed.push(Committed {
-            message_id: envelope.message_id,
-            message_type: envelope.message_type.clone(),
-            correlation_id: envelope.correlation_id.clone(),
-            routing_key: event.routing_key.clone(),
-            body,
-            trace: event.trace.clone(),
-        });
-    }
+    let committed = committed_of(events)?;
     if conn.get_database_backend() == DbBackend::Postgres {
-        // The rows travel as one JSON array: one parameter, not twelve per
-        // row (cheaper to build here and to plan there).
-        let mut rows = Vec::with_capacity(committed.len());
-        for (event, c) in events.iter().zip(&committed) {
-            let (traceparent, tracestate) = TraceContext::columns(c.trace.as_ref());
-            let body = std::str::from_utf8(&c.body)
-                .ok()
-                .and_then(|b| RawValue::from_string(b.to_owned()).ok())
-                .ok_or_else(|| SagaError::Corrupt("envelope: not JSON".into()))?;
-            rows.push(PgOutboxRow {
-                message_id: c.message_id,
-                message_type: &c.message_type,
-                routing_key: &c.routing_key,
-                correlation_id: &c.correlation_id,
-                body,
-                created_at: micros(event.envelope.occurred_at),
-                traceparent,
-                tracestate,
-            });
-        }
-        let rows = serde_json::to_string(&rows)
-            .map_err(|e| SagaError::Corrupt(format!("outbox rows: {e}")))?;
+        let rows = pg_rows(events, &committed)?;
         conn.execute_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
-            "INSERT INTO saga_outbox (message_id, message_type, routing_key, correlation_id, \
-             body, created_at, locked_until, sent_at, publish_attempts, last_error, \
-             traceparent, tracestate) \
-             SELECT (r->>'message_id')::uuid, r->>'message_type', r->>'routing_key', \
-             r->>'correlation_id', r->'body', (r->>'created_at')::timestamptz, $1, NULL, 0, \
-             NULL, r->>'traceparent', r->>'tracestate' \
-             FROM jsonb_array_elements($2::text::jsonb) WITH ORDINALITY AS t(r, n) ORDER BY n",
+            pg_insert(1, 2),
             [leased_until.into(), rows.into()],
         ))
         .await?;
@@ -280,7 +240,65 @@ pub async fn enqueue_many<C: ConnectionTrait>(
     Ok(committed)
 }
 
-/// An outbox row as [`enqueue_many`] sends it to PostgreSQL.
+/// The events as the relay publishes them (each envelope serialized once).
+pub(crate) fn committed_of(events: &[NewEvent]) -> Result<Vec<Committed>, SagaError> {
+    let mut committed = Vec::with_capacity(events.len());
+    for event in events {
+        let envelope = &event.envelope;
+        let body = serde_json::to_vec(envelope)
+            .map_err(|e| SagaError::Corrupt(format!("envelope: {e}")))?;
+        committed.push(Committed {
+            message_id: envelope.message_id,
+            message_type: envelope.message_type.clone(),
+            correlation_id: envelope.correlation_id.clone(),
+            routing_key: event.routing_key.clone(),
+            body,
+            trace: event.trace.clone(),
+        });
+    }
+    Ok(committed)
+}
+
+/// The rows of `events` as one JSON array, for [`pg_insert`]: one
+/// parameter, where a `VALUES` list takes twelve per row (cheaper to build
+/// here and to plan there).
+pub(crate) fn pg_rows(events: &[NewEvent], committed: &[Committed]) -> Result<String, SagaError> {
+    let mut rows = Vec::with_capacity(committed.len());
+    for (event, c) in events.iter().zip(committed) {
+        let (traceparent, tracestate) = TraceContext::columns(c.trace.as_ref());
+        let body = std::str::from_utf8(&c.body)
+            .ok()
+            .and_then(|b| RawValue::from_string(b.to_owned()).ok())
+            .ok_or_else(|| SagaError::Corrupt("envelope: not JSON".into()))?;
+        rows.push(PgOutboxRow {
+            message_id: c.message_id,
+            message_type: &c.message_type,
+            routing_key: &c.routing_key,
+            correlation_id: &c.correlation_id,
+            body,
+            created_at: micros(event.envelope.occurred_at),
+            traceparent,
+            tracestate,
+        });
+    }
+    serde_json::to_string(&rows).map_err(|e| SagaError::Corrupt(format!("outbox rows: {e}")))
+}
+
+/// The PostgreSQL insert of [`pg_rows`]' rows (parameter `rows`), leased
+/// until parameter `leased_until` (a timestamp or NULL).
+pub(crate) fn pg_insert(leased_until: usize, rows: usize) -> String {
+    format!(
+        "INSERT INTO saga_outbox (message_id, message_type, routing_key, correlation_id, \
+         body, created_at, locked_until, sent_at, publish_attempts, last_error, \
+         traceparent, tracestate) \
+         SELECT (r->>'message_id')::uuid, r->>'message_type', r->>'routing_key', \
+         r->>'correlation_id', r->'body', (r->>'created_at')::timestamptz, \
+         ${leased_until}::timestamptz, NULL, 0, NULL, r->>'traceparent', r->>'tracestate' \
+         FROM jsonb_array_elements(${rows}::text::jsonb) WITH ORDINALITY AS t(r, n) ORDER BY n"
+    )
+}
+
+/// An outbox row as [`pg_rows`] sends it to PostgreSQL.
 #[derive(serde::Serialize)]
 struct PgOutboxRow<'a> {
     message_id: Uuid,

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, LockType, OnConflict, Query};
 use sea_orm::{
     ColumnTrait, Condition, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait,
@@ -344,30 +344,38 @@ impl<S: Saga> SagaEngine<S> {
         let mut changed: Vec<&Work<S>> = works.iter().filter(|w| w.steps > 0).collect();
         changed.sort_by_key(|w| w.row.id);
         lock_cancelled_timers(txn, &plan.timers).await?;
-        if !changed.is_empty() {
-            let updated = update_instances(txn, now, &changed).await?;
+        let leased_until = self.outbox.leased_until(now);
+        let committed = if txn.get_database_backend() == DbBackend::Postgres {
+            // The instance updates, the outbox and the journal in one
+            // statement (one round trip), before the hooks.
+            let committed = outbox::committed_of(&plan.events)?;
+            let updated = write_rows_pg::<S>(
+                txn,
+                now,
+                &changed,
+                (&plan.events, &committed, leased_until),
+                &plan.journal,
+            )
+            .await?;
             if updated != changed.len() as u64 {
                 return Err(ApplyError::Conflict);
             }
-        }
-        if !plan.entered.is_empty() {
-            let calls: Vec<EnteredCall<'_, S>> = plan
-                .entered
-                .iter()
-                .map(|(idx, from, to, data)| EnteredCall {
-                    instance_id: works[*idx].row.id,
-                    correlation_id: &works[*idx].row.correlation_id,
-                    data,
-                    from: *from,
-                    to: *to,
-                })
-                .collect();
-            self.hooks.entered_batch(txn, now, &calls).await?;
-        }
-        let committed =
-            outbox::enqueue_many(txn, &plan.events, self.outbox.leased_until(now)).await?;
-        write_timers::<S>(txn, now, plan.timers).await?;
-        journal::write_many(txn, S::TYPE, &plan.journal, now).await?;
+            self.entered(txn, now, works, &plan).await?;
+            write_timers::<S>(txn, now, plan.timers).await?;
+            committed
+        } else {
+            if !changed.is_empty() {
+                let updated = update_instances(txn, now, &changed).await?;
+                if updated != changed.len() as u64 {
+                    return Err(ApplyError::Conflict);
+                }
+            }
+            self.entered(txn, now, works, &plan).await?;
+            let committed = outbox::enqueue_many(txn, &plan.events, leased_until).await?;
+            write_timers::<S>(txn, now, plan.timers).await?;
+            journal::write_many(txn, S::TYPE, &plan.journal, now).await?;
+            committed
+        };
         // The domain effects last: rows they lock (stock, say) are then held
         // only until the commit that follows, not while the engine's own
         // rows are written.
@@ -386,11 +394,131 @@ impl<S: Saga> SagaEngine<S> {
         }
         Ok(committed)
     }
+
+    /// The `entered` hooks of the instances that changed state.
+    async fn entered(
+        &self,
+        txn: &DatabaseTransaction,
+        now: DateTime<Utc>,
+        works: &[Work<S>],
+        plan: &Plan<S>,
+    ) -> Result<(), SagaError> {
+        if plan.entered.is_empty() {
+            return Ok(());
+        }
+        let calls: Vec<EnteredCall<'_, S>> = plan
+            .entered
+            .iter()
+            .map(|(idx, from, to, data)| EnteredCall {
+                instance_id: works[*idx].row.id,
+                correlation_id: &works[*idx].row.correlation_id,
+                data,
+                from: *from,
+                to: *to,
+            })
+            .collect();
+        self.hooks.entered_batch(txn, now, &calls).await
+    }
 }
 
-/// The version-checked updates of the changed instances: one statement on
-/// PostgreSQL (`UPDATE ... FROM (VALUES ...)`), one per instance elsewhere.
-/// Returns how many rows matched their expected version.
+/// The version-checked instance updates, the outbox rows and the journal
+/// rows of a transaction in ONE statement on PostgreSQL (data-modifying
+/// CTEs; each table's rows travel as one JSON array parameter). Returns how
+/// many instances matched their expected version.
+async fn write_rows_pg<S: Saga>(
+    txn: &DatabaseTransaction,
+    now: DateTime<Utc>,
+    changed: &[&Work<S>],
+    (events, committed, leased_until): (&[NewEvent], &[Committed], Option<DateTime<Utc>>),
+    journal_rows: &[journal::Row],
+) -> Result<u64, SagaError> {
+    let mut values: Vec<sea_orm::Value> = vec![now.into()];
+    let mut ctes = Vec::new();
+    if !changed.is_empty() {
+        values.push(instance_rows(changed)?.into());
+        ctes.push(format!(
+            "u AS (UPDATE saga_instances AS i SET state = v.state, version = v.new_version, \
+             attempts = 0, last_error = NULL, state_entered_at = v.entered_at, \
+             updated_at = $1::timestamptz, \
+             data = CASE WHEN v.has_data THEN COALESCE(v.data, 'null'::jsonb) ELSE i.data END, \
+             traceparent = COALESCE(v.traceparent, i.traceparent), \
+             tracestate = CASE WHEN v.traceparent IS NULL THEN i.tracestate \
+             ELSE v.tracestate END \
+             FROM jsonb_to_recordset(${}::text::jsonb) AS v(id bigint, version int, \
+             new_version int, state varchar, entered_at timestamptz, has_data boolean, \
+             data jsonb, traceparent text, tracestate text) \
+             WHERE i.id = v.id AND i.version = v.version RETURNING 1)",
+            values.len()
+        ));
+    }
+    if !events.is_empty() {
+        values.push(leased_until.into());
+        values.push(outbox::pg_rows(events, committed)?.into());
+        ctes.push(format!(
+            "o AS ({})",
+            outbox::pg_insert(values.len() - 1, values.len())
+        ));
+    }
+    if !journal_rows.is_empty() {
+        values.push(S::TYPE.into());
+        values.push(journal::pg_rows(journal_rows)?.into());
+        ctes.push(format!(
+            "j AS ({})",
+            journal::pg_insert(values.len() - 1, 1, values.len())
+        ));
+    }
+    if ctes.is_empty() {
+        return Ok(0);
+    }
+    let select = if changed.is_empty() {
+        "SELECT 0::bigint AS updated"
+    } else {
+        "SELECT count(*) AS updated FROM u"
+    };
+    let sql = format!("WITH {} {select}", ctes.join(", "));
+    let row = txn
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            sql,
+            values,
+        ))
+        .await?
+        .ok_or_else(|| SagaError::Corrupt("the batch write returned no row".to_owned()))?;
+    let updated: i64 = row.try_get("", "updated")?;
+    Ok(updated.max(0) as u64)
+}
+
+/// The changed instances as one JSON array for [`write_rows_pg`].
+fn instance_rows<S: Saga>(changed: &[&Work<S>]) -> Result<String, SagaError> {
+    let mut rows = Vec::with_capacity(changed.len());
+    for w in changed {
+        let data = if w.data_changed {
+            Some(
+                serde_json::to_value(&w.data)
+                    .map_err(|e| SagaError::Corrupt(format!("{} data: {e}", S::TYPE)))?,
+            )
+        } else {
+            None
+        };
+        let (traceparent, tracestate) = TraceContext::columns(w.trace.as_ref());
+        rows.push(serde_json::json!({
+            "id": w.row.id,
+            "version": w.row.version,
+            "new_version": w.row.version + w.steps,
+            "state": w.state.name(),
+            "entered_at": outbox::micros(w.entered_at),
+            "has_data": data.is_some(),
+            "data": data,
+            "traceparent": traceparent,
+            "tracestate": tracestate,
+        }));
+    }
+    serde_json::to_string(&rows).map_err(|e| SagaError::Corrupt(format!("instance rows: {e}")))
+}
+
+/// The version-checked updates of the changed instances, one statement per
+/// instance (SQLite; PostgreSQL uses [`write_rows_pg`]). Returns how many
+/// rows matched their expected version.
 async fn update_instances<S: Saga>(
     txn: &DatabaseTransaction,
     now: DateTime<Utc>,
@@ -408,44 +536,6 @@ async fn update_instances<S: Saga>(
         };
         let (traceparent, tracestate) = TraceContext::columns(w.trace.as_ref());
         rows.push((w, data, traceparent, tracestate));
-    }
-    if txn.get_database_backend() == DbBackend::Postgres {
-        // The rows travel as one JSON array (`jsonb_to_recordset`): one
-        // parameter, where a `VALUES` list took eight per row and
-        // PostgreSQL planned an expression for each of them.
-        let v: Vec<serde_json::Value> = rows
-            .into_iter()
-            .map(|(w, data, traceparent, tracestate)| {
-                serde_json::json!({
-                    "id": w.row.id,
-                    "version": w.row.version,
-                    "new_version": w.row.version + w.steps,
-                    "state": w.state.name(),
-                    "entered_at": w.entered_at.to_rfc3339_opts(SecondsFormat::Micros, true),
-                    "has_data": data.is_some(),
-                    "data": data,
-                    "traceparent": traceparent,
-                    "tracestate": tracestate,
-                })
-            })
-            .collect();
-        let sql = "UPDATE saga_instances AS i SET state = v.state, version = v.new_version, \
-             attempts = 0, last_error = NULL, state_entered_at = v.entered_at, updated_at = $1, \
-             data = CASE WHEN v.has_data THEN COALESCE(v.data, 'null'::jsonb) ELSE i.data END, \
-             traceparent = COALESCE(v.traceparent, i.traceparent), \
-             tracestate = CASE WHEN v.traceparent IS NULL THEN i.tracestate ELSE v.tracestate END \
-             FROM jsonb_to_recordset($2::jsonb) AS v(id bigint, version int, new_version int, \
-             state varchar, entered_at timestamptz, has_data boolean, data jsonb, \
-             traceparent text, tracestate text) \
-             WHERE i.id = v.id AND i.version = v.version";
-        let result = txn
-            .execute_raw(Statement::from_sql_and_values(
-                DbBackend::Postgres,
-                sql,
-                [now.into(), serde_json::Value::Array(v).into()],
-            ))
-            .await?;
-        return Ok(result.rows_affected());
     }
     let mut updated = 0;
     for (w, data, traceparent, tracestate) in rows {

@@ -163,6 +163,21 @@ impl CapturedOrder {
             Value::String(Some(s)) if *s == self.order_id.to_string() => {
                 Value::String(ids.order_id.map(|o| o.to_string()))
             }
+            // An array of ids as text (`{1,2,3}`, cast to `bigint[]`).
+            Value::String(Some(s)) if s.starts_with('{') && s.ends_with('}') => {
+                let ids: Vec<String> = s[1..s.len() - 1]
+                    .split(',')
+                    .map(|x| match x.parse::<i64>() {
+                        Ok(x) if x == self.product_id => product_id.to_string(),
+                        Ok(x) if x == self.order_id => ids.order_id.unwrap_or(x).to_string(),
+                        Ok(x) if x == self.instance_id => {
+                            ids.instance_id.unwrap_or(x).to_string()
+                        }
+                        _ => x.to_owned(),
+                    })
+                    .collect();
+                Value::String(Some(format!("{{{}}}", ids.join(","))))
+            }
             // The engine's multi-row statements send their rows as one JSON
             // array (journal, outbox): the same ids, inside.
             Value::String(Some(s)) if s.starts_with('[') => {
@@ -251,7 +266,9 @@ impl CapturedOrder {
                 let row = query.fetch_one(&mut *tx).await?;
                 if stmt.sql.starts_with("INSERT INTO \"orders\"") {
                     ids.order_id = Some(row.try_get("id")?);
-                } else if stmt.sql.starts_with("INSERT INTO \"saga_instances\"") {
+                } else if stmt.sql.starts_with("INSERT INTO \"saga_instances\"")
+                    || stmt.sql.starts_with("WITH ins ")
+                {
                     ids.instance_id = Some(row.try_get("id")?);
                 }
             } else {

@@ -352,11 +352,12 @@ async fn insert_order_pg(
            SELECT * FROM jsonb_to_recordset($1::text::jsonb) \
            AS w(n int, product_id bigint, quantity int)), \
          locked AS (\
-           SELECT id FROM products WHERE id IN (SELECT product_id FROM wanted) \
+           SELECT id FROM products WHERE id = ANY($7::text::bigint[]) \
            ORDER BY id FOR UPDATE), \
          reserved AS (\
            UPDATE products AS p SET stock = p.stock - w.quantity FROM wanted w, locked l \
            WHERE p.id = w.product_id AND l.id = w.product_id AND p.stock >= w.quantity \
+           AND p.id = ANY($7::text::bigint[]) \
            RETURNING w.n, p.id AS product_id, p.name, p.price, w.quantity), \
          o AS (\
            INSERT INTO orders (user_id, status, total, created_at, updated_at) \
@@ -379,6 +380,17 @@ async fn insert_order_pg(
             now.into(),
             (items.len() as i64).into(),
             max_total.into(),
+            // The product ids as an array too: looked up by primary key
+            // (the planner cannot see how many rows the JSON holds).
+            format!(
+                "{{{}}}",
+                items
+                    .iter()
+                    .map(|i| i.product_id.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )
+            .into(),
         ],
     ))
     .all(txn)

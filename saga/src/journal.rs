@@ -173,11 +173,22 @@ pub(crate) fn pg_rows(rows: &[Row]) -> Result<String, SagaError> {
 /// only when the key is absent (no input); an input that is JSON `null`
 /// stays JSON `null`.
 pub(crate) fn pg_insert(saga_type: usize, now: usize, rows: usize) -> String {
+    pg_insert_for("(r->>'instance_id')::bigint", saga_type, now, rows)
+}
+
+/// [`pg_insert`] with the instance id given by the SQL expression
+/// `instance_id` (a start's rows, written with the instance they start).
+pub(crate) fn pg_insert_for(
+    instance_id: &str,
+    saga_type: usize,
+    now: usize,
+    rows: usize,
+) -> String {
     format!(
         "INSERT INTO saga_transitions (saga_instance_id, saga_type, correlation_id, \
          from_state, to_state, trigger, outcome, message_id, attempt, input, detail, error, \
          occurred_at) \
-         SELECT (r->>'instance_id')::bigint, ${saga_type}::varchar, r->>'correlation_id', \
+         SELECT {instance_id}, ${saga_type}::varchar, r->>'correlation_id', \
          r->>'from', r->>'to', r->>'trigger', r->>'outcome', (r->>'message_id')::uuid, \
          (r->>'attempt')::int, r->'input', r->>'detail', NULL, ${now}::timestamptz \
          FROM jsonb_array_elements(${rows}::text::jsonb) WITH ORDINALITY AS t(r, n) ORDER BY n"

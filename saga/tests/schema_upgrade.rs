@@ -244,9 +244,10 @@ async fn upgrade_keeps_every_row(db: &DatabaseConnection) {
         .expect("instances");
     assert_eq!(waiting.len(), 2);
 
-    // Rolling the upgrade back (and the operator-action log, which came
-    // after it) restores the payment columns from the input.
-    Migrator::down(db, Some(2)).await.expect("down");
+    // Rolling the upgrade back (and the operator-action log and the parked
+    // index, which came after it) restores the payment columns from the
+    // input.
+    Migrator::down(db, Some(3)).await.expect("down");
     let row = db
         .query_one_raw(sea_orm::Statement::from_string(
             db.get_database_backend(),

@@ -436,6 +436,11 @@ async fn write_rows_pg<S: Saga>(
     let mut ctes = Vec::new();
     if !changed.is_empty() {
         values.push(instance_rows(changed)?.into());
+        // The ids again, as an array: the planner cannot see how many rows
+        // a JSON array holds, and `id = ANY(...)` makes it look them up by
+        // primary key instead of scanning the table.
+        let ids: Vec<String> = changed.iter().map(|w| w.row.id.to_string()).collect();
+        values.push(format!("{{{}}}", ids.join(",")).into());
         ctes.push(format!(
             "u AS (UPDATE saga_instances AS i SET state = v.state, version = v.new_version, \
              attempts = 0, last_error = NULL, state_entered_at = v.entered_at, \
@@ -447,7 +452,9 @@ async fn write_rows_pg<S: Saga>(
              FROM jsonb_to_recordset(${}::text::jsonb) AS v(id bigint, version int, \
              new_version int, state varchar, entered_at timestamptz, has_data boolean, \
              data jsonb, traceparent text, tracestate text) \
-             WHERE i.id = v.id AND i.version = v.version RETURNING 1)",
+             WHERE i.id = v.id AND i.version = v.version \
+             AND i.id = ANY(${}::text::bigint[]) RETURNING 1)",
+            values.len() - 1,
             values.len()
         ));
     }

@@ -22,23 +22,23 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
-use sea_orm::sea_query::{Expr, ExprTrait as _, LockBehavior, LockType, Query};
+use sea_orm::sea_query::{Expr, LockBehavior, LockType, Query};
 use sea_orm::{
-    ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, DatabaseTransaction, EntityTrait,
-    QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+    ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend,
+    EntityTrait, QueryFilter, QueryOrder, QuerySelect, Statement, TransactionTrait,
 };
 use serde::Serialize;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::clock::{Clock, SystemClock};
-use crate::definition::{Routed, Saga, SagaInput, SagaState, StateTimeout};
+use crate::definition::{Effect, Routed, Saga, SagaInput, SagaState, Start, StateTimeout};
 use crate::error::SagaError;
 use crate::hooks::{HookContext, Hooks, NoHooks};
 use crate::inbox;
 use crate::journal::{self, JournalOutcome};
 use crate::message::Envelope;
-use crate::outbox::{Committed, OutboxHandle};
+use crate::outbox::{self, Committed, OutboxHandle};
 use crate::retry::{Attempts, RetryPolicy};
 use crate::schema::{instances, timers};
 use crate::trace::{self, TraceContext};
@@ -384,6 +384,17 @@ impl<S: Saga> SagaEngine<S> {
         let start = self.saga.start(&data);
         let json = serde_json::to_value(&data)
             .map_err(|e| SagaError::Corrupt(format!("{} data: {e}", S::TYPE)))?;
+        if txn.get_database_backend() == DbBackend::Postgres
+            && start
+                .effects
+                .iter()
+                .all(|e| matches!(e, Effect::Publish(_)))
+        {
+            // Only events and the journal row: one statement.
+            return self
+                .start_pg(txn, now, correlation_id, start, data, json)
+                .await;
+        }
         let mut inserted = batch::insert_instances::<S>(
             txn,
             now,
@@ -424,6 +435,102 @@ impl<S: Saga> SagaEngine<S> {
             instance_id,
             message_ids: events.iter().map(|e| e.message_id).collect(),
             events,
+        })
+    }
+
+    /// [`SagaEngine::start`] of a start that only publishes, on PostgreSQL:
+    /// the instance row, its outbox rows and its journal row in ONE
+    /// statement (the journal row takes the id the insert returns).
+    async fn start_pg(
+        &self,
+        txn: &DatabaseTransaction,
+        now: DateTime<Utc>,
+        correlation_id: &str,
+        start: Start<S>,
+        data: S::Data,
+        json: serde_json::Value,
+    ) -> Result<Started, SagaError> {
+        let trace = TraceContext::current();
+        let (traceparent, tracestate) = TraceContext::columns(trace.as_ref());
+        let mut works = vec![Work::<S> {
+            entered_at: now,
+            state: start.state,
+            data,
+            data_changed: false,
+            steps: 0,
+            trace: None,
+            // Its id is not known before the insert; the journal row takes
+            // it in SQL.
+            row: instances::Model {
+                id: 0,
+                saga_type: S::TYPE.to_owned(),
+                correlation_id: correlation_id.to_owned(),
+                state: start.state.name().to_owned(),
+                version: 0,
+                attempts: 0,
+                faulted: false,
+                last_error: None,
+                data: serde_json::Value::Null,
+                state_entered_at: now,
+                created_at: now,
+                updated_at: now,
+                traceparent: traceparent.clone(),
+                tracestate: tracestate.clone(),
+            },
+        }];
+        let state = start.state;
+        let mut plan = Plan::default();
+        self.plan_start(&mut works, 0, start, None, now, &mut plan)?;
+        let committed = outbox::committed_of(&plan.events)?;
+        let mut values: Vec<sea_orm::Value> = vec![
+            now.into(),
+            S::TYPE.into(),
+            correlation_id.into(),
+            state.name().into(),
+            json.into(),
+            traceparent.into(),
+            tracestate.into(),
+        ];
+        let mut sql = String::from(
+            "WITH ins AS (INSERT INTO saga_instances (saga_type, correlation_id, state, version, \
+             attempts, faulted, last_error, data, state_entered_at, created_at, updated_at, \
+             traceparent, tracestate) \
+             VALUES ($2, $3, $4, 0, 0, false, NULL, $5, $1, $1, $1, $6, $7) RETURNING id)",
+        );
+        if !plan.events.is_empty() {
+            values.push(self.outbox.leased_until(now).into());
+            values.push(outbox::pg_rows(&plan.events, &committed)?.into());
+            sql.push_str(&format!(
+                ", o AS ({})",
+                outbox::pg_insert(values.len() - 1, values.len())
+            ));
+        }
+        if !plan.journal.is_empty() {
+            values.push(journal::pg_rows(&plan.journal)?.into());
+            sql.push_str(&format!(
+                ", j AS ({})",
+                journal::pg_insert_for("(SELECT id FROM ins)", 2, 1, values.len())
+            ));
+        }
+        sql.push_str(" SELECT id FROM ins");
+        let row = txn
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                sql,
+                values,
+            ))
+            .await?
+            .ok_or_else(|| {
+                SagaError::Corrupt(format!(
+                    "{} instance {correlation_id} not inserted",
+                    S::TYPE
+                ))
+            })?;
+        let instance_id: i64 = row.try_get("", "id")?;
+        Ok(Started {
+            instance_id,
+            message_ids: committed.iter().map(|e| e.message_id).collect(),
+            events: committed,
         })
     }
 
@@ -1548,14 +1655,18 @@ fn seconds_or_millis(d: Duration) -> String {
     }
 }
 
-/// `instance_id NOT IN (parked instances)`.
+/// `instance_id NOT IN (parked instances)`. The parked ids come from the
+/// partial index `ix_saga_instances_parked` (`WHERE faulted = true`): the
+/// condition is written as a literal, not a parameter, so every plan
+/// (generic ones too) can use that index instead of scanning every
+/// instance.
 fn not_parked(instance_id: timers::Column) -> Condition {
     Condition::all().add(
         instance_id.not_in_subquery(
             Query::select()
                 .column(instances::Column::Id)
                 .from(instances::Entity)
-                .and_where(Expr::col(instances::Column::Faulted).eq(true))
+                .and_where(Expr::cust("faulted = true"))
                 .to_owned(),
         ),
     )

@@ -40,6 +40,7 @@ mod m20261124_000004_create_message_failures;
 mod m20261124_000006_add_trace_context;
 mod m20261202_000001_generic_saga_tables;
 mod m20261210_000001_create_operator_actions;
+mod m20261211_000001_index_parked_instances;
 
 // The entities mirror the tables column for column (generated style); the
 // table documentation above and each struct's comments say what they hold.
@@ -75,6 +76,7 @@ pub fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         Box::new(m20261124_000006_add_trace_context::Migration),
         Box::new(m20261202_000001_generic_saga_tables::Migration),
         Box::new(m20261210_000001_create_operator_actions::Migration),
+        Box::new(m20261211_000001_index_parked_instances::Migration),
     ]
 }
 

@@ -170,9 +170,7 @@ impl CapturedOrder {
                     .map(|x| match x.parse::<i64>() {
                         Ok(x) if x == self.product_id => product_id.to_string(),
                         Ok(x) if x == self.order_id => ids.order_id.unwrap_or(x).to_string(),
-                        Ok(x) if x == self.instance_id => {
-                            ids.instance_id.unwrap_or(x).to_string()
-                        }
+                        Ok(x) if x == self.instance_id => ids.instance_id.unwrap_or(x).to_string(),
                         _ => x.to_owned(),
                     })
                     .collect();

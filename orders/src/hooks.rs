@@ -405,21 +405,7 @@ async fn insert_order_pg(
             if rows.iter().any(|r| r.product_id == item.product_id) {
                 continue;
             }
-            let available = products::Entity::find_by_id(item.product_id)
-                .one(txn)
-                .await
-                .map_err(SagaError::from)?
-                .map(|p| p.stock);
-            return Err(match available {
-                None => OrderError::UnknownProduct {
-                    product_id: item.product_id,
-                },
-                Some(available) => OrderError::OutOfStock {
-                    product_id: item.product_id,
-                    requested: item.quantity,
-                    available,
-                },
-            });
+            return Err(unreserved(txn, item).await);
         }
     }
     let lines: Vec<OrderLine> = rows
@@ -486,21 +472,7 @@ async fn reserve_items<C: ConnectionTrait>(
             .await
             .map_err(SagaError::from)?;
         let Some(product) = reserved.into_iter().next() else {
-            let available = products::Entity::find_by_id(item.product_id)
-                .one(txn)
-                .await
-                .map_err(SagaError::from)?
-                .map(|p| p.stock);
-            return Err(match available {
-                None => OrderError::UnknownProduct {
-                    product_id: item.product_id,
-                },
-                Some(available) => OrderError::OutOfStock {
-                    product_id: item.product_id,
-                    requested: item.quantity,
-                    available,
-                },
-            });
+            return Err(unreserved(txn, &item).await);
         };
         lines[i] = Some(OrderLine {
             product_id: product.id,
@@ -582,6 +554,25 @@ async fn start_order(
         message_id,
         events: started.events,
     })
+}
+
+/// Why `item`'s stock could not be reserved: its product does not exist, or
+/// has too little stock (read in the caller's transaction).
+async fn unreserved<C: ConnectionTrait>(txn: &C, item: &Item) -> OrderError {
+    let available = match products::Entity::find_by_id(item.product_id).one(txn).await {
+        Ok(product) => product.map(|p| p.stock),
+        Err(e) => return SagaError::from(e).into(),
+    };
+    match available {
+        None => OrderError::UnknownProduct {
+            product_id: item.product_id,
+        },
+        Some(available) => OrderError::OutOfStock {
+            product_id: item.product_id,
+            requested: item.quantity,
+            available,
+        },
+    }
 }
 
 /// Takes every line's quantity off its product's stock, as

@@ -43,6 +43,43 @@ pub(super) struct Work<S: Saga> {
 }
 
 impl<S: Saga> Work<S> {
+    /// A new instance's work, in its first state (`row` as inserted, or a
+    /// stand-in whose id the statement that inserts it fills in).
+    pub fn started(
+        row: instances::Model,
+        state: S::State,
+        data: S::Data,
+        now: DateTime<Utc>,
+    ) -> Self {
+        Work {
+            entered_at: now,
+            state,
+            data,
+            data_changed: false,
+            steps: 0,
+            trace: None,
+            row,
+        }
+    }
+
+    /// What an update writes besides state and version: the data when an
+    /// input changed it, and the trace context columns.
+    #[allow(clippy::type_complexity)]
+    fn update_columns(
+        &self,
+    ) -> Result<(Option<serde_json::Value>, Option<String>, Option<String>), SagaError> {
+        let data = if self.data_changed {
+            Some(
+                serde_json::to_value(&self.data)
+                    .map_err(|e| SagaError::Corrupt(format!("{} data: {e}", S::TYPE)))?,
+            )
+        } else {
+            None
+        };
+        let (traceparent, tracestate) = TraceContext::columns(self.trace.as_ref());
+        Ok((data, traceparent, tracestate))
+    }
+
     pub fn read(row: instances::Model) -> Result<Self, SagaError> {
         let state = S::State::parse(&row.state).ok_or_else(|| {
             SagaError::Corrupt(format!(
@@ -483,31 +520,34 @@ async fn write_rows_pg<S: Saga>(
         "SELECT count(*) AS updated FROM u"
     };
     let sql = format!("WITH {} {select}", ctes.join(", "));
-    let row = txn
-        .query_one_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            sql,
-            values,
-        ))
+    let updated: i64 = query_one_pg(txn, sql, values, "the batch write")
         .await?
-        .ok_or_else(|| SagaError::Corrupt("the batch write returned no row".to_owned()))?;
-    let updated: i64 = row.try_get("", "updated")?;
+        .try_get("", "updated")?;
     Ok(updated.max(0) as u64)
+}
+
+/// Runs one PostgreSQL statement that returns one row; `what` names it in
+/// the error when it returns none.
+pub(super) async fn query_one_pg(
+    txn: &DatabaseTransaction,
+    sql: String,
+    values: Vec<sea_orm::Value>,
+    what: &str,
+) -> Result<sea_orm::QueryResult, SagaError> {
+    txn.query_one_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        sql,
+        values,
+    ))
+    .await?
+    .ok_or_else(|| SagaError::Corrupt(format!("{what} returned no row")))
 }
 
 /// The changed instances as one JSON array for [`write_rows_pg`].
 fn instance_rows<S: Saga>(changed: &[&Work<S>]) -> Result<String, SagaError> {
     let mut rows = Vec::with_capacity(changed.len());
     for w in changed {
-        let data = if w.data_changed {
-            Some(
-                serde_json::to_value(&w.data)
-                    .map_err(|e| SagaError::Corrupt(format!("{} data: {e}", S::TYPE)))?,
-            )
-        } else {
-            None
-        };
-        let (traceparent, tracestate) = TraceContext::columns(w.trace.as_ref());
+        let (data, traceparent, tracestate) = w.update_columns()?;
         rows.push(serde_json::json!({
             "id": w.row.id,
             "version": w.row.version,
@@ -533,15 +573,7 @@ async fn update_instances<S: Saga>(
 ) -> Result<u64, SagaError> {
     let mut rows = Vec::with_capacity(changed.len());
     for w in changed {
-        let data = if w.data_changed {
-            Some(
-                serde_json::to_value(&w.data)
-                    .map_err(|e| SagaError::Corrupt(format!("{} data: {e}", S::TYPE)))?,
-            )
-        } else {
-            None
-        };
-        let (traceparent, tracestate) = TraceContext::columns(w.trace.as_ref());
+        let (data, traceparent, tracestate) = w.update_columns()?;
         rows.push((w, data, traceparent, tracestate));
     }
     let mut updated = 0;

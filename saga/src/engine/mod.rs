@@ -25,7 +25,7 @@ use chrono::{DateTime, Duration, Utc};
 use sea_orm::sea_query::{Expr, LockBehavior, LockType, Query};
 use sea_orm::{
     ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend,
-    EntityTrait, QueryFilter, QueryOrder, QuerySelect, Statement, TransactionTrait,
+    EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
 };
 use serde::Serialize;
 use tracing::Instrument as _;
@@ -413,15 +413,7 @@ impl<S: Saga> SagaEngine<S> {
             ))
         })?;
         let instance_id = row.id;
-        let mut works = vec![Work::<S> {
-            entered_at: now,
-            state: start.state,
-            data,
-            data_changed: false,
-            steps: 0,
-            trace: None,
-            row,
-        }];
+        let mut works = vec![Work::<S>::started(row, start.state, data, now)];
         let mut plan = Plan::default();
         self.plan_start(&mut works, 0, start, None, now, &mut plan)?;
         let events = match self.store(txn, now, &works, plan).await {
@@ -452,32 +444,25 @@ impl<S: Saga> SagaEngine<S> {
     ) -> Result<Started, SagaError> {
         let trace = TraceContext::current();
         let (traceparent, tracestate) = TraceContext::columns(trace.as_ref());
-        let mut works = vec![Work::<S> {
-            entered_at: now,
-            state: start.state,
-            data,
-            data_changed: false,
-            steps: 0,
-            trace: None,
-            // Its id is not known before the insert; the journal row takes
-            // it in SQL.
-            row: instances::Model {
-                id: 0,
-                saga_type: S::TYPE.to_owned(),
-                correlation_id: correlation_id.to_owned(),
-                state: start.state.name().to_owned(),
-                version: 0,
-                attempts: 0,
-                faulted: false,
-                last_error: None,
-                data: serde_json::Value::Null,
-                state_entered_at: now,
-                created_at: now,
-                updated_at: now,
-                traceparent: traceparent.clone(),
-                tracestate: tracestate.clone(),
-            },
-        }];
+        // Its id is not known before the insert; the journal row takes it
+        // in SQL.
+        let stand_in = instances::Model {
+            id: 0,
+            saga_type: S::TYPE.to_owned(),
+            correlation_id: correlation_id.to_owned(),
+            state: start.state.name().to_owned(),
+            version: 0,
+            attempts: 0,
+            faulted: false,
+            last_error: None,
+            data: serde_json::Value::Null,
+            state_entered_at: now,
+            created_at: now,
+            updated_at: now,
+            traceparent: traceparent.clone(),
+            tracestate: tracestate.clone(),
+        };
+        let mut works = vec![Work::<S>::started(stand_in, start.state, data, now)];
         let state = start.state;
         let mut plan = Plan::default();
         self.plan_start(&mut works, 0, start, None, now, &mut plan)?;
@@ -513,20 +498,9 @@ impl<S: Saga> SagaEngine<S> {
             ));
         }
         sql.push_str(" SELECT id FROM ins");
-        let row = txn
-            .query_one_raw(Statement::from_sql_and_values(
-                DbBackend::Postgres,
-                sql,
-                values,
-            ))
+        let instance_id: i64 = batch::query_one_pg(txn, sql, values, "the start")
             .await?
-            .ok_or_else(|| {
-                SagaError::Corrupt(format!(
-                    "{} instance {correlation_id} not inserted",
-                    S::TYPE
-                ))
-            })?;
-        let instance_id: i64 = row.try_get("", "id")?;
+            .try_get("", "id")?;
         Ok(Started {
             instance_id,
             message_ids: committed.iter().map(|e| e.message_id).collect(),

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound as _, Utc};
 use entity::{order_items, orders, products};
 use rust_decimal::Decimal;
 use saga::SagaError;
@@ -311,6 +311,219 @@ pub async fn place_items(
     }
     .instrument(span)
     .await
+}
+
+/// Places several orders inside the caller's transaction, each as
+/// [`place_items`] would, in its own `span` (a child `order.place` span is
+/// opened in it). All or nothing: any order that cannot be placed (an
+/// unknown product, not enough stock for all of them together, a total
+/// above `max_total`) fails the whole call, and the caller rolls back (and
+/// may then place each order alone for its exact answer).
+///
+/// On PostgreSQL, for orders of distinct products, ONE statement reserves
+/// the stock of every order (products locked in id order), inserts the
+/// orders and their items, and one more starts their sagas
+/// ([`SagaEngine::start_many`]). Elsewhere, [`place_items`] per order.
+pub async fn place_many(
+    engine: &SagaEngine<OrderSaga>,
+    txn: &DatabaseTransaction,
+    orders: &[(Customer, Vec<Item>, tracing::Span)],
+    max_total: Decimal,
+) -> Result<Vec<PlacedOrder>, OrderError> {
+    let distinct = |items: &[Item]| {
+        let mut ids: Vec<i64> = items.iter().map(|i| i.product_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        !items.is_empty() && ids.len() == items.len()
+    };
+    if txn.get_database_backend() != DbBackend::Postgres
+        || !orders.iter().all(|(_, items, _)| distinct(items))
+    {
+        let mut placed = Vec::with_capacity(orders.len());
+        for (customer, items, span) in orders {
+            placed.push(
+                place_items(engine, txn, customer, items, max_total)
+                    .instrument(span.clone())
+                    .await?,
+            );
+        }
+        return Ok(placed);
+    }
+    let spans: Vec<tracing::Span> = orders
+        .iter()
+        .map(|(customer, _, span)| span.in_scope(|| place_span(customer)))
+        .collect();
+    let now = engine.clock().now().trunc_subsecs(6);
+    let (models, lines) = insert_orders_pg(txn, orders, max_total, now).await?;
+    let mut starts = Vec::with_capacity(orders.len());
+    let mut snapshots = Vec::with_capacity(orders.len());
+    for (((order, lines), (customer, _, _)), span) in
+        models.iter().zip(lines).zip(orders).zip(&spans)
+    {
+        span.record("order_id", order.id);
+        span.record("correlation_id", order.id);
+        let snapshot = OrderSnapshot {
+            order_id: order.id,
+            user_id: customer.user_id,
+            user_email: customer.email.clone(),
+            user_name: customer.name.clone(),
+            total: order.total,
+            items: lines,
+        };
+        starts.push((order.id.to_string(), snapshot.clone(), span.clone()));
+        snapshots.push(snapshot);
+    }
+    let started = engine.start_many(txn, starts).await?;
+    let mut placed = Vec::with_capacity(orders.len());
+    for (((order, snapshot), started), span) in
+        models.into_iter().zip(snapshots).zip(started).zip(&spans)
+    {
+        let message_id = started.message_ids.first().copied().ok_or_else(|| {
+            SagaError::Corrupt("the order saga queued no OrderCreated".to_owned())
+        })?;
+        span.record("message_id", tracing::field::display(message_id));
+        placed.push(PlacedOrder {
+            order,
+            snapshot,
+            message_id,
+            events: started.events,
+        });
+    }
+    Ok(placed)
+}
+
+/// A row of [`insert_orders_pg`]'s statement: one per reserved line.
+#[derive(Debug, sea_orm::FromQueryResult)]
+struct PlacedLine {
+    o: i32,
+    product_id: i64,
+    name: String,
+    price: Decimal,
+    quantity: i32,
+    order_id: i64,
+    total: Decimal,
+}
+
+/// The stock reservation of every order, the order rows and their item rows
+/// in ONE statement (data-modifying CTEs): each product's stock is taken
+/// once, for the sum of all the orders' quantities, after every product of
+/// the batch is locked in id order; order ids are drawn from the sequence
+/// in the orders' order. The caller rolls back when this fails.
+async fn insert_orders_pg(
+    txn: &DatabaseTransaction,
+    orders: &[(Customer, Vec<Item>, tracing::Span)],
+    max_total: Decimal,
+    now: DateTime<Utc>,
+) -> Result<(Vec<orders::Model>, Vec<Vec<OrderLine>>), OrderError> {
+    let mut wanted = Vec::new();
+    let mut ids = Vec::new();
+    for (o, (customer, items, _)) in orders.iter().enumerate() {
+        for (n, i) in items.iter().enumerate() {
+            wanted.push(serde_json::json!({
+                "o": o, "n": n, "user_id": customer.user_id,
+                "product_id": i.product_id, "quantity": i.quantity,
+            }));
+            ids.push(i.product_id);
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    let lines_wanted = wanted.len();
+    let sql = "WITH wanted AS (\
+           SELECT * FROM jsonb_to_recordset($1::text::jsonb) \
+           AS w(o int, n int, user_id bigint, product_id bigint, quantity int)), \
+         need AS (SELECT product_id, SUM(quantity)::int AS quantity FROM wanted \
+           GROUP BY product_id), \
+         locked AS (\
+           SELECT id FROM products WHERE id = ANY($2::text::bigint[]) \
+           ORDER BY id FOR UPDATE), \
+         reserved AS (\
+           UPDATE products AS p SET stock = p.stock - d.quantity FROM need d, locked l \
+           WHERE p.id = d.product_id AND l.id = d.product_id AND p.stock >= d.quantity \
+           AND p.id = ANY($2::text::bigint[]) \
+           RETURNING p.id, p.name, p.price), \
+         lines AS (\
+           SELECT w.o, w.n, w.user_id, w.product_id, w.quantity, r.name, r.price \
+           FROM wanted w JOIN reserved r ON r.id = w.product_id), \
+         ids AS (\
+           SELECT t.o, t.user_id, t.total, \
+             nextval(pg_get_serial_sequence('orders', 'id')) AS id \
+           FROM (SELECT o, MIN(user_id) AS user_id, SUM(price * quantity) AS total \
+             FROM lines GROUP BY o ORDER BY o) t), \
+         ins AS (\
+           INSERT INTO orders (id, user_id, status, total, created_at, updated_at) \
+           SELECT id, user_id, $3, total, $4, $4 FROM ids ORDER BY o), \
+         items AS (\
+           INSERT INTO order_items (order_id, product_id, quantity, unit_price) \
+           SELECT ids.id, l.product_id, l.quantity, l.price FROM lines l \
+           JOIN ids ON ids.o = l.o ORDER BY l.o, l.n) \
+         SELECT l.o, l.product_id, l.name, l.price, l.quantity, ids.id AS order_id, ids.total \
+         FROM lines l JOIN ids ON ids.o = l.o ORDER BY l.o, l.n";
+    let rows = PlacedLine::find_by_statement(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        sql,
+        [
+            serde_json::Value::Array(wanted).to_string().into(),
+            format!(
+                "{{{}}}",
+                ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+            )
+            .into(),
+            OrderState::Pending.name().into(),
+            now.into(),
+        ],
+    ))
+    .all(txn)
+    .await
+    .map_err(SagaError::from)?;
+    if rows.len() < lines_wanted {
+        // A line not reserved: unknown, or short of stock (for all the
+        // orders together).
+        for (_, items, _) in orders {
+            for item in items {
+                if !rows.iter().any(|r| r.product_id == item.product_id) {
+                    return Err(unreserved(txn, item).await);
+                }
+            }
+        }
+    }
+    let mut models = Vec::with_capacity(orders.len());
+    let mut lines: Vec<Vec<OrderLine>> = Vec::with_capacity(orders.len());
+    for row in rows {
+        let o = usize::try_from(row.o).unwrap_or(usize::MAX);
+        if o == models.len() && o < orders.len() {
+            // The first line of the next order (rows come by order, line).
+            if row.total > max_total {
+                return Err(OrderError::TotalTooLarge {
+                    total: row.total,
+                    max: max_total,
+                });
+            }
+            models.push(orders::Model {
+                id: row.order_id,
+                user_id: orders[o].0.user_id,
+                status: OrderState::Pending.name().to_owned(),
+                total: row.total,
+                created_at: now,
+                updated_at: now,
+            });
+            lines.push(Vec::new());
+        } else if o + 1 != models.len() {
+            return Err(SagaError::Corrupt(format!("placed order {o} out of order")).into());
+        }
+        if let Some(order_lines) = lines.last_mut() {
+            order_lines.push(OrderLine {
+                product_id: row.product_id,
+                product_name: row.name,
+                quantity: row.quantity,
+                unit_price: row.price,
+            });
+        }
+    }
+    if models.len() != orders.len() {
+        return Err(SagaError::Corrupt("an order of the batch was not placed".to_owned()).into());
+    }
+    Ok((models, lines))
 }
 
 /// A row of [`insert_order_pg`]'s statement: one per reserved line, with

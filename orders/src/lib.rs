@@ -33,4 +33,4 @@ pub mod topology;
 
 pub use definition::{OrderEffect, OrderEvent, OrderInput, OrderSaga, OrderState, OrderTimer};
 pub use error::OrderError;
-pub use hooks::{Customer, Item, OrderHooks, PlacedOrder, place_items, place_order};
+pub use hooks::{Customer, Item, OrderHooks, PlacedOrder, place_items, place_many, place_order};

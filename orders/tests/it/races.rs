@@ -15,10 +15,14 @@ use saga::SagaError;
 use saga::clock::{ManualClock, SystemClock};
 use saga::consumer::Consumer;
 use saga::consumer::RetryPolicy;
+use saga::definition::SagaState as _;
 use saga::engine::{ApplyProbe, Handled};
 use saga::schema::instances as saga_instances;
 use saga::testing::{TestBroker, TestDatabase, eventually};
-use sea_orm::{ConnectionTrait, EntityTrait, PaginatorTrait, QueryOrder, TransactionTrait};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    TransactionTrait,
+};
 use tokio::sync::Barrier;
 use tokio_util::sync::CancellationToken;
 
@@ -361,6 +365,135 @@ async fn placing_items_takes_names_and_prices_from_the_reservation_and_refuses_w
         orders::Entity::find().count(&tdb.db).await.expect("count"),
         orders_before
     );
+    tdb.drop().await;
+}
+
+#[tokio::test]
+async fn placing_many_orders_writes_each_with_its_own_saga_and_refuses_all_when_one_cannot_be_placed()
+ {
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
+    let clock = ManualClock::new(t0());
+    let engine = engine(&tdb.db, &clock, true);
+    let alice = new_customer(&tdb.db, t0()).await;
+    let bob = new_customer(&tdb.db, t0()).await;
+    let catalogue = products::Entity::find()
+        .order_by_asc(products::Column::Id)
+        .all(&tdb.db)
+        .await
+        .expect("products");
+    let (first, second) = (&catalogue[0], &catalogue[1]);
+    let stocks = (first.stock, second.stock);
+    let max = rust_decimal::Decimal::new(999_999_999_999, 2);
+    let item = |product: &products::Model, quantity| Item {
+        product_id: product.id,
+        quantity,
+    };
+    let span = tracing::Span::none;
+
+    // Three orders, two sharing a product: each gets its own order, items,
+    // saga instance, journal row and OrderCreated, in the given order.
+    let batch = vec![
+        (alice.clone(), vec![item(second, 2), item(first, 1)], span()),
+        (bob.clone(), vec![item(first, 3)], span()),
+        (alice.clone(), vec![item(second, 1)], span()),
+    ];
+    let txn = tdb.db.begin().await.expect("begin");
+    let placed = ::orders::place_many(&engine, &txn, &batch, max)
+        .await
+        .expect("placed");
+    txn.commit().await.expect("commit");
+    assert_eq!(placed.len(), 3);
+    assert!(placed[0].order.id < placed[1].order.id && placed[1].order.id < placed[2].order.id);
+    let users: Vec<i64> = placed.iter().map(|p| p.order.user_id).collect();
+    assert_eq!(users, vec![alice.user_id, bob.user_id, alice.user_id]);
+    let lines: Vec<Vec<(i64, i32)>> = placed
+        .iter()
+        .map(|p| {
+            p.snapshot
+                .items
+                .iter()
+                .map(|l| (l.product_id, l.quantity))
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        lines,
+        vec![
+            vec![(second.id, 2), (first.id, 1)],
+            vec![(first.id, 3)],
+            vec![(second.id, 1)],
+        ]
+    );
+    assert_eq!(
+        placed[1].order.total,
+        first.price * rust_decimal::Decimal::from(3)
+    );
+    assert_eq!(stock_of(&tdb, first.id).await, stocks.0 - 4);
+    assert_eq!(stock_of(&tdb, second.id).await, stocks.1 - 3);
+    for p in &placed {
+        let stored = orders::Entity::find_by_id(p.order.id)
+            .one(&tdb.db)
+            .await
+            .expect("query")
+            .expect("order row");
+        assert_eq!(stored, p.order, "the returned row is the stored one");
+        let instance = saga_instances::Entity::find()
+            .filter(saga_instances::Column::CorrelationId.eq(p.order.id.to_string()))
+            .one(&tdb.db)
+            .await
+            .expect("query")
+            .expect("instance");
+        assert_eq!(instance.state, OrderState::Pending.name());
+        let snapshot: ::orders::contracts::OrderSnapshot =
+            serde_json::from_value(instance.data).expect("snapshot");
+        assert_eq!(snapshot, p.snapshot);
+        let journal = journal_of(&tdb.db, p.order.id).await;
+        assert_eq!(journal.len(), 1);
+        assert_eq!(
+            journal[0].saga_instance_id, instance.id,
+            "journal row of its own instance"
+        );
+        assert_eq!(journal[0].message_id, Some(p.message_id));
+        assert_eq!(outbox_count(&tdb.db, p.order.id, "OrderCreated").await, 1);
+        assert_eq!(p.events.len(), 1);
+        assert_eq!(p.events[0].message_id, p.message_id);
+        assert_eq!(p.events[0].correlation_id, p.order.id.to_string());
+    }
+
+    // Together more than the stock of one product (each alone would fit):
+    // nothing is placed.
+    let orders_before = orders::Entity::find().count(&tdb.db).await.expect("count");
+    let left = stock_of(&tdb, second.id).await;
+    let batch = vec![
+        (alice.clone(), vec![item(first, 1)], span()),
+        (bob.clone(), vec![item(second, left)], span()),
+        (alice.clone(), vec![item(second, 1)], span()),
+    ];
+    let txn = tdb.db.begin().await.expect("begin");
+    match ::orders::place_many(&engine, &txn, &batch, max).await {
+        Err(OrderError::OutOfStock { product_id, .. }) => assert_eq!(product_id, second.id),
+        other => panic!("expected OutOfStock, got {other:?}"),
+    }
+    txn.rollback().await.expect("rollback");
+    // A total above the limit in one of them: nothing is placed.
+    let txn = tdb.db.begin().await.expect("begin");
+    let batch = vec![
+        (alice.clone(), vec![item(first, 1)], span()),
+        (bob.clone(), vec![item(first, 2)], span()),
+    ];
+    match ::orders::place_many(&engine, &txn, &batch, first.price).await {
+        Err(OrderError::TotalTooLarge { total, .. }) => {
+            assert_eq!(total, first.price * rust_decimal::Decimal::from(2));
+        }
+        other => panic!("expected TotalTooLarge, got {other:?}"),
+    }
+    txn.rollback().await.expect("rollback");
+    assert_eq!(
+        orders::Entity::find().count(&tdb.db).await.expect("count"),
+        orders_before
+    );
+    assert_eq!(stock_of(&tdb, first.id).await, stocks.0 - 4);
+    assert_eq!(stock_of(&tdb, second.id).await, left);
     tdb.drop().await;
 }
 

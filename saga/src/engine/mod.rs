@@ -25,7 +25,7 @@ use chrono::{DateTime, Duration, Utc};
 use sea_orm::sea_query::{Expr, LockBehavior, LockType, Query};
 use sea_orm::{
     ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend,
-    EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+    EntityTrait, QueryFilter, QueryOrder, QuerySelect, Statement, TransactionTrait,
 };
 use serde::Serialize;
 use tracing::Instrument as _;
@@ -506,6 +506,157 @@ impl<S: Saga> SagaEngine<S> {
             message_ids: committed.iter().map(|e| e.message_id).collect(),
             events: committed,
         })
+    }
+
+    /// Starts several instances inside the caller's transaction, each as
+    /// [`SagaEngine::start`] would (in its own `span`, whose trace its rows
+    /// and events keep). On PostgreSQL, when every start only publishes,
+    /// all their instance, outbox and journal rows are ONE statement;
+    /// otherwise the instances are started one at a time. All or nothing
+    /// with the caller's transaction: on an error the caller rolls back.
+    /// Returns one [`Started`] per instance, in order.
+    pub async fn start_many(
+        &self,
+        txn: &DatabaseTransaction,
+        instances: Vec<(String, S::Data, tracing::Span)>,
+    ) -> Result<Vec<Started>, SagaError> {
+        let now = self.clock.now();
+        let mut starts = Vec::with_capacity(instances.len());
+        for (_, data, span) in &instances {
+            let _entered = span.enter();
+            starts.push(self.saga.start(data));
+        }
+        let publishes_only = starts.iter().all(|start| {
+            start
+                .effects
+                .iter()
+                .all(|e| matches!(e, Effect::Publish(_)))
+        });
+        if txn.get_database_backend() != DbBackend::Postgres || !publishes_only {
+            let mut started = Vec::with_capacity(instances.len());
+            for (correlation_id, data, span) in instances {
+                started.push(
+                    self.start(txn, &correlation_id, data)
+                        .instrument(span)
+                        .await?,
+                );
+            }
+            return Ok(started);
+        }
+        let mut works = Vec::with_capacity(instances.len());
+        let mut rows = Vec::with_capacity(instances.len());
+        let mut spans = Vec::with_capacity(instances.len());
+        for ((correlation_id, data, span), start) in instances.into_iter().zip(&starts) {
+            let json = serde_json::to_value(&data)
+                .map_err(|e| SagaError::Corrupt(format!("{} data: {e}", S::TYPE)))?;
+            let trace = {
+                let _entered = span.enter();
+                TraceContext::current()
+            };
+            let (traceparent, tracestate) = TraceContext::columns(trace.as_ref());
+            rows.push(serde_json::json!({
+                "correlation_id": correlation_id,
+                "state": start.state.name(),
+                "data": json,
+                "traceparent": traceparent,
+                "tracestate": tracestate,
+            }));
+            // Their ids are not known before the insert; the journal rows
+            // take them in SQL.
+            let stand_in = instances::Model {
+                id: 0,
+                saga_type: S::TYPE.to_owned(),
+                correlation_id,
+                state: start.state.name().to_owned(),
+                version: 0,
+                attempts: 0,
+                faulted: false,
+                last_error: None,
+                data: serde_json::Value::Null,
+                state_entered_at: now,
+                created_at: now,
+                updated_at: now,
+                traceparent,
+                tracestate,
+            };
+            works.push(Work::<S>::started(stand_in, start.state, data, now));
+            spans.push(span);
+        }
+        let mut plan = Plan::default();
+        // Where each instance's events end in `plan.events`.
+        let mut ends = Vec::with_capacity(works.len());
+        for (idx, start) in starts.into_iter().enumerate() {
+            let _entered = spans[idx].enter();
+            self.plan_start(&mut works, idx, start, None, now, &mut plan)?;
+            ends.push(plan.events.len());
+        }
+        let committed = outbox::committed_of(&plan.events)?;
+        let instance_rows = serde_json::Value::Array(rows).to_string();
+        let mut values: Vec<sea_orm::Value> =
+            vec![now.into(), S::TYPE.into(), instance_rows.into()];
+        let mut sql = String::from(
+            "WITH ins AS (INSERT INTO saga_instances (saga_type, correlation_id, state, version, \
+             attempts, faulted, last_error, data, state_entered_at, created_at, updated_at, \
+             traceparent, tracestate) \
+             SELECT $2, r->>'correlation_id', r->>'state', 0, 0, false, NULL, r->'data', \
+             $1, $1, $1, r->>'traceparent', r->>'tracestate' \
+             FROM jsonb_array_elements($3::text::jsonb) WITH ORDINALITY AS t(r, n) ORDER BY n \
+             RETURNING id, correlation_id)",
+        );
+        if !plan.events.is_empty() {
+            values.push(self.outbox.leased_until(now).into());
+            values.push(outbox::pg_rows(&plan.events, &committed)?.into());
+            sql.push_str(&format!(
+                ", o AS ({})",
+                outbox::pg_insert(values.len() - 1, values.len())
+            ));
+        }
+        if !plan.journal.is_empty() {
+            values.push(journal::pg_rows(&plan.journal)?.into());
+            sql.push_str(&format!(
+                ", j AS ({})",
+                journal::pg_insert_for(
+                    "(SELECT ins.id FROM ins WHERE ins.correlation_id = r->>'correlation_id')",
+                    2,
+                    1,
+                    values.len()
+                )
+            ));
+        }
+        sql.push_str(" SELECT id, correlation_id FROM ins");
+        let inserted = txn
+            .query_all_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                sql,
+                values,
+            ))
+            .await?;
+        let mut ids = HashMap::with_capacity(inserted.len());
+        for row in inserted {
+            let id: i64 = row.try_get("", "id")?;
+            let correlation_id: String = row.try_get("", "correlation_id")?;
+            ids.insert(correlation_id, id);
+        }
+        let mut committed = committed.into_iter();
+        let mut from = 0;
+        let mut started = Vec::with_capacity(works.len());
+        for (work, end) in works.iter().zip(ends) {
+            let instance_id = ids.get(&work.row.correlation_id).copied().ok_or_else(|| {
+                SagaError::Corrupt(format!(
+                    "{} instance {} not inserted",
+                    S::TYPE,
+                    work.row.correlation_id
+                ))
+            })?;
+            let events: Vec<Committed> = committed.by_ref().take(end - from).collect();
+            from = end;
+            started.push(Started {
+                instance_id,
+                message_ids: events.iter().map(|e| e.message_id).collect(),
+                events,
+            });
+        }
+        Ok(started)
     }
 
     /// Handles a consumed message for `consumer` exactly once: routes it

@@ -140,6 +140,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         .with_broker(crate::operator::Broker::Memory(memory.clone()))
         .with_host("embedded");
     let state = Arc::new(AppState {
+        placer: api::placement::Placer::for_settings(engine.clone(), &settings),
         orders: engine.clone(),
         monitor,
         console: Arc::new(console),

@@ -74,6 +74,7 @@ pub fn handle() -> &'static PrometheusHandle {
                     BACKLOG_ERRORS,
                     "Scrapes whose backlog query failed (gauges keep their last values)"
                 );
+                crate::api::placement::describe_metrics();
             }
             Err(e) => tracing::warn!(error = %e, "a metrics recorder was installed already"),
         }

@@ -280,6 +280,12 @@ pub struct ApiSettings {
     pub cors_allowed_origins: Vec<String>,
     /// How long an `Idempotency-Key` of `POST /api/orders` is remembered.
     pub idempotency_ttl_seconds: u64,
+    /// Most orders placed in one transaction (the `POST /api/orders`
+    /// requests waiting at the same time; 1 = one transaction per order).
+    pub order_batch_max: usize,
+    /// Workers placing orders at once (each holds a database connection
+    /// while it places a batch).
+    pub order_batch_workers: u32,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -664,6 +670,11 @@ fn validate(s: &Settings) -> Result<(), SettingsError> {
         ),
         ("api.body_limit_bytes", s.api.body_limit_bytes as u64),
         ("api.idempotency_ttl_seconds", s.api.idempotency_ttl_seconds),
+        ("api.order_batch_max", s.api.order_batch_max as u64),
+        (
+            "api.order_batch_workers",
+            u64::from(s.api.order_batch_workers),
+        ),
         (
             "monitoring.outbox_lag_max_seconds",
             s.monitoring.outbox_lag_max_seconds,
@@ -686,6 +697,22 @@ fn validate(s: &Settings) -> Result<(), SettingsError> {
                  connection",
                 s.database.max_connections
             ),
+        ));
+    }
+    if s.api.order_batch_workers >= s.database.max_connections {
+        return Err(invalid(
+            "api.order_batch_workers",
+            format!(
+                "must be less than database.max_connections ({}): each worker holds a \
+                 connection, and other requests need one too",
+                s.database.max_connections
+            ),
+        ));
+    }
+    if s.api.order_batch_max > 1000 {
+        return Err(invalid(
+            "api.order_batch_max",
+            "must be at most 1000 (one transaction holds the stock of all its orders)",
         ));
     }
     if s.auth.token_ttl_seconds > 86_400 {

@@ -1085,6 +1085,161 @@ async fn concurrent_orders_for_the_same_products_all_succeed_and_reserve_their_s
     tdb.drop().await;
 }
 
+/// The distinct transactions (their ids) that inserted the orders.
+async fn order_transactions(tdb: &TestDatabase) -> u64 {
+    use sea_orm::{ConnectionTrait, Statement};
+    let row = tdb
+        .db
+        .query_one_raw(Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT count(DISTINCT xmin::text)::bigint AS n FROM orders",
+        ))
+        .await
+        .expect("query")
+        .expect("row");
+    row.try_get::<i64>("", "n").expect("n") as u64
+}
+
+/// Sends `bodies` (with their headers) at once while product 1 is locked by
+/// another transaction, so the one placement worker is held until every
+/// request waits; then lets them go. Returns the answers in order.
+async fn place_while_held<E: Endpoint>(
+    api: &Api<E>,
+    state: &AppState,
+    tdb: &TestDatabase,
+    token: &str,
+    bodies: &[(Value, Vec<(String, String)>)],
+) -> Vec<(StatusCode, String, poem::http::HeaderMap, Value)> {
+    use sea_orm::{ConnectionTrait, Statement, TransactionTrait};
+    let hold = tdb.db.begin().await.expect("begin");
+    hold.execute_raw(Statement::from_string(
+        sea_orm::DbBackend::Postgres,
+        "SELECT id FROM products WHERE id = 1 FOR UPDATE",
+    ))
+    .await
+    .expect("lock product 1");
+    let requests = bodies.iter().map(|(body, headers)| {
+        let headers: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        async move { api.place_order(token, body.clone(), &headers).await }
+    });
+    let release = async {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while state.placer.pending() < bodies.len() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "only {} of {} requests reached the placement queue",
+                state.placer.pending(),
+                bodies.len()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        hold.commit().await.expect("release product 1");
+    };
+    let (answers, ()) = tokio::join!(futures_util::future::join_all(requests), release);
+    answers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_orders_share_a_transaction_and_a_failing_one_is_answered_alone() {
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
+    let mut settings = settings();
+    settings.api.order_batch_workers = 1;
+    settings.api.order_batch_max = 32;
+    api::seed_admin(&tdb.db, &settings)
+        .await
+        .expect("seed admin");
+    let state = Arc::new(AppState::new(tdb.db.clone(), &settings).expect("state"));
+    let api = Api {
+        client: TestClient::new(api::app(state.clone())),
+    };
+    let (_, token) = api.user().await;
+    let admin = api.admin().await;
+    let (status, _, _) = api
+        .call(
+            "PUT",
+            "/api/products/3",
+            Some(&admin),
+            Some(json!({"name": "Scarce", "price": "5.00", "stock": 0})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let line = |product: i64| json!({"items": [{"product_id": product, "quantity": 1}]});
+    let (one, two) = (stock_of(&tdb, 1).await, stock_of(&tdb, 2).await);
+
+    // 20 good orders while the worker is held: at most two transactions
+    // (the one held, and one for everything that waited).
+    let good: Vec<(Value, Vec<(String, String)>)> =
+        (0..20).map(|i| (line(1 + i % 2), vec![])).collect();
+    let answers = place_while_held(&api, &state, &tdb, &token, &good).await;
+    for (status, _, _, body) in &answers {
+        assert_eq!(*status, StatusCode::CREATED, "{body}");
+    }
+    assert_eq!(count_orders(&tdb).await, 20);
+    let transactions = order_transactions(&tdb).await;
+    assert!(
+        transactions <= 2,
+        "20 orders in {transactions} transactions"
+    );
+    assert_eq!(stock_of(&tdb, 1).await, one - 10);
+    assert_eq!(stock_of(&tdb, 2).await, two - 10);
+
+    // A batch with an order that cannot be placed, and one key sent twice:
+    // every order is answered as it would have been alone.
+    let mut mixed: Vec<(Value, Vec<(String, String)>)> = (0..16)
+        .map(|i| {
+            (
+                line(1 + i % 2),
+                vec![("idempotency-key".to_owned(), format!("k-{i}"))],
+            )
+        })
+        .collect();
+    mixed.insert(
+        7,
+        (
+            line(3),
+            vec![("idempotency-key".to_owned(), "k-out".to_owned())],
+        ),
+    );
+    mixed.push((
+        line(2),
+        vec![("idempotency-key".to_owned(), "k-3".to_owned())],
+    ));
+    let answers = place_while_held(&api, &state, &tdb, &token, &mixed).await;
+    let (status, ct, _, problem) = &answers[7];
+    assert_problem(*status, ct, problem, StatusCode::CONFLICT);
+    assert_eq!(problem["field"], "items[0].quantity", "{problem}");
+    for (i, (status, _, _, body)) in answers.iter().enumerate() {
+        if i != 7 {
+            assert_eq!(*status, StatusCode::CREATED, "request {i}: {body}");
+        }
+    }
+    // k-3 was sent twice with the same body: one order, answered twice.
+    assert_eq!(answers[3].3["id"], answers[17].3["id"]);
+    assert_eq!(count_orders(&tdb).await, 20 + 16);
+    assert_eq!(stock_of(&tdb, 1).await, one - 10 - 8);
+    assert_eq!(stock_of(&tdb, 2).await, two - 10 - 8);
+    assert_eq!(stock_of(&tdb, 3).await, 0);
+    // The failed request left no key: once there is stock, its retry places.
+    let (status, _, _) = api
+        .call(
+            "PUT",
+            "/api/products/3",
+            Some(&admin),
+            Some(json!({"name": "Scarce", "price": "5.00", "stock": 1})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, _, body) = api
+        .place_order(&token, line(3), &[("idempotency-key", "k-out")])
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(state.placer.pending(), 0);
+    tdb.drop().await;
+}
+
 #[tokio::test]
 async fn notifications_are_read_only_filtered_and_scoped_to_their_owner() {
     let tdb = TestDatabase::create_with::<migration::Migrator>().await;

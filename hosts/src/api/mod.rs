@@ -31,6 +31,7 @@ mod health;
 mod money;
 mod notifications;
 mod orders;
+pub mod placement;
 pub mod problem;
 mod products;
 pub mod ratelimit;
@@ -62,8 +63,8 @@ pub struct AppState {
     /// outbox handle reaches this process's relay).
     pub orders: SagaEngine<OrderSaga>,
     pub login_limiter: ratelimit::LoginLimiter,
-    /// How long an `Idempotency-Key` is remembered.
-    pub idempotency_ttl: chrono::Duration,
+    /// Places orders: concurrent requests share a transaction.
+    pub placer: placement::Placer,
     /// Largest request body (bytes).
     pub body_limit: usize,
     /// CORS origins; empty means no CORS headers.
@@ -89,14 +90,12 @@ impl AppState {
                 settings,
                 crate::infra::sagas(&orders),
             )),
+            placer: placement::Placer::for_settings(orders.clone(), settings),
             orders,
             db,
             jwt: auth::JwtKeys::new(&settings.auth)?,
             clock: Arc::new(SystemClock),
             login_limiter: ratelimit::LoginLimiter::new(&settings.auth),
-            idempotency_ttl: chrono::Duration::seconds(
-                i64::try_from(settings.api.idempotency_ttl_seconds).unwrap_or(i64::MAX / 1000),
-            ),
             body_limit: settings.api.body_limit_bytes,
             cors_allowed_origins: settings.api.cors_allowed_origins.clone(),
         })

@@ -16,13 +16,14 @@ use saga::schema::{instances, transitions};
 use sea_orm::sea_query::{Expr, OnConflict, Query as SqlQuery};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr, EntityTrait,
-    QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+    QueryFilter, QueryOrder, QuerySelect,
 };
 
 use super::auth::{BearerAuth, Caller};
 use super::headers::IdempotencyKey;
 use super::money::Money;
 use super::notifications::NotificationView;
+use super::placement::{NewOrder, Outcome};
 use super::problem::ApiError;
 use super::{ApiTags, AppState};
 
@@ -359,7 +360,31 @@ pub const KEY_REUSED: &str = "urn:order-saga:problem:idempotency-key-reused";
 /// Recording at the end, not claiming first, saves a round trip on every
 /// request; a retry of a placed order does the placing work again and
 /// rolls it back.
-async fn record_key(
+/// The view of an order just placed, from what was written (no second
+/// read).
+pub(super) fn placed_view(placed: &::orders::PlacedOrder) -> Result<OrderView, ApiError> {
+    let order = &placed.order;
+    Ok(OrderView {
+        id: order.id,
+        user_id: order.user_id,
+        status: OrderStatus::from_db(&order.status)?,
+        total: Money(order.total),
+        items: placed
+            .snapshot
+            .items
+            .iter()
+            .map(|l| OrderItemView {
+                product_id: l.product_id,
+                quantity: l.quantity,
+                unit_price: Money(l.unit_price),
+            })
+            .collect(),
+        created_at: order.created_at,
+        updated_at: order.updated_at,
+    })
+}
+
+pub(super) async fn record_key(
     txn: &DatabaseTransaction,
     user_id: i64,
     key: &str,
@@ -417,7 +442,7 @@ async fn record_key(
 /// expired: its response when `fingerprint` (the body) matches, a 409 with
 /// problem type [`KEY_REUSED`] when it does not. `None` when the key is
 /// free.
-async fn earlier_use<C: ConnectionTrait>(
+pub(super) async fn earlier_use<C: ConnectionTrait>(
     conn: &C,
     user_id: i64,
     key: &str,
@@ -528,7 +553,6 @@ impl OrdersApi {
         )
         .map_err(|e| ApiError::internal("request fingerprint", &e))?;
         let now = state.clock.now();
-        let txn = state.db.begin().await?;
         let key = idempotency_key.0;
         // Who places it: from the token (users cannot change their e-mail
         // or name), else (a token of an earlier version) from the database.
@@ -536,7 +560,7 @@ impl OrdersApi {
             (Some(email), Some(name)) => (email.clone(), name.clone()),
             _ => {
                 let user = users::Entity::find_by_id(caller.user_id)
-                    .one(&txn)
+                    .one(&state.db)
                     .await?
                     .ok_or_else(|| ApiError::unauthorized("the account no longer exists"))?;
                 (user.email, user.name)
@@ -564,27 +588,25 @@ impl OrdersApi {
                 .unwrap_or_default();
             format!("items[{index}].{what}")
         };
-        let placed = match ::orders::place_items(
-            &state.orders,
-            &txn,
-            &customer,
-            &wanted,
-            Money::max(),
-        )
-        .await
-        {
-            Ok(placed) => placed,
-            Err(e) => {
-                txn.rollback().await?;
-                // A retry of a request that was answered before gets that
-                // answer, even when the catalogue has changed since.
-                if let Some(key) = &key
-                    && let Some(view) =
-                        earlier_use(&state.db, caller.user_id, key, &fingerprint, now).await?
-                {
-                    tracing::info!(order_id = view.id, "idempotent replay of an order");
-                    return Ok(CreateOrderResponse::Created(Json(view)));
-                }
+        let user_id = customer.user_id;
+        let outcome = state
+            .placer
+            .place(NewOrder {
+                customer,
+                items: wanted,
+                key,
+                fingerprint,
+                now,
+                span: tracing::Span::current(),
+            })
+            .await?;
+        let (view, message_id) = match outcome {
+            Outcome::Created { view, message_id } => (view, message_id),
+            Outcome::Replay(view) => {
+                tracing::info!(order_id = view.id, "idempotent replay of an order");
+                return Ok(CreateOrderResponse::Created(Json(view)));
+            }
+            Outcome::Rejected(e) => {
                 return Err(match e {
                     // The catalogue's current state, like stock: a conflict.
                     OrderError::UnknownProduct { product_id } => ApiError::conflict(
@@ -610,53 +632,6 @@ impl OrdersApi {
                 });
             }
         };
-        let (order, message_id, events) = (placed.order, placed.message_id, placed.events);
-        let placed_items = placed.snapshot.items;
-        // The view from what was just written (no second read).
-        let view = OrderView {
-            id: order.id,
-            user_id: order.user_id,
-            status: OrderStatus::from_db(&order.status)?,
-            total: Money(order.total),
-            items: placed_items
-                .iter()
-                .map(|l| OrderItemView {
-                    product_id: l.product_id,
-                    quantity: l.quantity,
-                    unit_price: Money(l.unit_price),
-                })
-                .collect(),
-            created_at: order.created_at,
-            updated_at: order.updated_at,
-        };
-        if let Some(key) = &key
-            && !record_key(
-                &txn,
-                caller.user_id,
-                key,
-                &fingerprint,
-                &view,
-                now,
-                state.idempotency_ttl,
-            )
-            .await?
-        {
-            // An earlier request holds the key: nothing of this one is kept.
-            txn.rollback().await?;
-            return match earlier_use(&state.db, caller.user_id, key, &fingerprint, now).await? {
-                Some(view) => {
-                    tracing::info!(order_id = view.id, "idempotent replay of an order");
-                    Ok(CreateOrderResponse::Created(Json(view)))
-                }
-                None => Err(ApiError::conflict(
-                    "a request with this Idempotency-Key is being processed; retry",
-                    Some("Idempotency-Key"),
-                )),
-            };
-        }
-        txn.commit().await?;
-        // The OrderCreated event leaves at once through this process's relay.
-        state.orders.committed(events);
         let span = tracing::Span::current();
         span.record("order_id", view.id);
         span.record("correlation_id", view.id);
@@ -665,7 +640,7 @@ impl OrdersApi {
             order_id = view.id,
             correlation_id = view.id,
             message_id = %message_id,
-            user_id = customer.user_id,
+            user_id,
             total = %view.total.0,
             "order placed"
         );

@@ -303,7 +303,7 @@ async fn place_all(
         let view = placed_view(&placed).map_err(BatchFailed::Api)?;
         done.push((view, placed.message_id, placed.events));
     }
-    let keys: Vec<KeyRow<'_>> = jobs
+    let mut keys: Vec<KeyRow<'_>> = jobs
         .iter()
         .zip(&done)
         .filter_map(|(job, (view, _, _))| {
@@ -316,6 +316,9 @@ async fn place_all(
             })
         })
         .collect();
+    // In one order in every batch: two batches holding each other's key
+    // would otherwise deadlock (and both be placed again alone).
+    keys.sort_by(|a, b| (a.user_id, a.key).cmp(&(b.user_id, b.key)));
     if txn.get_database_backend() == DbBackend::Postgres {
         if !keys.is_empty() && record_keys(txn, &keys, shared.idempotency_ttl).await? < keys.len() {
             return Err(BatchFailed::KeyTaken);

@@ -425,14 +425,7 @@ async fn place_one(shared: &Shared, order: &NewOrder) -> Result<Outcome, ApiErro
             // A retry of a request that was answered before gets that
             // answer, even when the catalogue has changed since.
             if let Some(key) = &order.key
-                && let Some(view) = earlier_use(
-                    &shared.db,
-                    order.customer.user_id,
-                    key,
-                    &order.fingerprint,
-                    order.now,
-                )
-                .await?
+                && let Some(view) = earlier(shared, order, key).await?
             {
                 return Ok(Outcome::Replay(view));
             }
@@ -454,15 +447,7 @@ async fn place_one(shared: &Shared, order: &NewOrder) -> Result<Outcome, ApiErro
     {
         // An earlier request holds the key: nothing of this one is kept.
         txn.rollback().await?;
-        return match earlier_use(
-            &shared.db,
-            order.customer.user_id,
-            key,
-            &order.fingerprint,
-            order.now,
-        )
-        .await?
-        {
+        return match earlier(shared, order, key).await? {
             Some(view) => Ok(Outcome::Replay(view)),
             None => Err(ApiError::conflict(
                 "a request with this Idempotency-Key is being processed; retry",
@@ -477,4 +462,20 @@ async fn place_one(shared: &Shared, order: &NewOrder) -> Result<Outcome, ApiErro
         view,
         message_id: placed.message_id,
     })
+}
+
+/// What an earlier request with `order`'s key was answered, if any.
+async fn earlier(
+    shared: &Shared,
+    order: &NewOrder,
+    key: &str,
+) -> Result<Option<OrderView>, ApiError> {
+    earlier_use(
+        &shared.db,
+        order.customer.user_id,
+        key,
+        &order.fingerprint,
+        order.now,
+    )
+    .await
 }

@@ -482,21 +482,14 @@ impl<S: Saga> SagaEngine<S> {
              traceparent, tracestate) \
              VALUES ($2, $3, $4, 0, 0, false, NULL, $5, $1, $1, $1, $6, $7) RETURNING id)",
         );
-        if !plan.events.is_empty() {
-            values.push(self.outbox.leased_until(now).into());
-            values.push(outbox::pg_rows(&plan.events, &committed)?.into());
-            sql.push_str(&format!(
-                ", o AS ({})",
-                outbox::pg_insert(values.len() - 1, values.len())
-            ));
-        }
-        if !plan.journal.is_empty() {
-            values.push(journal::pg_rows(&plan.journal)?.into());
-            sql.push_str(&format!(
-                ", j AS ({})",
-                journal::pg_insert_for("(SELECT id FROM ins)", 2, 1, values.len())
-            ));
-        }
+        self.push_start_rows(
+            &mut sql,
+            &mut values,
+            &plan,
+            &committed,
+            now,
+            "(SELECT id FROM ins)",
+        )?;
         sql.push_str(" SELECT id FROM ins");
         let instance_id: i64 = batch::query_one_pg(txn, sql, values, "the start")
             .await?
@@ -506,6 +499,38 @@ impl<S: Saga> SagaEngine<S> {
             message_ids: committed.iter().map(|e| e.message_id).collect(),
             events: committed,
         })
+    }
+
+    /// Appends to a start statement (whose `ins` CTE inserts the instances,
+    /// with `$1` the time and `$2` the saga type) the CTEs writing the
+    /// plan's outbox rows (`o`, leased to this process's relay) and journal
+    /// rows (`j`, each row's instance id given by the SQL expression
+    /// `instance_id`).
+    fn push_start_rows(
+        &self,
+        sql: &mut String,
+        values: &mut Vec<sea_orm::Value>,
+        plan: &Plan<S>,
+        committed: &[Committed],
+        now: DateTime<Utc>,
+        instance_id: &str,
+    ) -> Result<(), SagaError> {
+        if !plan.events.is_empty() {
+            values.push(self.outbox.leased_until(now).into());
+            values.push(outbox::pg_rows(&plan.events, committed)?.into());
+            sql.push_str(&format!(
+                ", o AS ({})",
+                outbox::pg_insert(values.len() - 1, values.len())
+            ));
+        }
+        if !plan.journal.is_empty() {
+            values.push(journal::pg_rows(&plan.journal)?.into());
+            sql.push_str(&format!(
+                ", j AS ({})",
+                journal::pg_insert_for(instance_id, 2, 1, values.len())
+            ));
+        }
+        Ok(())
     }
 
     /// Starts several instances inside the caller's transaction, each as
@@ -603,26 +628,14 @@ impl<S: Saga> SagaEngine<S> {
              FROM jsonb_array_elements($3::text::jsonb) WITH ORDINALITY AS t(r, n) ORDER BY n \
              RETURNING id, correlation_id)",
         );
-        if !plan.events.is_empty() {
-            values.push(self.outbox.leased_until(now).into());
-            values.push(outbox::pg_rows(&plan.events, &committed)?.into());
-            sql.push_str(&format!(
-                ", o AS ({})",
-                outbox::pg_insert(values.len() - 1, values.len())
-            ));
-        }
-        if !plan.journal.is_empty() {
-            values.push(journal::pg_rows(&plan.journal)?.into());
-            sql.push_str(&format!(
-                ", j AS ({})",
-                journal::pg_insert_for(
-                    "(SELECT ins.id FROM ins WHERE ins.correlation_id = r->>'correlation_id')",
-                    2,
-                    1,
-                    values.len()
-                )
-            ));
-        }
+        self.push_start_rows(
+            &mut sql,
+            &mut values,
+            &plan,
+            &committed,
+            now,
+            "(SELECT ins.id FROM ins WHERE ins.correlation_id = r->>'correlation_id')",
+        )?;
         sql.push_str(" SELECT id, correlation_id FROM ins");
         let inserted = txn
             .query_all_raw(Statement::from_sql_and_values(

@@ -1240,6 +1240,81 @@ async fn concurrent_orders_share_a_transaction_and_a_failing_one_is_answered_alo
     tdb.drop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_order_whose_request_went_away_before_it_was_taken_is_not_placed() {
+    use sea_orm::{ConnectionTrait, Statement, TransactionTrait};
+    let tdb = TestDatabase::create_with::<migration::Migrator>().await;
+    let mut settings = settings();
+    settings.api.order_batch_workers = 1;
+    api::seed_admin(&tdb.db, &settings)
+        .await
+        .expect("seed admin");
+    let state = Arc::new(AppState::new(tdb.db.clone(), &settings).expect("state"));
+    let api = Api {
+        client: TestClient::new(api::app(state.clone())),
+    };
+    let (_, token) = api.user().await;
+    let line = |product: i64| json!({"items": [{"product_id": product, "quantity": 1}]});
+    let stock_2 = stock_of(&tdb, 2).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let poll = || async {
+        assert!(std::time::Instant::now() < deadline, "timed out");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    };
+
+    // The one worker takes order A and waits for product 1's row lock.
+    let hold = tdb.db.begin().await.expect("begin");
+    hold.execute_raw(Statement::from_string(
+        sea_orm::DbBackend::Postgres,
+        "SELECT id FROM products WHERE id = 1 FOR UPDATE",
+    ))
+    .await
+    .expect("lock product 1");
+    let first = api.place_order(&token, line(1), &[]);
+    let gone = async {
+        let waiting_on_lock = format!(
+            "SELECT count(*)::bigint AS n FROM pg_stat_activity \
+             WHERE datname = '{}' AND wait_event_type = 'Lock'",
+            tdb.name
+        );
+        loop {
+            let row = tdb
+                .db
+                .query_one_raw(Statement::from_string(
+                    sea_orm::DbBackend::Postgres,
+                    waiting_on_lock.clone(),
+                ))
+                .await
+                .expect("query")
+                .expect("row");
+            if row.try_get::<i64>("", "n").expect("n") > 0 {
+                break;
+            }
+            poll().await;
+        }
+        // Order B waits in the queue behind A; its request goes away.
+        let mut second = Box::pin(api.place_order(&token, line(2), &[]));
+        while state.placer.pending() < 2 {
+            tokio::select! {
+                _ = &mut second => panic!("B was answered while the worker was held"),
+                () = poll() => {}
+            }
+        }
+        drop(second);
+        assert_eq!(state.placer.pending(), 1, "B's request is gone");
+        hold.commit().await.expect("release product 1");
+    };
+    let (first, ()) = tokio::join!(first, gone);
+    assert_eq!(first.0, StatusCode::CREATED, "{}", first.3);
+    // C, behind B in the queue: once it is answered, B was looked at.
+    let (status, _, _, body) = api.place_order(&token, line(3), &[]).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(count_orders(&tdb).await, 2, "A and C, not B");
+    assert_eq!(stock_of(&tdb, 2).await, stock_2);
+    assert_eq!(state.placer.pending(), 0);
+    tdb.drop().await;
+}
+
 #[tokio::test]
 async fn notifications_are_read_only_filtered_and_scoped_to_their_owner() {
     let tdb = TestDatabase::create_with::<migration::Migrator>().await;

@@ -217,6 +217,9 @@ async fn work(shared: Arc<Shared>, receiver: Arc<Mutex<mpsc::Receiver<Job>>>) {
                 }
             }
         }
+        // A request that went away before its order was taken (the client
+        // disconnected, or the server stopped waiting) places nothing.
+        jobs.retain(|job| !job.reply.is_closed());
         if jobs.len() > 1 {
             match place_batch(&shared, &jobs).await {
                 Ok(placed) => {

@@ -30,13 +30,22 @@ async fn api(tdb: &TestDatabase) -> Api<impl Endpoint + use<>> {
 }
 
 async fn api_with(tdb: &TestDatabase, settings: Settings) -> Api<impl Endpoint + use<>> {
+    api_and_state(tdb, settings).await.0
+}
+
+/// The API and its state (to look at the placement queue).
+async fn api_and_state(
+    tdb: &TestDatabase,
+    settings: Settings,
+) -> (Api<impl Endpoint + use<>>, Arc<AppState>) {
     api::seed_admin(&tdb.db, &settings)
         .await
         .expect("seed admin");
     let state = Arc::new(AppState::new(tdb.db.clone(), &settings).expect("state"));
-    Api {
-        client: TestClient::new(api::app(state)),
-    }
+    let api = Api {
+        client: TestClient::new(api::app(state.clone())),
+    };
+    (api, state)
 }
 
 impl<E: Endpoint> Api<E> {
@@ -128,6 +137,19 @@ impl<E: Endpoint> Api<E> {
             .await;
         assert_eq!(status, StatusCode::CREATED, "{order}");
         order["id"].as_i64().expect("id")
+    }
+
+    /// Makes product `id` "Scarce" at 5.00 with `stock` units (as `admin`).
+    async fn scarce(&self, admin: &str, id: i64, stock: i32) {
+        let (status, _, body) = self
+            .call(
+                "PUT",
+                &format!("/api/products/{id}"),
+                Some(admin),
+                Some(json!({"name": "Scarce", "price": "5.00", "stock": stock})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
     }
 
     /// Registers a fresh user and returns (id, token).
@@ -705,15 +727,7 @@ async fn not_enough_stock_is_409_naming_the_line_and_writes_nothing() {
     let api = api(&tdb).await;
     let (_, token) = api.user().await;
     let admin = api.admin().await;
-    let (status, _, _) = api
-        .call(
-            "PUT",
-            "/api/products/2",
-            Some(&admin),
-            Some(json!({"name": "Scarce", "price": "5.00", "stock": 2})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK);
+    api.scarce(&admin, 2, 2).await;
     let stock_1 = stock_of(&tdb, 1).await;
     let (status, ct, problem) = api
         .call(
@@ -1100,6 +1114,19 @@ async fn order_transactions(tdb: &TestDatabase) -> u64 {
     row.try_get::<i64>("", "n").expect("n") as u64
 }
 
+/// A transaction holding product 1's row lock (commit it to let go).
+async fn lock_product_1(tdb: &TestDatabase) -> sea_orm::DatabaseTransaction {
+    use sea_orm::{ConnectionTrait, Statement, TransactionTrait};
+    let hold = tdb.db.begin().await.expect("begin");
+    hold.execute_raw(Statement::from_string(
+        sea_orm::DbBackend::Postgres,
+        "SELECT id FROM products WHERE id = 1 FOR UPDATE",
+    ))
+    .await
+    .expect("lock product 1");
+    hold
+}
+
 /// Sends `bodies` (with their headers) at once while product 1 is locked by
 /// another transaction, so the one placement worker is held until every
 /// request waits; then lets them go. Returns the answers in order.
@@ -1110,14 +1137,7 @@ async fn place_while_held<E: Endpoint>(
     token: &str,
     bodies: &[(Value, Vec<(String, String)>)],
 ) -> Vec<(StatusCode, String, poem::http::HeaderMap, Value)> {
-    use sea_orm::{ConnectionTrait, Statement, TransactionTrait};
-    let hold = tdb.db.begin().await.expect("begin");
-    hold.execute_raw(Statement::from_string(
-        sea_orm::DbBackend::Postgres,
-        "SELECT id FROM products WHERE id = 1 FOR UPDATE",
-    ))
-    .await
-    .expect("lock product 1");
+    let hold = lock_product_1(tdb).await;
     let requests = bodies.iter().map(|(body, headers)| {
         let headers: Vec<(&str, &str)> = headers
             .iter()
@@ -1148,24 +1168,10 @@ async fn concurrent_orders_share_a_transaction_and_a_failing_one_is_answered_alo
     let mut settings = settings();
     settings.api.order_batch_workers = 1;
     settings.api.order_batch_max = 32;
-    api::seed_admin(&tdb.db, &settings)
-        .await
-        .expect("seed admin");
-    let state = Arc::new(AppState::new(tdb.db.clone(), &settings).expect("state"));
-    let api = Api {
-        client: TestClient::new(api::app(state.clone())),
-    };
+    let (api, state) = api_and_state(&tdb, settings).await;
     let (_, token) = api.user().await;
     let admin = api.admin().await;
-    let (status, _, _) = api
-        .call(
-            "PUT",
-            "/api/products/3",
-            Some(&admin),
-            Some(json!({"name": "Scarce", "price": "5.00", "stock": 0})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK);
+    api.scarce(&admin, 3, 0).await;
     let line = |product: i64| json!({"items": [{"product_id": product, "quantity": 1}]});
     let (one, two) = (stock_of(&tdb, 1).await, stock_of(&tdb, 2).await);
 
@@ -1223,15 +1229,7 @@ async fn concurrent_orders_share_a_transaction_and_a_failing_one_is_answered_alo
     assert_eq!(stock_of(&tdb, 2).await, two - 10 - 8);
     assert_eq!(stock_of(&tdb, 3).await, 0);
     // The failed request left no key: once there is stock, its retry places.
-    let (status, _, _) = api
-        .call(
-            "PUT",
-            "/api/products/3",
-            Some(&admin),
-            Some(json!({"name": "Scarce", "price": "5.00", "stock": 1})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK);
+    api.scarce(&admin, 3, 1).await;
     let (status, _, _, body) = api
         .place_order(&token, line(3), &[("idempotency-key", "k-out")])
         .await;
@@ -1242,17 +1240,11 @@ async fn concurrent_orders_share_a_transaction_and_a_failing_one_is_answered_alo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_order_whose_request_went_away_before_it_was_taken_is_not_placed() {
-    use sea_orm::{ConnectionTrait, Statement, TransactionTrait};
+    use sea_orm::{ConnectionTrait, Statement};
     let tdb = TestDatabase::create_with::<migration::Migrator>().await;
     let mut settings = settings();
     settings.api.order_batch_workers = 1;
-    api::seed_admin(&tdb.db, &settings)
-        .await
-        .expect("seed admin");
-    let state = Arc::new(AppState::new(tdb.db.clone(), &settings).expect("state"));
-    let api = Api {
-        client: TestClient::new(api::app(state.clone())),
-    };
+    let (api, state) = api_and_state(&tdb, settings).await;
     let (_, token) = api.user().await;
     let line = |product: i64| json!({"items": [{"product_id": product, "quantity": 1}]});
     let stock_2 = stock_of(&tdb, 2).await;
@@ -1263,13 +1255,7 @@ async fn an_order_whose_request_went_away_before_it_was_taken_is_not_placed() {
     };
 
     // The one worker takes order A and waits for product 1's row lock.
-    let hold = tdb.db.begin().await.expect("begin");
-    hold.execute_raw(Statement::from_string(
-        sea_orm::DbBackend::Postgres,
-        "SELECT id FROM products WHERE id = 1 FOR UPDATE",
-    ))
-    .await
-    .expect("lock product 1");
+    let hold = lock_product_1(&tdb).await;
     let first = api.place_order(&token, line(1), &[]);
     let gone = async {
         let waiting_on_lock = format!(

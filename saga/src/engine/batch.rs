@@ -785,23 +785,45 @@ pub(super) async fn insert_instances<S: Saga>(
         let (traceparent, tracestate) = TraceContext::columns(trace.as_ref());
         inserted.insert(
             correlation_id.clone(),
-            instances::Model {
+            instance_row::<S>(
                 id,
-                saga_type: S::TYPE.to_owned(),
                 correlation_id,
-                state: state.name().to_owned(),
-                version: 0,
-                attempts: 0,
-                faulted: false,
-                last_error: None,
-                data: data.clone(),
-                state_entered_at: now,
-                created_at: now,
-                updated_at: now,
+                *state,
+                data.clone(),
+                now,
                 traceparent,
                 tracestate,
-            },
+            ),
         );
     }
     Ok(inserted)
+}
+
+/// A new instance's row as a start inserts it (version 0, not parked).
+/// Start statements that take the id from the insert itself use id 0.
+pub(super) fn instance_row<S: Saga>(
+    id: i64,
+    correlation_id: String,
+    state: S::State,
+    data: serde_json::Value,
+    now: DateTime<Utc>,
+    traceparent: Option<String>,
+    tracestate: Option<String>,
+) -> instances::Model {
+    instances::Model {
+        id,
+        saga_type: S::TYPE.to_owned(),
+        correlation_id,
+        state: state.name().to_owned(),
+        version: 0,
+        attempts: 0,
+        faulted: false,
+        last_error: None,
+        data,
+        state_entered_at: now,
+        created_at: now,
+        updated_at: now,
+        traceparent,
+        tracestate,
+    }
 }

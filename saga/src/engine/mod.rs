@@ -446,9 +446,11 @@ impl<S: Saga> SagaEngine<S> {
         let (traceparent, tracestate) = TraceContext::columns(trace.as_ref());
         // Its id is not known before the insert; the journal row takes it
         // in SQL.
-        let stand_in = stand_in::<S>(
+        let stand_in = batch::instance_row::<S>(
+            0,
             correlation_id.to_owned(),
             start.state,
+            serde_json::Value::Null,
             now,
             traceparent.clone(),
             tracestate.clone(),
@@ -579,7 +581,15 @@ impl<S: Saga> SagaEngine<S> {
             }));
             // Their ids are not known before the insert; the journal rows
             // take them in SQL.
-            let stand_in = stand_in::<S>(correlation_id, start.state, now, traceparent, tracestate);
+            let stand_in = batch::instance_row::<S>(
+                0,
+                correlation_id,
+                start.state,
+                serde_json::Value::Null,
+                now,
+                traceparent,
+                tracestate,
+            );
             works.push(Work::<S>::started(stand_in, start.state, data, now));
             spans.push(span);
         }
@@ -1766,33 +1776,6 @@ fn seconds_or_millis(d: Duration) -> String {
         format!("{} s", ms / 1000)
     } else {
         format!("{ms} ms")
-    }
-}
-
-/// The row of an instance about to be inserted by a start statement,
-/// before the insert gives it its id (0 here).
-fn stand_in<S: Saga>(
-    correlation_id: String,
-    state: S::State,
-    now: DateTime<Utc>,
-    traceparent: Option<String>,
-    tracestate: Option<String>,
-) -> instances::Model {
-    instances::Model {
-        id: 0,
-        saga_type: S::TYPE.to_owned(),
-        correlation_id,
-        state: state.name().to_owned(),
-        version: 0,
-        attempts: 0,
-        faulted: false,
-        last_error: None,
-        data: serde_json::Value::Null,
-        state_entered_at: now,
-        created_at: now,
-        updated_at: now,
-        traceparent,
-        tracestate,
     }
 }
 

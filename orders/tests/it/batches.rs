@@ -314,6 +314,30 @@ async fn due_timers_fire_in_one_transaction_and_a_failing_one_does_not_hold_the_
         last.outcome, "parked",
         "corrupt data is not retried: {last:?}"
     );
+
+    // Parked, its timer is left alone: not claimed, not the next one due,
+    // however long it waits.
+    clock.advance(Duration::seconds(3600));
+    assert!(engine.fire_due_timers(100).await.expect("fire").is_empty());
+    assert_eq!(engine.next_timer_due().await.expect("next"), None);
+
+    // Mended (a timer without a payload carries its kind) and resumed by an
+    // operator: it fires.
+    tdb.db
+        .execute_unprepared(&format!(
+            "UPDATE saga_timers SET payload = NULL WHERE correlation_id = '{}'",
+            more[0]
+        ))
+        .await
+        .expect("mend the timer");
+    engine.resume(&more[0].to_string()).await.expect("resume");
+    assert_eq!(
+        engine.next_timer_due().await.expect("next"),
+        Some(clock_now(&clock))
+    );
+    let fired = engine.fire_due_timers(100).await.expect("fire");
+    assert_eq!(fired.len(), 1, "{fired:?}");
+    assert_eq!(order_status(&tdb.db, more[0]).await, "completed");
     tdb.drop().await;
 }
 

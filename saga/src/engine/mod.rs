@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
-use sea_orm::sea_query::{Expr, LockBehavior, LockType, Query};
+use sea_orm::sea_query::{Expr, LockBehavior, LockType};
 use sea_orm::{
     ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend,
     EntityTrait, QueryFilter, QueryOrder, QuerySelect, Statement, TransactionTrait,
@@ -1070,7 +1070,7 @@ impl<S: Saga> SagaEngine<S> {
             .filter(timers::Column::SagaType.eq(S::TYPE))
             .filter(timers::Column::FiredAt.is_null())
             .filter(timers::Column::DueAt.lte(now))
-            .filter(not_parked(timers::Column::SagaInstanceId))
+            .filter(not_parked())
             .order_by_asc(timers::Column::DueAt)
             .limit(limit)
             .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
@@ -1218,7 +1218,7 @@ impl<S: Saga> SagaEngine<S> {
             .column(timers::Column::DueAt)
             .filter(timers::Column::SagaType.eq(S::TYPE))
             .filter(timers::Column::FiredAt.is_null())
-            .filter(not_parked(timers::Column::SagaInstanceId))
+            .filter(not_parked())
             .order_by_asc(timers::Column::DueAt)
             .limit(1)
             .into_tuple::<DateTime<Utc>>()
@@ -1779,21 +1779,22 @@ fn seconds_or_millis(d: Duration) -> String {
     }
 }
 
-/// `instance_id NOT IN (parked instances)`. The parked ids come from the
-/// partial index `ix_saga_instances_parked` (`WHERE faulted = true`): the
-/// condition is written as a literal, not a parameter, so every plan
-/// (generic ones too) can use that index instead of scanning every
-/// instance.
-fn not_parked(instance_id: timers::Column) -> Condition {
-    Condition::all().add(
-        instance_id.not_in_subquery(
-            Query::select()
-                .column(instances::Column::Id)
-                .from(instances::Entity)
-                .and_where(Expr::cust("faulted = true"))
-                .to_owned(),
-        ),
-    )
+/// The timer's instance is not parked, checked per candidate timer with a
+/// primary-key lookup of its instance:
+/// `NOT COALESCE((SELECT faulted FROM saga_instances WHERE id = timer's instance), false)`.
+///
+/// A scalar subquery is never turned into a join, so every plan of the
+/// claim and next-due queries (the generic plan a connection caches too)
+/// probes `saga_instances_pkey` once for each timer row it reads, however
+/// large the table has grown since that plan was made. The earlier
+/// `NOT IN (parked ids)` was planned once per connection, while the table
+/// was still small: that cached plan read the parked ids by scanning every
+/// instance on each claim and each poll, until an `ANALYZE` replanned it.
+fn not_parked() -> Condition {
+    Condition::all().add(Expr::cust(
+        "NOT COALESCE((SELECT parked_check.faulted FROM saga_instances AS parked_check \
+         WHERE parked_check.id = saga_timers.saga_instance_id), false)",
+    ))
 }
 
 async fn find<C: ConnectionTrait>(

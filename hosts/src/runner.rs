@@ -212,8 +212,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
                 r
             }),
             loops.run("timers", async {
-                // Each loop fires one timer per transaction; several share
-                // the due timers through SKIP LOCKED.
+                // Each loop fires up to timers.batch_size due timers per
+                // transaction; several loops (here or in other runners)
+                // share the due timers through SKIP LOCKED.
                 let workers = usize::try_from(settings.timers.workers).unwrap_or(1);
                 let worker = TimerWorker::new(engine.clone(), poll);
                 futures_util::future::join_all(

@@ -1040,7 +1040,7 @@ mod tests {
         let s = load_from(&repo_config(), env(&[])).expect("loads").settings;
         assert_eq!(s.transport.kind, TransportKind::Rabbitmq);
         assert_eq!(s.queue_prefix(), "order_saga");
-        assert_eq!(s.prefetch(), 64);
+        assert_eq!(s.prefetch(), 256);
         let k = &s.kafka;
         assert_eq!(k.bootstrap_servers, "127.0.0.1:19092");
         assert_eq!(k.topic_prefix, "order_saga");

@@ -27,26 +27,39 @@ impl<S: Saga> TimerWorker<S> {
         Self { engine, poll }
     }
 
-    /// Fires due timers until none is due, then sleeps until the next one is
-    /// due (at most `poll`); backs off while firing fails (the database is
-    /// down), without spending any budget on the outage itself. Returns when
-    /// `shutdown` is cancelled.
+    /// Fires due timers, a full batch after another while a backlog lasts,
+    /// then sleeps until the next one is due (at most `poll`); backs off
+    /// while firing fails (the database is down), without spending any
+    /// budget on the outage itself. Returns when `shutdown` is cancelled.
+    ///
+    /// After a round that fired a partial batch (the due timers were
+    /// drained), the worker sleeps at least `poll / 4` before it claims
+    /// again, even when more timers are already due: timers that fall due
+    /// one after another (a steady flow of short delays) are then fired
+    /// together, a transaction per gathering instead of one for every few
+    /// timers. A timer is fired at most that much later; the bound for
+    /// timers written by other processes stays `poll`.
     pub async fn run_until_stopped(&self, shutdown: CancellationToken) {
         let mut failures: u32 = 0;
+        let batch = self.engine.settings().timer_batch_size;
+        let full = usize::try_from(batch.max(1)).unwrap_or(usize::MAX);
         loop {
             if shutdown.is_cancelled() {
                 return;
             }
             let mut failed = false;
-            let batch = self.engine.settings().timer_batch_size;
+            let mut fired_some = false;
             loop {
                 match self.engine.fire_due_timers(batch).await {
-                    Ok(fired) if !fired.is_empty() => {
+                    Ok(fired) => {
                         if shutdown.is_cancelled() {
                             return;
                         }
+                        fired_some |= !fired.is_empty();
+                        if fired.len() < full {
+                            break;
+                        }
                     }
-                    Ok(_) => break,
                     Err(e) => {
                         failures = failures.saturating_add(1);
                         // Repeated while the database is down: log the first
@@ -61,27 +74,38 @@ impl<S: Saga> TimerWorker<S> {
                     }
                 }
             }
-            let mut wait = self.poll;
-            if failed {
-                wait =
-                    (self.poll * 2u32.saturating_pow(failures.min(6))).min(Duration::from_secs(5));
+            let wait = if failed {
+                (self.poll * 2u32.saturating_pow(failures.min(6))).min(Duration::from_secs(5))
             } else {
                 if failures > 0 {
                     tracing::info!(saga_type = S::TYPE, failures, "timers fire again");
                 }
                 failures = 0;
-                if let Ok(Some(due)) = self.engine.next_timer_due().await {
-                    let until = (due - self.engine.clock().now())
-                        .to_std()
-                        .unwrap_or(Duration::ZERO);
-                    wait = wait.min(until);
-                }
-            }
+                self.wait_after(fired_some).await
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
             }
         }
+    }
+
+    /// How long to sleep after a round of firing: until the next timer is
+    /// due, at most `poll`; at least `poll / 4` after a round that fired
+    /// timers (see [`Self::run_until_stopped`]).
+    async fn wait_after(&self, fired_some: bool) -> Duration {
+        let gather = if fired_some {
+            self.poll / 4
+        } else {
+            Duration::ZERO
+        };
+        let until_due = match self.engine.next_timer_due().await {
+            Ok(Some(due)) => (due - self.engine.clock().now())
+                .to_std()
+                .unwrap_or(Duration::ZERO),
+            _ => self.poll,
+        };
+        until_due.clamp(gather, self.poll.max(gather))
     }
 }
 

@@ -19,7 +19,7 @@ use crate::retry::Attempts;
 pub use crate::retry::RetryPolicy;
 use crate::trace;
 use crate::transport::status::ConsumerRegistry;
-use crate::transport::{Delivery, QueueSpec, Transport};
+use crate::transport::{Acknowledger, Delivery, QueueSpec, Transport};
 
 /// What a handler did with a message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -284,17 +284,25 @@ impl<H: MessageHandler + ?Sized> Consumer<H> {
         };
         saga_metrics::batch(&self.name, batch.len(), true);
         let seconds = started.elapsed().as_secs_f64();
-        for ((delivery, envelope, span, held), outcome) in batch.into_iter().zip(outcomes) {
+        // Acknowledged after the commit, together (one frame where the
+        // transport can): a crash before this redelivers and the inbox makes
+        // that a duplicate.
+        let ackers: Vec<&dyn Acknowledger> = batch
+            .iter()
+            .map(|(delivery, ..)| delivery.acker.as_ref())
+            .collect();
+        let acks = match ackers.first() {
+            Some(first) => first.ack_batch(&ackers).await,
+            None => Vec::new(),
+        };
+        drop(ackers);
+        for (((_delivery, envelope, span, held), outcome), acked) in
+            batch.into_iter().zip(outcomes).zip(acks)
+        {
             let message_type = saga_metrics::message_type_label(
                 self.handler.message_types(),
                 Some(&envelope.message_type),
             );
-            // Acknowledged after the commit: a crash before this redelivers
-            // and the inbox makes that a duplicate. The span is entered only
-            // after the await: a guard held across it would stay entered on
-            // this thread while the task waits, and other tasks' logs would
-            // be attributed to this message.
-            let acked = delivery.acker.ack().instrument(span.clone()).await;
             let _entered = span.enter();
             if outcome == HandlerOutcome::Duplicate {
                 tracing::info!(

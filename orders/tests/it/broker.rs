@@ -301,3 +301,82 @@ async fn an_undecodable_message_goes_to_the_error_queue_and_the_consumer_carries
     broker.delete().await;
     tdb.drop().await;
 }
+
+/// The next delivery of `stream`, within 5 s.
+async fn next_delivery(
+    stream: &mut futures_util::stream::BoxStream<
+        'static,
+        Result<saga::transport::Delivery, saga::error::TransportError>,
+    >,
+) -> saga::transport::Delivery {
+    use futures_util::StreamExt;
+    tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("a delivery in time")
+        .expect("stream open")
+        .expect("delivery")
+}
+
+#[tokio::test]
+async fn a_batch_is_acknowledged_together_only_when_nothing_before_it_is_unsettled() {
+    use saga::transport::Acknowledger;
+    let broker = TestBroker::create(orders::topology::queues).await;
+    let transport = fresh_transport(&broker).await;
+    let queue = topology::notifications_queue(&broker.prefix);
+    for body in ["0", "1", "2", "3", "4", "5"] {
+        broker
+            .transport
+            .publish_to_queue(&queue.name, body.as_bytes(), BasicProperties::default())
+            .await
+            .expect("publish");
+    }
+    let mut stream = transport
+        .subscribe(&queue, "acks", 10)
+        .await
+        .expect("subscribe");
+    let mut d = Vec::new();
+    for _ in 0..6 {
+        d.push(next_delivery(&mut stream).await);
+    }
+    let bodies: Vec<&[u8]> = d.iter().map(|d| d.body.as_slice()).collect();
+    assert_eq!(bodies, [b"0", b"1", b"2", b"3", b"4", b"5"]);
+    let all_ok = |results: Vec<Result<(), saga::error::TransportError>>| {
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        results.len()
+    };
+
+    // "1" and "2" while "0" is still being handled: settled one by one (a
+    // frame for "everything up to 2" would settle "0" too).
+    let batch: Vec<&dyn Acknowledger> = vec![d[1].acker.as_ref(), d[2].acker.as_ref()];
+    assert_eq!(all_ok(batch[0].ack_batch(&batch).await), 2);
+    // So "0" can still go back to the queue (had it been acknowledged, the
+    // broker would close the channel on this unknown delivery tag).
+    d[0].acker.requeue().await.expect("requeue 0");
+    // "3" and "4": nothing before them is unsettled; one frame for both.
+    let batch: Vec<&dyn Acknowledger> = vec![d[4].acker.as_ref(), d[3].acker.as_ref()];
+    assert_eq!(all_ok(batch[0].ack_batch(&batch).await), 2);
+    let batch: Vec<&dyn Acknowledger> = vec![d[5].acker.as_ref()];
+    assert_eq!(all_ok(batch[0].ack_batch(&batch).await), 1);
+    drop(d);
+    drop(stream);
+    transport.close().await;
+
+    // Only "0" is left: nothing was acknowledged twice or too early (a
+    // closed channel would have handed back "3", "4" and "5" as well).
+    eventually(Duration::from_secs(5), "one message left", || async {
+        (depth(&broker, &queue.name).await == 1).then_some(())
+    })
+    .await;
+    let again = fresh_transport(&broker).await;
+    let mut stream = again
+        .subscribe(&queue, "acks-again", 10)
+        .await
+        .expect("subscribe");
+    let left = next_delivery(&mut stream).await;
+    assert_eq!(left.body, b"0");
+    assert!(left.redelivered);
+    left.acker.ack().await.expect("ack");
+    drop(stream);
+    again.close().await;
+    broker.delete().await;
+}

@@ -38,6 +38,26 @@ pub trait Acknowledger: Send + Sync {
     async fn ack(&self) -> Result<(), TransportError>;
     /// Give the message back to the queue for another try.
     async fn requeue(&self) -> Result<(), TransportError>;
+
+    /// Acknowledges `batch`: deliveries of one subscription that were
+    /// committed together (this acknowledger is one of them). A transport
+    /// that can settle several deliveries in one frame overrides it; by
+    /// default each is acknowledged on its own. One result per delivery of
+    /// `batch`, in its order.
+    async fn ack_batch(&self, batch: &[&dyn Acknowledger]) -> Vec<Result<(), TransportError>> {
+        let mut results = Vec::with_capacity(batch.len());
+        for acker in batch {
+            results.push(acker.ack().await);
+        }
+        results
+    }
+
+    /// This acknowledger as [`std::any::Any`], for transports whose
+    /// [`Acknowledger::ack_batch`] needs to see its own type. `None` by
+    /// default.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
 }
 
 /// A consumed message.

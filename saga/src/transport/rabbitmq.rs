@@ -638,7 +638,11 @@ async fn declare_on(connection: &Connection, topology: &Topology) -> Result<(), 
     Ok(())
 }
 
-fn to_delivery(d: lapin::message::Delivery, ack_timeout: Duration) -> Delivery {
+fn to_delivery(
+    d: lapin::message::Delivery,
+    ack_timeout: Duration,
+    unsettled: &Arc<Unsettled>,
+) -> Delivery {
     Delivery {
         message_id: d.properties.message_id().as_ref().map(|s| s.to_string()),
         message_type: d.properties.kind().as_ref().map(|s| s.to_string()),
@@ -648,6 +652,8 @@ fn to_delivery(d: lapin::message::Delivery, ack_timeout: Duration) -> Delivery {
         body: d.data,
         acker: Box::new(RabbitAcker {
             acker: d.acker,
+            tag: d.delivery_tag,
+            unsettled: unsettled.clone(),
             timeout: ack_timeout,
         }),
     }
@@ -689,14 +695,18 @@ async fn keep_consuming(
                 }
                 first = false;
                 delay = inner.reconnect.initial;
+                // Delivery tags belong to the channel: a new subscription
+                // starts a new record of what is unsettled.
+                let unsettled = Arc::new(Unsettled::default());
                 let lost = loop {
                     tokio::select! {
                         _ = inner.closed.cancelled() => break None,
                         _ = sender.closed() => break None,
                         item = consumer.next() => match item {
                             Some(Ok(d)) => {
+                                unsettled.tags.lock().await.insert(d.delivery_tag);
                                 if sender
-                                    .send(Ok(to_delivery(d, inner.confirm_timeout)))
+                                    .send(Ok(to_delivery(d, inner.confirm_timeout, &unsettled)))
                                     .await
                                     .is_err()
                                 {
@@ -944,6 +954,17 @@ impl Transport for RabbitTransport {
     }
 }
 
+/// The delivery tags of one subscription's channel that are not settled
+/// yet. Settlements on the channel take its lock and hold it until their
+/// frame is out, so frames leave in the order the record changes: a batch
+/// acknowledged with one `multiple` frame never overtakes (or is overtaken
+/// by) a single settlement of a tag it covers, which the broker would
+/// answer by closing the channel.
+#[derive(Default)]
+struct Unsettled {
+    tags: Mutex<std::collections::BTreeSet<u64>>,
+}
+
 /// Settles one delivery. Each settlement is bounded by
 /// `rabbitmq.confirm_timeout_ms`: when the connection dies under an ack,
 /// lapin's future can stay pending for good (seen in the fault suite: the
@@ -952,6 +973,8 @@ impl Transport for RabbitTransport {
 /// the broker redelivers the message and the inbox skips it.
 struct RabbitAcker {
     acker: lapin::Acker,
+    tag: u64,
+    unsettled: Arc<Unsettled>,
     timeout: Duration,
 }
 
@@ -968,15 +991,15 @@ impl RabbitAcker {
             ))),
         }
     }
-}
 
-#[async_trait]
-impl Acknowledger for RabbitAcker {
-    async fn ack(&self) -> Result<(), TransportError> {
+    /// Acknowledges this delivery (and, with `multiple`, every unsettled
+    /// one before it on the channel). The caller holds the channel's
+    /// record of unsettled tags.
+    async fn ack_holding(&self, multiple: bool) -> Result<(), TransportError> {
         // After a connection recovery an ack on the old channel returns
         // Ok(false): the broker will redeliver, and the inbox skips it.
         if !self
-            .bounded("ack", self.acker.ack(BasicAckOptions::default()))
+            .bounded("ack", self.acker.ack(BasicAckOptions { multiple }))
             .await?
         {
             return Err(TransportError::Broker(
@@ -985,16 +1008,83 @@ impl Acknowledger for RabbitAcker {
         }
         Ok(())
     }
+}
+
+#[async_trait]
+impl Acknowledger for RabbitAcker {
+    async fn ack(&self) -> Result<(), TransportError> {
+        let mut unsettled = self.unsettled.tags.lock().await;
+        let acked = self.ack_holding(false).await;
+        unsettled.remove(&self.tag);
+        acked
+    }
 
     async fn requeue(&self) -> Result<(), TransportError> {
-        self.bounded(
-            "requeue",
-            self.acker.nack(BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            }),
-        )
-        .await?;
-        Ok(())
+        let mut unsettled = self.unsettled.tags.lock().await;
+        let requeued = self
+            .bounded(
+                "requeue",
+                self.acker.nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                }),
+            )
+            .await;
+        unsettled.remove(&self.tag);
+        requeued.map(|_| ())
+    }
+
+    /// One `basic.ack` with `multiple` for the whole batch when the batch
+    /// is every unsettled delivery up to its highest tag (nothing earlier on
+    /// the channel is still being handled or retried); otherwise one
+    /// `basic.ack` per delivery, so an earlier message still being retried
+    /// is neither acknowledged early nor made to hold the batch back.
+    async fn ack_batch(&self, batch: &[&dyn Acknowledger]) -> Vec<Result<(), TransportError>> {
+        let ours: Option<Vec<&RabbitAcker>> = batch
+            .iter()
+            .map(|a| {
+                a.as_any()
+                    .and_then(|any| any.downcast_ref::<RabbitAcker>())
+                    .filter(|r| Arc::ptr_eq(&r.unsettled, &self.unsettled))
+            })
+            .collect();
+        let Some(ours) = ours else {
+            let mut results = Vec::with_capacity(batch.len());
+            for acker in batch {
+                results.push(acker.ack().await);
+            }
+            return results;
+        };
+        let Some(last) = ours.iter().copied().max_by_key(|r| r.tag) else {
+            return Vec::new();
+        };
+        let mut unsettled = self.unsettled.tags.lock().await;
+        let tags: std::collections::BTreeSet<u64> = ours.iter().map(|r| r.tag).collect();
+        let contiguous = tags.len() == ours.len()
+            && tags.iter().all(|t| unsettled.contains(t))
+            && unsettled.range(..=last.tag).count() == tags.len();
+        if contiguous && ours.len() > 1 {
+            let acked = last.ack_holding(true).await;
+            for tag in &tags {
+                unsettled.remove(tag);
+            }
+            return ours
+                .iter()
+                .map(|_| match &acked {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(TransportError::Broker(e.to_string())),
+                })
+                .collect();
+        }
+        let mut results = Vec::with_capacity(ours.len());
+        for acker in ours {
+            results.push(acker.ack_holding(false).await);
+            unsettled.remove(&acker.tag);
+        }
+        results
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
 }

@@ -183,7 +183,7 @@ impl Default for KafkaSettings {
             topic_prefix: "order_saga".to_owned(),
             partitions: 3,
             replication_factor: 1,
-            prefetch: 64,
+            prefetch: 256,
             session_timeout_ms: 10_000,
             max_poll_interval_ms: 30_000,
             delivery_timeout_ms: 10_000,
@@ -1044,7 +1044,10 @@ mod tests {
         let k = &s.kafka;
         assert_eq!(k.bootstrap_servers, "127.0.0.1:19092");
         assert_eq!(k.topic_prefix, "order_saga");
-        assert_eq!((k.partitions, k.replication_factor, k.prefetch), (3, 1, 64));
+        assert_eq!(
+            (k.partitions, k.replication_factor, k.prefetch),
+            (3, 1, 256)
+        );
         assert_eq!(
             (k.session_timeout_ms, k.max_poll_interval_ms),
             (10_000, 30_000)

@@ -228,14 +228,9 @@ async fn a_duplicated_delivery_writes_one_notification_and_is_acknowledged() {
         .subscribe(&queue, "probe", 1)
         .await
         .expect("subscribe");
-    use futures_util::StreamExt;
     let mut outcomes = Vec::new();
     for _ in 0..2 {
-        let delivery = tokio::time::timeout(Duration::from_secs(5), stream.next())
-            .await
-            .expect("a delivery in time")
-            .expect("stream open")
-            .expect("delivery");
+        let delivery = next_delivery(&mut stream).await;
         outcomes.push(consumer.process(delivery).await.expect("settled"));
     }
     assert_eq!(

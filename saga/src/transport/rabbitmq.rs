@@ -1076,10 +1076,24 @@ impl Acknowledger for RabbitAcker {
                 })
                 .collect();
         }
+        // One at a time. After a failure the channel is gone (acks on a
+        // live channel do not fail one by one): the rest are not tried, so
+        // a dead connection costs one timeout, not one per delivery; the
+        // broker redelivers them and the inbox skips them.
         let mut results = Vec::with_capacity(ours.len());
+        let mut failed: Option<String> = None;
         for acker in ours {
-            results.push(acker.ack_holding(false).await);
+            let result = match &failed {
+                Some(reason) => Err(TransportError::Broker(format!(
+                    "ack not tried: an earlier ack on this channel failed ({reason})"
+                ))),
+                None => acker.ack_holding(false).await,
+            };
+            if let Err(e) = &result {
+                failed.get_or_insert_with(|| e.to_string());
+            }
             unsettled.remove(&acker.tag);
+            results.push(result);
         }
         results
     }
